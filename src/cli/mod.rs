@@ -1,0 +1,142 @@
+//! The `keyflight` command line: global options, subcommands, exit codes.
+//!
+//! Exit status: 0 success, 1 a runtime failure (broker unreachable, topic
+//! layout mismatch), 2 a usage or configuration error.
+
+mod config_cmd;
+mod topics;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, ConfigError, Overrides, Settings};
+
+const LONG_ABOUT: &str = "\
+keyflight turns bursts of keyed change events into pushes, one push in flight
+per key at a time, and guarantees that the last push of every key carries its
+latest event.
+
+It reads `events.in`, merges the events that arrive while a key's push is in
+flight into that key's next push, and produces pushes to `events.pushed`.
+Durable t1/t2 markers (RocksDB, backed by a compacted changelog topic) let a
+periodic scan re-push any key whose last push did not finish.
+
+Configuration is layered: built-in defaults < --config FILE <
+KEYFLIGHT_* environment variables < flags. `keyflight config show` prints the
+result; config/keyflight.toml documents every key.";
+
+const EXAMPLES: &str = "\
+Examples:
+  # Create the topics on a local broker (idempotent)
+  keyflight topics create --brokers localhost:9092 --partitions 6
+
+  # See the effective configuration after file, environment and flags
+  KEYFLIGHT_COMPENSATION__INTERVAL=30s keyflight --config config/keyflight.toml config show";
+
+/// Per-key singleflight Kafka stream processor.
+#[derive(Debug, Parser)]
+#[command(name = "keyflight", version, long_about = LONG_ABOUT, after_help = EXAMPLES, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand accepts, before or after its name.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML configuration file (config/keyflight.toml lists every key)
+    #[arg(long, global = true, env = "KEYFLIGHT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Kafka bootstrap servers, comma separated [default: localhost:9092]
+    #[arg(long, global = true, env = "KEYFLIGHT_BROKERS", value_name = "LIST",
+          value_parser = NonEmptyStringValueParser::new())]
+    pub brokers: Option<String>,
+
+    /// Log level or filter: error, warn, info, debug, trace, or directives
+    /// like `keyflight=debug,rdkafka=warn` (RUST_LOG wins when set) [default: info]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and check the topics keyflight reads and writes
+    Topics(topics::TopicsArgs),
+    /// Show the effective configuration
+    Config(config_cmd::ConfigArgs),
+}
+
+/// A failure of a command, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Topics(#[from] crate::kafka::admin::TopicsError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Config(_) => ExitCode::from(2),
+            CliError::Topics(_) | CliError::Runtime(_) => ExitCode::from(1),
+        }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            error.exit_code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let settings = load_settings(&cli.global)?;
+    init_logging(&settings);
+    match cli.command {
+        Command::Topics(args) => topics::run(&settings, args),
+        Command::Config(args) => config_cmd::run(&settings, args),
+    }
+}
+
+fn load_settings(global: &GlobalArgs) -> Result<Settings, ConfigError> {
+    let overrides = Overrides {
+        brokers: global.brokers.clone(),
+        log_level: global.log_level.clone(),
+        ..Overrides::default()
+    };
+    config::load(global.config.as_deref(), &overrides)
+}
+
+fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
+    // A second initialisation (tests calling in twice) is harmless: keep the first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A multi-threaded runtime for commands that talk to Kafka.
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Runtime(format!("cannot start the async runtime: {e}")))
+}

@@ -1,0 +1,609 @@
+//! Configuration: one typed [`Settings`] tree, layered
+//! built-in defaults < TOML file (`--config`) < `KEYFLIGHT_*` environment < flags.
+//!
+//! Environment variables map to keys with `__` between levels:
+//! `KEYFLIGHT_COMPENSATION__INTERVAL=30s` sets `compensation.interval`.
+//! Every error names where the value came from (file, variable or flag), the
+//! key, and the problem; the CLI turns it into exit status 2.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::MergePolicy;
+
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "KEYFLIGHT_";
+/// Variables with the prefix that are CLI options, not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &["CONFIG"];
+
+/// The whole configuration of a keyflight instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Consumer group id, prefix of the changelog topic and of the state directory.
+    pub application_id: String,
+    /// Kafka bootstrap servers, comma separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Log filter when `RUST_LOG` is unset: a level or `tracing` directives.
+    pub log_level: String,
+    /// Directory of the local RocksDB stores (one per assigned partition).
+    pub state_dir: PathBuf,
+    /// How often the safe position of each partition is committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    pub topics: Topics,
+    pub singleflight: Singleflight,
+    pub compensation: Compensation,
+    pub kafka: KafkaSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    /// Change events to read.
+    pub input: String,
+    /// Where pushes are produced.
+    pub pushed: String,
+    /// Records that cannot be processed, with the reason in a header.
+    pub dead_letter: String,
+    /// Compacted marker changelog; empty means `<application_id>-markers-changelog`.
+    pub changelog: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Singleflight {
+    /// How events arriving during a push fold into the next one.
+    pub merge_policy: MergePolicy,
+    /// Keys in flight per partition before the partition is paused.
+    pub max_active_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Compensation {
+    /// How often open markers are scanned and re-pushed.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Minimum age of an open marker before the scan re-pushes it.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// Free-form librdkafka properties. Keys may be quoted (`"security.protocol"`)
+/// or written as nested TOML tables (`security.protocol = ...`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Applied to every client (consumer, producer, admin): security, client.id.
+    pub common: BTreeMap<String, KafkaValue>,
+    pub consumer: BTreeMap<String, KafkaValue>,
+    pub producer: BTreeMap<String, KafkaValue>,
+}
+
+/// A librdkafka property value as TOML spells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KafkaValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Table(BTreeMap<String, KafkaValue>),
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            application_id: "keyflight".into(),
+            brokers: "localhost:9092".into(),
+            log_level: "info".into(),
+            state_dir: PathBuf::from("state"),
+            commit_interval: Duration::from_secs(5),
+            topics: Topics::default(),
+            singleflight: Singleflight::default(),
+            compensation: Compensation::default(),
+            kafka: KafkaSettings::default(),
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            input: "events.in".into(),
+            pushed: "events.pushed".into(),
+            dead_letter: "events.dlq".into(),
+            changelog: String::new(),
+        }
+    }
+}
+
+impl Default for Singleflight {
+    fn default() -> Self {
+        Self {
+            merge_policy: MergePolicy::Latest,
+            max_active_keys: 10_000,
+        }
+    }
+}
+
+impl Default for Compensation {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    /// The changelog topic: configured, or derived from the application id.
+    pub fn changelog_topic(&self) -> String {
+        if self.topics.changelog.is_empty() {
+            format!("{}-markers-changelog", self.application_id)
+        } else {
+            self.topics.changelog.clone()
+        }
+    }
+
+    /// The settings with secret librdkafka values replaced, safe to print or log.
+    pub fn redacted(&self) -> Settings {
+        let mut copy = self.clone();
+        for table in [
+            &mut copy.kafka.common,
+            &mut copy.kafka.consumer,
+            &mut copy.kafka.producer,
+        ] {
+            let flat = flatten(table);
+            table.clear();
+            for (key, value) in flat {
+                let shown = if is_secret(&key) {
+                    "<redacted>".to_string()
+                } else {
+                    value
+                };
+                table.insert(key, KafkaValue::Str(shown));
+            }
+        }
+        copy
+    }
+}
+
+/// Flattens nested tables into librdkafka's dotted property names.
+pub fn flatten(table: &BTreeMap<String, KafkaValue>) -> BTreeMap<String, String> {
+    fn walk(
+        prefix: &str,
+        table: &BTreeMap<String, KafkaValue>,
+        out: &mut BTreeMap<String, String>,
+    ) {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                KafkaValue::Table(inner) => walk(&name, inner, out),
+                KafkaValue::Bool(b) => drop(out.insert(name, b.to_string())),
+                KafkaValue::Int(i) => drop(out.insert(name, i.to_string())),
+                KafkaValue::Float(f) => drop(out.insert(name, f.to_string())),
+                KafkaValue::Str(s) => drop(out.insert(name, s.clone())),
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
+    out
+}
+
+fn is_secret(property: &str) -> bool {
+    property.contains("password")
+        || property.contains("secret")
+        || property.ends_with(".pem")
+        || property == "sasl.oauthbearer.config"
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The command-line layer, named so errors can point at it.
+struct Flags<'a>(&'a Overrides);
+
+impl Provider for Flags<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flag")
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(self.0).data()
+    }
+}
+
+/// A configuration problem: where it came from, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file, environment variable or flag that set the value.
+    pub source: String,
+    /// Dotted key, e.g. `compensation.interval`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "invalid configuration: {}: key `{}`: {}",
+                p.source, p.key, p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn single(
+        source: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            problems: vec![Problem {
+                source: source.into(),
+                key: key.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Loads the layered configuration and validates it.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::single(
+                path.display().to_string(),
+                "--config",
+                "no such file (give the path of a TOML file, see config/keyflight.toml)",
+            ));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment
+        .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"))
+        .merge(Flags(overrides));
+    let settings: Settings = figment.extract().map_err(from_figment)?;
+    validate(&settings, &figment)?;
+    Ok(settings)
+}
+
+fn from_figment(error: figment::Error) -> ConfigError {
+    let problems = error
+        .into_iter()
+        .map(|e| {
+            let message = match &e.kind {
+                // Figment's path already ends with the unknown field's name.
+                figment::error::Kind::UnknownField(_, expected) => {
+                    format!("unknown key; expected one of: {}", expected.join(", "))
+                }
+                figment::error::Kind::UnknownVariant(found, expected) => {
+                    format!(
+                        "unknown value `{found}`; expected one of: {}",
+                        expected.join(", ")
+                    )
+                }
+                other => other.to_string(),
+            };
+            let key = e.path.join(".");
+            Problem {
+                source: describe_source(e.metadata.as_ref(), &key),
+                key,
+                message,
+            }
+        })
+        .collect();
+    ConfigError { problems }
+}
+
+fn describe_source(metadata: Option<&Metadata>, key: &str) -> String {
+    match metadata {
+        Some(Metadata {
+            source: Some(Source::File(path)),
+            ..
+        }) => path.display().to_string(),
+        Some(m) if m.name.contains("environment") => {
+            format!(
+                "environment variable {ENV_PREFIX}{}",
+                key.replace('.', "__").to_ascii_uppercase()
+            )
+        }
+        Some(m) if m.name == "command-line flag" => format!("flag --{}", key.replace('_', "-")),
+        Some(m) => m.name.to_string(),
+        None => "built-in defaults".into(),
+    }
+}
+
+/// Checks values that parse but cannot work.
+fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    let mut check = |key: &str, problem: Option<String>| {
+        if let Some(message) = problem {
+            problems.push(Problem {
+                source: describe_source(figment.find_metadata(key), key),
+                key: key.to_string(),
+                message,
+            });
+        }
+    };
+    check("application_id", topic_name_problem(&s.application_id));
+    check(
+        "brokers",
+        s.brokers
+            .trim()
+            .is_empty()
+            .then(|| "must name at least one broker (host:port)".into()),
+    );
+    check(
+        "log_level",
+        tracing_subscriber::EnvFilter::try_new(&s.log_level)
+            .err()
+            .map(|e| {
+                format!("not a log level or filter ({e}); try error, warn, info, debug or trace")
+            }),
+    );
+    check(
+        "state_dir",
+        s.state_dir
+            .as_os_str()
+            .is_empty()
+            .then(|| "must not be empty".into()),
+    );
+    check("commit_interval", positive(s.commit_interval));
+    check("topics.input", topic_name_problem(&s.topics.input));
+    check("topics.pushed", topic_name_problem(&s.topics.pushed));
+    check(
+        "topics.dead_letter",
+        topic_name_problem(&s.topics.dead_letter),
+    );
+    if !s.topics.changelog.is_empty() {
+        check("topics.changelog", topic_name_problem(&s.topics.changelog));
+    }
+    let names = [
+        ("topics.input", s.topics.input.clone()),
+        ("topics.pushed", s.topics.pushed.clone()),
+        ("topics.dead_letter", s.topics.dead_letter.clone()),
+        ("topics.changelog", s.changelog_topic()),
+    ];
+    for (i, (key, name)) in names.iter().enumerate() {
+        if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+            check(
+                key,
+                Some(format!(
+                    "`{name}` is also {other}; every topic must be different"
+                )),
+            );
+        }
+    }
+    check(
+        "singleflight.max_active_keys",
+        (s.singleflight.max_active_keys == 0).then(|| "must be at least 1".into()),
+    );
+    check("compensation.interval", positive(s.compensation.interval));
+    for (table, values, reserved) in [
+        ("kafka.common", &s.kafka.common, RESERVED_COMMON),
+        ("kafka.consumer", &s.kafka.consumer, RESERVED_CONSUMER),
+        ("kafka.producer", &s.kafka.producer, RESERVED_PRODUCER),
+    ] {
+        for (property, value) in flatten(values) {
+            let key = format!("{table}.{property}");
+            let reserved = reserved
+                .iter()
+                .chain(RESERVED_COMMON)
+                .find(|(name, _)| *name == property);
+            if let Some((_, why)) = reserved {
+                check(&key, Some(format!("keyflight sets this itself: {why}")));
+            } else if value.is_empty() {
+                check(&key, Some("must not be empty".into()));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+const RESERVED_COMMON: &[(&str, &str)] =
+    &[("bootstrap.servers", "use the `brokers` key or --brokers")];
+const RESERVED_CONSUMER: &[(&str, &str)] = &[
+    ("group.id", "the group is the `application_id`"),
+    (
+        "enable.auto.commit",
+        "offsets are committed only once their pushes are acknowledged",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed only once their pushes are acknowledged",
+    ),
+];
+const RESERVED_PRODUCER: &[(&str, &str)] = &[
+    ("enable.idempotence", "pushes need the idempotent producer"),
+    ("acks", "pushes need acks=all"),
+];
+
+fn positive(d: Duration) -> Option<String> {
+    d.is_zero()
+        .then(|| "must be greater than 0 (for example \"5s\" or \"500ms\")".into())
+}
+
+/// Kafka's rules for topic names (keyflight derives some from `application_id`).
+fn topic_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("must not be empty".into())
+    } else if name == "." || name == ".." {
+        Some(format!("`{name}` is not a valid topic name"))
+    } else if name.len() > 200 {
+        Some(format!(
+            "is {} characters long; at most 200 are allowed",
+            name.len()
+        ))
+    } else if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(format!(
+            "`{name}` contains {bad:?}; use only letters, digits, '.', '_' and '-'"
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, toml).unwrap();
+        load(Some(&path), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_derive_the_changelog() {
+        let s = load(None, &Overrides::default()).unwrap();
+        assert_eq!(s.application_id, "keyflight");
+        assert_eq!(s.changelog_topic(), "keyflight-markers-changelog");
+        assert_eq!(s.compensation.interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let s = load_str(
+            "application_id = \"orders\"\nbrokers = \"a:1\"\n[compensation]\ninterval = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.application_id.as_str(), s.brokers.as_str()),
+            ("orders", "a:1")
+        );
+        assert_eq!(s.changelog_topic(), "orders-markers-changelog");
+        assert_eq!(s.compensation.interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = load_str("[singleflight]\nmax_active = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k.toml"), "{err}");
+        assert!(err.contains("`singleflight.max_active`"), "{err}");
+        assert!(err.contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_and_impossible_values_are_named() {
+        let err = load_str("[singleflight]\nmax_active_keys = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`singleflight.max_active_keys`"), "{err}");
+        let err = load_str("[compensation]\ninterval = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`compensation.interval`") && err.contains("greater than 0"),
+            "{err}"
+        );
+        let err = load_str("[topics]\ninput = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`topics.input`") && err.contains("must not be empty"),
+            "{err}"
+        );
+        let err = load_str("[singleflight]\nmerge_policy = \"oldest\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("json-merge-patch"), "{err}");
+    }
+
+    #[test]
+    fn same_topic_twice_is_refused() {
+        let err = load_str("[topics]\npushed = \"events.in\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`topics.pushed`") && err.contains("topics.input"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kafka_properties_flatten_and_reserved_ones_are_refused() {
+        let s = load_str("[kafka.common]\nsecurity.protocol = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n[kafka.producer]\n\"linger.ms\" = 5\n").unwrap();
+        let common = flatten(&s.kafka.common);
+        assert_eq!(common["security.protocol"], "SASL_SSL");
+        assert_eq!(flatten(&s.kafka.producer)["linger.ms"], "5");
+        let shown = flatten(&s.redacted().kafka.common);
+        assert_eq!(shown["sasl.password"], "<redacted>");
+        let err = load_str("[kafka.consumer]\n\"enable.auto.commit\" = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`kafka.consumer.enable.auto.commit`"), "{err}");
+    }
+
+    #[test]
+    fn several_problems_are_all_reported() {
+        let err = load_str("commit_interval = \"0ms\"\n[singleflight]\nmax_active_keys = 0\n")
+            .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+}
+
+#[cfg(test)]
+mod shipped_file {
+    use super::*;
+
+    /// config/keyflight.toml documents every key with its default value.
+    #[test]
+    fn documented_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keyflight.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let documented: toml::Value = toml::from_str(&text).unwrap();
+        let defaults = toml::Value::try_from(Settings::default()).unwrap();
+        assert_eq!(documented, defaults);
+        assert_eq!(
+            load(Some(&path), &Overrides::default()).unwrap(),
+            Settings::default()
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Offset coverage for one partition: which position is safe to commit.
+//!
+//! Every offset the processor takes in is *tracked*; it becomes *done* when
+//! its effect is durable downstream (the push that carries it was
+//! acknowledged, it was dropped as stale, or its dead letter was written).
+//! The commit position is the smallest tracked offset that is not done yet,
+//! or one past the highest tracked offset when everything is done. Offsets
+//! arrive in increasing order but may have gaps (compaction, transaction
+//! markers), so the tracker keeps `(offset, done)` pairs, not a dense bitmap.
+
+use std::collections::VecDeque;
+
+/// Tracks in-progress offsets of one partition. Pure data, no I/O.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetTracker {
+    /// Tracked offsets from the oldest not-done one upwards, in order.
+    window: VecDeque<(i64, bool)>,
+    /// One past the highest offset tracked so far.
+    next: Option<i64>,
+}
+
+/// An offset handed to the tracker out of order (not above the last one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("offset {offset} is not above the last tracked offset {last}")]
+pub struct OutOfOrder {
+    pub offset: i64,
+    pub last: i64,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts tracking `offset`; it holds the commit position until
+    /// [`complete`](Self::complete) is called for it.
+    pub fn track(&mut self, offset: i64) -> Result<(), OutOfOrder> {
+        self.advance(offset)?;
+        self.window.push_back((offset, false));
+        Ok(())
+    }
+
+    /// Tracks an offset that is already done (a stale event, for instance).
+    pub fn track_done(&mut self, offset: i64) -> Result<(), OutOfOrder> {
+        self.advance(offset)?;
+        if !self.window.is_empty() {
+            self.window.push_back((offset, true));
+        }
+        Ok(())
+    }
+
+    /// Marks a tracked offset done. Returns false when the offset is not
+    /// outstanding (never tracked, or already done).
+    pub fn complete(&mut self, offset: i64) -> bool {
+        let Ok(index) = self.window.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        if std::mem::replace(&mut self.window[index].1, true) {
+            return false;
+        }
+        while matches!(self.window.front(), Some(&(_, true))) {
+            self.window.pop_front();
+        }
+        true
+    }
+
+    /// The position safe to commit: the smallest offset not yet done, or one
+    /// past the highest tracked offset. `None` before anything was tracked.
+    pub fn position(&self) -> Option<i64> {
+        match self.window.front() {
+            Some(&(offset, _)) => Some(offset),
+            None => self.next,
+        }
+    }
+
+    /// How many offsets are tracked and not done.
+    pub fn outstanding(&self) -> usize {
+        self.window.iter().filter(|(_, done)| !done).count()
+    }
+
+    /// Whether `offset` may be tracked next (it is above every tracked one).
+    pub fn check(&self, offset: i64) -> Result<(), OutOfOrder> {
+        match self.next {
+            Some(next) if offset < next => Err(OutOfOrder {
+                offset,
+                last: next - 1,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn advance(&mut self, offset: i64) -> Result<(), OutOfOrder> {
+        self.check(offset)?;
+        self.next = Some(offset + 1);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_tracker_has_no_position() {
+        assert_eq!(OffsetTracker::new().position(), None);
+    }
+
+    #[test]
+    fn position_waits_for_the_oldest_outstanding_offset() {
+        let mut t = OffsetTracker::new();
+        for o in [10, 11, 12] {
+            t.track(o).unwrap();
+        }
+        assert_eq!(t.position(), Some(10));
+        assert!(t.complete(11));
+        assert_eq!(t.position(), Some(10));
+        assert!(t.complete(10));
+        assert_eq!(t.position(), Some(12));
+        assert!(t.complete(12));
+        assert_eq!(t.position(), Some(13));
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn done_offsets_and_gaps_move_the_position() {
+        let mut t = OffsetTracker::new();
+        t.track_done(5).unwrap();
+        assert_eq!(t.position(), Some(6));
+        t.track(9).unwrap();
+        t.track_done(20).unwrap();
+        assert_eq!(t.position(), Some(9));
+        t.complete(9);
+        assert_eq!(t.position(), Some(21));
+    }
+
+    #[test]
+    fn out_of_order_and_unknown_offsets_are_refused() {
+        let mut t = OffsetTracker::new();
+        t.track(3).unwrap();
+        assert_eq!(t.track(3), Err(OutOfOrder { offset: 3, last: 3 }));
+        assert!(!t.complete(4));
+        assert!(t.complete(3));
+        assert!(!t.complete(3), "completing twice is refused");
+    }
+
+    proptest! {
+        /// Against a brute-force model: the position is the smallest
+        /// outstanding offset, or one past the highest tracked.
+        #[test]
+        fn position_matches_a_brute_force_model(
+            steps in proptest::collection::vec((1i64..4, any::<bool>(), any::<prop::sample::Index>()), 1..200)
+        ) {
+            let mut t = OffsetTracker::new();
+            let mut outstanding: Vec<i64> = Vec::new();
+            let mut next = 0i64;
+            for (gap, complete_one, pick) in steps {
+                let offset = next + gap - 1;
+                next = offset + 1;
+                t.track(offset).unwrap();
+                outstanding.push(offset);
+                if complete_one && !outstanding.is_empty() {
+                    let victim = outstanding.remove(pick.index(outstanding.len()));
+                    prop_assert!(t.complete(victim));
+                }
+                let expected = outstanding.iter().min().copied().unwrap_or(next);
+                prop_assert_eq!(t.position(), Some(expected));
+                prop_assert_eq!(t.outstanding(), outstanding.len());
+            }
+        }
+    }
+}

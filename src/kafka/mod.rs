@@ -1,0 +1,67 @@
+//! Kafka I/O: client configuration built from [`Settings`], and the admin
+//! operations (`topics create`). The consumer/producer pipeline lives beside
+//! these modules once `keyflight run` exists.
+
+pub mod admin;
+
+use rdkafka::ClientConfig;
+
+use crate::config::{flatten, Settings};
+
+/// Which kind of client a configuration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Consumer,
+    Producer,
+}
+
+/// librdkafka configuration for one client: keyflight's required settings,
+/// then `[kafka.common]`, then the role's own table (validation has already
+/// refused user values for the properties keyflight must own).
+pub fn client_config(settings: &Settings, role: Role) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    config.set(
+        "client.id",
+        format!("{}-{}", settings.application_id, role.name()),
+    );
+    match role {
+        Role::Admin => {}
+        Role::Consumer => {
+            config
+                .set("group.id", &settings.application_id)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest");
+        }
+        Role::Producer => {
+            config
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                // The partitioner Java clients use, so keys land where they would.
+                .set("partitioner", "murmur2_random");
+        }
+    }
+    let own = match role {
+        Role::Admin => None,
+        Role::Consumer => Some(&settings.kafka.consumer),
+        Role::Producer => Some(&settings.kafka.producer),
+    };
+    for table in std::iter::once(&settings.kafka.common).chain(own) {
+        for (key, value) in flatten(table) {
+            config.set(key, value);
+        }
+    }
+    config
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Consumer => "consumer",
+            Role::Producer => "producer",
+        }
+    }
+}

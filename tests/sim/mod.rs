@@ -1,0 +1,646 @@
+//! A deterministic discrete-event simulation of one partition.
+//!
+//! A seeded scheduler interleaves event arrivals, push completions (with
+//! random latencies and failures) and compensation calls. A [`System`] is
+//! what is being simulated: keyflight's engine, or the article's algorithm
+//! as a reference model. The oracle here is independent of keyflight's code:
+//! it computes accepted events, expected final values (its own RFC 7396) and
+//! offset coverage from the schedule alone.
+
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use bytes::Bytes;
+use keyflight::engine::{Event, MergePolicy, Offer, Payload, Push, Table, TableConfig, Value};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+/// A key's value as the simulation sees it: a JSON document, or deleted.
+pub type Doc = Option<serde_json::Value>;
+
+/// One input event. Its offset is its index in the schedule.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub at: u64,
+    pub key: u32,
+    pub version: Option<u64>,
+    /// The event's value (a merge patch under json-merge-patch); `None` deletes.
+    pub value: Doc,
+}
+
+impl Input {
+    pub fn effective_version(&self, offset: i64) -> u64 {
+        self.version.unwrap_or(offset as u64)
+    }
+}
+
+/// A push started by a system.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Started {
+    pub key: u32,
+    pub id: u64,
+    pub version: u64,
+    pub value: Doc,
+    pub compensation: bool,
+}
+
+/// What is being simulated.
+pub trait System {
+    fn event(&mut self, offset: i64, input: &Input, now: u64) -> Vec<Started>;
+    fn done(&mut self, push: &Started, ok: bool, now: u64) -> Vec<Started>;
+    fn compensate(&mut self, _key: u32, _version: u64, _value: Doc, _now: u64) -> Vec<Started> {
+        Vec::new()
+    }
+    /// The position the system would commit, if it tracks one.
+    fn commit_position(&self) -> Option<i64> {
+        None
+    }
+}
+
+/// Decides how long each push takes and whether it fails.
+pub trait Latency {
+    fn latency(&mut self, push: &Started) -> u64;
+    fn fails(&mut self, _push: &Started) -> bool {
+        false
+    }
+}
+
+/// Random latencies (mostly short, sometimes very slow) and failures.
+pub struct RandomLatency {
+    pub rng: ChaCha8Rng,
+    pub fail_rate: f64,
+}
+
+impl Latency for RandomLatency {
+    fn latency(&mut self, _push: &Started) -> u64 {
+        if self.rng.random_bool(0.1) {
+            self.rng.random_range(100..400)
+        } else {
+            self.rng.random_range(1..40)
+        }
+    }
+    fn fails(&mut self, _push: &Started) -> bool {
+        self.fail_rate > 0.0 && self.rng.random_bool(self.fail_rate)
+    }
+}
+
+/// Latency by the version a push carries (scripted cases).
+pub struct ByVersion(pub BTreeMap<u64, u64>, pub u64);
+
+impl Latency for ByVersion {
+    fn latency(&mut self, push: &Started) -> u64 {
+        self.0.get(&push.version).copied().unwrap_or(self.1)
+    }
+}
+
+/// What happened in one run.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Acknowledged pushes in completion order.
+    pub completed: Vec<Started>,
+    pub started: usize,
+    pub failed: usize,
+    pub violations: Vec<String>,
+    pub final_position: Option<i64>,
+}
+
+impl Outcome {
+    /// The value of the last acknowledged push of each key.
+    pub fn final_values(&self) -> BTreeMap<u32, (u64, Doc)> {
+        let mut last = BTreeMap::new();
+        for push in &self.completed {
+            last.insert(push.key, (push.version, push.value.clone()));
+        }
+        last
+    }
+}
+
+enum Action {
+    Arrive(usize),
+    Finish(Started, bool),
+    Compensate(u32),
+}
+
+/// Runs a schedule. With `check`, asserts the engine's invariants at every
+/// step: never two pushes in flight for a key, and the commit position never
+/// passes an uncovered event.
+pub fn run(
+    system: &mut dyn System,
+    inputs: &[Input],
+    compensations: &[(u64, u32)],
+    latency: &mut dyn Latency,
+    tie_rng: &mut ChaCha8Rng,
+    check: bool,
+) -> Outcome {
+    let mut queue: BinaryHeap<Reverse<(u64, u32, usize)>> = BinaryHeap::new();
+    let mut actions: Vec<Option<Action>> = Vec::new();
+    // Ties at one instant: arrivals keep their offset order (a partition is
+    // read in order) while completions fall randomly before or after them.
+    let schedule = |queue: &mut BinaryHeap<_>,
+                    actions: &mut Vec<Option<Action>>,
+                    at: u64,
+                    action: Action,
+                    rng: &mut ChaCha8Rng| {
+        let tie = match action {
+            Action::Arrive(_) => u32::MAX / 2,
+            _ => rng.random::<u32>(),
+        };
+        actions.push(Some(action));
+        queue.push(Reverse((at, tie, actions.len() - 1)));
+    };
+    for (i, input) in inputs.iter().enumerate() {
+        schedule(
+            &mut queue,
+            &mut actions,
+            input.at,
+            Action::Arrive(i),
+            tie_rng,
+        );
+    }
+    for &(at, key) in compensations {
+        schedule(
+            &mut queue,
+            &mut actions,
+            at,
+            Action::Compensate(key),
+            tie_rng,
+        );
+    }
+
+    let mut out = Outcome::default();
+    let mut coverage = Coverage::new(inputs);
+    let mut in_flight: HashMap<u32, u64> = HashMap::new();
+    // The marker's stored data: the last push started per key.
+    let mut marker: HashMap<u32, (u64, Doc)> = HashMap::new();
+
+    while let Some(Reverse((now, _, index))) = queue.pop() {
+        let started = match actions[index].take().expect("each action runs once") {
+            Action::Arrive(i) => {
+                coverage.arrived(i);
+                system.event(i as i64, &inputs[i], now)
+            }
+            Action::Finish(push, ok) => {
+                if in_flight.get(&push.key) == Some(&push.id) {
+                    in_flight.remove(&push.key);
+                }
+                if ok {
+                    coverage.acked(push.key, push.version);
+                    out.completed.push(push.clone());
+                } else {
+                    out.failed += 1;
+                }
+                system.done(&push, ok, now)
+            }
+            Action::Compensate(key) => match marker.get(&key) {
+                Some((version, value)) => system.compensate(key, *version, value.clone(), now),
+                None => Vec::new(),
+            },
+        };
+        for push in started {
+            if check {
+                if let Some(other) = in_flight.get(&push.key) {
+                    out.violations.push(format!(
+                        "t={now}: key {} started push {} while push {other} is in flight",
+                        push.key, push.id
+                    ));
+                }
+            }
+            in_flight.insert(push.key, push.id);
+            marker.insert(push.key, (push.version, push.value.clone()));
+            out.started += 1;
+            let ok = !latency.fails(&push);
+            let at = now + latency.latency(&push);
+            schedule(
+                &mut queue,
+                &mut actions,
+                at,
+                Action::Finish(push, ok),
+                tie_rng,
+            );
+        }
+        if check {
+            if let (Some(position), Some(uncovered)) =
+                (system.commit_position(), coverage.min_uncovered())
+            {
+                if position > uncovered {
+                    out.violations.push(format!(
+                        "t={now}: commit position {position} passes uncovered offset {uncovered}"
+                    ));
+                }
+            }
+        }
+    }
+    out.final_position = system.commit_position();
+    out
+}
+
+/// The oracle's view of coverage: an accepted event is covered once an
+/// acknowledged push of its key carries its version or a newer one; a stale
+/// event is covered when it arrives.
+struct Coverage {
+    /// Per key: accepted, not yet covered events (offset, version), in order.
+    uncovered: HashMap<u32, std::collections::VecDeque<(i64, u64)>>,
+    /// Per input: its key, its version, and whether it is accepted.
+    inputs: Vec<(u32, u64, bool)>,
+}
+
+impl Coverage {
+    fn new(inputs: &[Input]) -> Self {
+        let accepted = accepted_events(inputs);
+        Self {
+            uncovered: HashMap::new(),
+            inputs: inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| (input.key, input.effective_version(i as i64), accepted[i]))
+                .collect(),
+        }
+    }
+    /// Inputs arrive in offset order, so each key's queue stays sorted.
+    fn arrived(&mut self, i: usize) {
+        let (key, version, accepted) = self.inputs[i];
+        if accepted {
+            self.uncovered
+                .entry(key)
+                .or_default()
+                .push_back((i as i64, version));
+        }
+    }
+    fn acked(&mut self, key: u32, version: u64) {
+        if let Some(queue) = self.uncovered.get_mut(&key) {
+            while queue.front().is_some_and(|&(_, v)| v <= version) {
+                queue.pop_front();
+            }
+        }
+    }
+    fn min_uncovered(&self) -> Option<i64> {
+        self.uncovered
+            .values()
+            .filter_map(|q| q.front().map(|&(o, _)| o))
+            .min()
+    }
+}
+
+/// Which events are accepted (newer than every earlier event of their key).
+pub fn accepted_events(inputs: &[Input]) -> Vec<bool> {
+    let mut newest: HashMap<u32, u64> = HashMap::new();
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(offset, input)| {
+            let version = input.effective_version(offset as i64);
+            match newest.get(&input.key) {
+                Some(&n) if version <= n => false,
+                _ => {
+                    newest.insert(input.key, version);
+                    true
+                }
+            }
+        })
+        .collect()
+}
+
+/// The expected final (version, value) of every key: its accepted events
+/// folded in order with the policy.
+pub fn expected_finals(inputs: &[Input], policy: MergePolicy) -> BTreeMap<u32, (u64, Doc)> {
+    let accepted = accepted_events(inputs);
+    let mut finals: BTreeMap<u32, (u64, Doc)> = BTreeMap::new();
+    for (offset, input) in inputs.iter().enumerate().filter(|(i, _)| accepted[*i]) {
+        let version = input.effective_version(offset as i64);
+        let entry = finals.entry(input.key).or_insert((0, None));
+        entry.0 = version;
+        entry.1 = match (policy, &input.value) {
+            (MergePolicy::Latest, value) | (MergePolicy::JsonMergePatch, value @ None) => {
+                value.clone()
+            }
+            (MergePolicy::JsonMergePatch, Some(patch)) => {
+                Some(merge_patch(entry.1.clone().unwrap_or(json!(null)), patch))
+            }
+        };
+    }
+    finals
+}
+
+/// RFC 7396, written from the RFC's pseudocode, independent of keyflight.
+pub fn merge_patch(target: serde_json::Value, patch: &serde_json::Value) -> serde_json::Value {
+    let serde_json::Value::Object(patch) = patch else {
+        return patch.clone();
+    };
+    let mut target = match target {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    for (name, value) in patch {
+        if value.is_null() {
+            target.remove(name);
+        } else {
+            let old = target.remove(name).unwrap_or(serde_json::Value::Null);
+            target.insert(name.clone(), merge_patch(old, value));
+        }
+    }
+    serde_json::Value::Object(target)
+}
+
+// ---------------------------------------------------------------------------
+// The systems.
+
+/// keyflight's engine.
+pub struct Engine {
+    pub table: Table,
+}
+
+impl Engine {
+    pub fn new(policy: MergePolicy) -> Self {
+        Self {
+            table: Table::new(TableConfig {
+                policy,
+                max_active_keys: usize::MAX,
+            }),
+        }
+    }
+}
+
+fn key_bytes(key: u32) -> Bytes {
+    Bytes::from(key.to_be_bytes().to_vec())
+}
+
+fn to_payload(doc: &Doc) -> Payload {
+    match doc {
+        Some(v) => Payload::Value(Value::Json(v.clone())),
+        None => Payload::Tombstone,
+    }
+}
+
+fn started(key: u32, push: Push) -> Started {
+    let value = match push.payload {
+        Payload::Value(Value::Json(v)) => Some(v),
+        Payload::Value(Value::Bytes(_)) => panic!("the simulation only feeds JSON"),
+        Payload::Tombstone => None,
+    };
+    Started {
+        key,
+        id: push.tn,
+        version: push.version,
+        value,
+        compensation: push.compensation,
+    }
+}
+
+impl System for Engine {
+    fn event(&mut self, offset: i64, input: &Input, now: u64) -> Vec<Started> {
+        let event = Event {
+            key: key_bytes(input.key),
+            offset,
+            version: input.version,
+            payload: to_payload(&input.value),
+        };
+        match self
+            .table
+            .offer(event, now)
+            .expect("the simulation offers valid events")
+        {
+            Offer::Started(push) => vec![started(input.key, push)],
+            Offer::Merged | Offer::Stale => Vec::new(),
+        }
+    }
+
+    fn done(&mut self, push: &Started, ok: bool, now: u64) -> Vec<Started> {
+        let key = key_bytes(push.key);
+        if ok {
+            let next = self
+                .table
+                .complete(&key, push.id, now)
+                .expect("completion of a push in flight");
+            next.into_iter().map(|p| started(push.key, p)).collect()
+        } else {
+            let retry = self
+                .table
+                .fail(&key, push.id, now)
+                .expect("failure of a push in flight");
+            vec![started(push.key, retry)]
+        }
+    }
+
+    fn compensate(&mut self, key: u32, version: u64, value: Doc, now: u64) -> Vec<Started> {
+        self.table
+            .compensate(&key_bytes(key), version, to_payload(&value), now)
+            .map(|p| started(key, p))
+            .into_iter()
+            .collect()
+    }
+
+    fn commit_position(&self) -> Option<i64> {
+        self.table.commit_position()
+    }
+}
+
+/// The article's algorithm: the first event of a key starts a push (the
+/// leader); events arriving during it wait; when it finishes they start one
+/// merged push, which does *not* hold back new events: the next event finds
+/// no leader and starts its own push, concurrently with the merged one.
+pub struct ArticleModel {
+    policy: MergePolicy,
+    keys: HashMap<u32, ModelKey>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct ModelKey {
+    current: Doc,
+    leader: Option<u64>,
+    /// Version of the newest waiting event, if any wait.
+    waiting: Option<u64>,
+}
+
+impl ArticleModel {
+    pub fn new(policy: MergePolicy) -> Self {
+        Self {
+            policy,
+            keys: HashMap::new(),
+            next_id: 0,
+        }
+    }
+}
+
+impl System for ArticleModel {
+    fn event(&mut self, offset: i64, input: &Input, _now: u64) -> Vec<Started> {
+        let state = self.keys.entry(input.key).or_default();
+        state.current = match (self.policy, &input.value) {
+            (MergePolicy::JsonMergePatch, Some(patch)) => Some(merge_patch(
+                state.current.clone().unwrap_or(json!(null)),
+                patch,
+            )),
+            (_, value) => value.clone(),
+        };
+        let version = input.effective_version(offset);
+        if state.leader.is_some() {
+            state.waiting = Some(version);
+            return Vec::new();
+        }
+        self.next_id += 1;
+        state.leader = Some(self.next_id);
+        vec![Started {
+            key: input.key,
+            id: self.next_id,
+            version,
+            value: state.current.clone(),
+            compensation: false,
+        }]
+    }
+
+    fn done(&mut self, push: &Started, _ok: bool, _now: u64) -> Vec<Started> {
+        let state = self.keys.get_mut(&push.key).expect("a push of a known key");
+        if state.leader != Some(push.id) {
+            return Vec::new(); // a merged push finished: nothing waits on it
+        }
+        state.leader = None;
+        let Some(version) = state.waiting.take() else {
+            return Vec::new();
+        };
+        self.next_id += 1;
+        vec![Started {
+            key: push.key,
+            id: self.next_id,
+            version,
+            value: state.current.clone(),
+            compensation: false,
+        }]
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Random schedules.
+
+/// A random schedule: a few keys, bursts and pauses, sometimes explicit
+/// versions that go backwards (stale events), deletes, and compensation calls.
+pub struct Schedule {
+    pub inputs: Vec<Input>,
+    pub compensations: Vec<(u64, u32)>,
+    pub fail_rate: f64,
+    pub policy: MergePolicy,
+}
+
+pub fn random_schedule(rng: &mut ChaCha8Rng) -> Schedule {
+    let keys = rng.random_range(1..=6u32);
+    let events = rng.random_range(1..=60usize);
+    let explicit_versions = rng.random_bool(0.3);
+    let policy = if rng.random_bool(0.5) {
+        MergePolicy::Latest
+    } else {
+        MergePolicy::JsonMergePatch
+    };
+    let mut version_of: HashMap<u32, u64> = HashMap::new();
+    let mut at = 0u64;
+    let mut inputs = Vec::with_capacity(events);
+    for n in 0..events {
+        at += if rng.random_bool(0.6) {
+            rng.random_range(0..3)
+        } else {
+            rng.random_range(0..80)
+        };
+        let key = rng.random_range(0..keys);
+        let version = explicit_versions.then(|| {
+            let v = version_of.entry(key).or_insert(0);
+            // Mostly forward, sometimes a repeat or a step back (stale).
+            *v = match rng.random_range(0..10) {
+                0 => v.saturating_sub(rng.random_range(1..3)),
+                1 => *v,
+                _ => *v + rng.random_range(1..4),
+            };
+            *v
+        });
+        let value = if rng.random_bool(0.05) {
+            None
+        } else {
+            let field = format!("f{}", rng.random_range(0..4));
+            Some(
+                json!({ field: n, "last": n, "gone": if rng.random_bool(0.2) { json!(null) } else { json!(n) } }),
+            )
+        };
+        inputs.push(Input {
+            at,
+            key,
+            version,
+            value,
+        });
+    }
+    let compensations = if rng.random_bool(0.3) {
+        (0..rng.random_range(1..6))
+            .map(|_| (rng.random_range(0..=at + 200), rng.random_range(0..keys)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let fail_rate = if rng.random_bool(0.3) { 0.2 } else { 0.0 };
+    Schedule {
+        inputs,
+        compensations,
+        fail_rate,
+        policy,
+    }
+}
+
+/// Runs one seeded random schedule through the engine and returns every
+/// violated property (empty when the schedule passes).
+pub fn check_engine_schedule(seed: u64) -> Vec<String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let schedule = random_schedule(&mut rng);
+    let mut latency = RandomLatency {
+        rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15),
+        fail_rate: schedule.fail_rate,
+    };
+    let mut engine = Engine::new(schedule.policy);
+    let out = run(
+        &mut engine,
+        &schedule.inputs,
+        &schedule.compensations,
+        &mut latency,
+        &mut rng,
+        true,
+    );
+    let mut problems = out.violations.clone();
+
+    let expected = expected_finals(&schedule.inputs, schedule.policy);
+    let actual = out.final_values();
+    for (key, want) in &expected {
+        match actual.get(key) {
+            Some(got) if got == want => {}
+            got => problems.push(format!(
+                "key {key}: last push {got:?}, latest event {want:?}"
+            )),
+        }
+    }
+    if let Some(extra) = actual.keys().find(|k| !expected.contains_key(k)) {
+        problems.push(format!("key {extra} was pushed but never had an event"));
+    }
+    let n = schedule.inputs.len() as i64;
+    if out.final_position != Some(n) {
+        problems.push(format!(
+            "final commit position {:?}, expected {n}",
+            out.final_position
+        ));
+    }
+    let accepted = accepted_events(&schedule.inputs)
+        .iter()
+        .filter(|a| **a)
+        .count();
+    let normal_acked = out.completed.iter().filter(|p| !p.compensation).count();
+    if normal_acked > accepted {
+        problems.push(format!(
+            "{normal_acked} acknowledged pushes for {accepted} accepted events"
+        ));
+    }
+    if out.failed == 0 {
+        let normal_started = out.started - out.completed.iter().filter(|p| p.compensation).count();
+        if normal_started > schedule.inputs.len() {
+            problems.push(format!(
+                "{normal_started} pushes for {} events",
+                schedule.inputs.len()
+            ));
+        }
+    }
+    problems
+}
