@@ -22,7 +22,7 @@ say() { printf '\n==> %s\n' "$*"; }
 # 1. System packages: libclang for rocksdb's bindgen, a C/C++ toolchain and
 #    OpenSSL headers for librdkafka.
 missing=()
-for pkg in libclang-dev clang pkg-config libssl-dev make g++ zlib1g-dev; do
+for pkg in libclang-dev pkg-config libssl-dev make g++ zlib1g-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

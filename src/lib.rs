@@ -23,9 +23,10 @@
 //!   per-key `tn` clock, and offset coverage (the position safe to commit).
 //!   No I/O and no async runtime, so it is tested exhaustively by seeded
 //!   simulation (`tests/simulation.rs`) against the article's algorithm.
-//! * `state` — per-partition RocksDB store of markers `{t1, t2, version,
-//!   value}` with an index of open markers, mirrored to the compacted
-//!   changelog topic and restored from it on assignment (the pipeline issue).
+//! * [`state`] — per-partition RocksDB store of markers `{t1, t2, version,
+//!   value}` with an index of open markers and Kafka Streams' checkpoint
+//!   rule (no clean checkpoint, full restore), encoded for the compacted
+//!   changelog topic with `schemas/marker.avsc`.
 //! * [`kafka`] — everything that talks to a broker: client configuration
 //!   from [`config::Settings`] (librdkafka pass-through for security and
 //!   tuning), the admin operations behind `topics create`, and the consumer
@@ -33,9 +34,10 @@
 //! * `compensation` — the periodic scan of open markers that re-pushes a
 //!   key's stored value through the same table, so never concurrently with a
 //!   normal push of that key (the pipeline issue).
-//! * `codec` — input formats (`json`, Avro single-object, `raw`) to
-//!   [`engine::Payload`] and back; undecodable records go to the dead-letter
-//!   topic with their reason (the pipeline issue).
+//! * [`codec`] — input formats (`json` with an optional version field,
+//!   `raw`; Avro single-object comes with the pipeline) to
+//!   [`engine::Payload`] and back; a record that does not decode gets a
+//!   reason, and goes to the dead-letter topic with it.
 //! * [`config`] — one typed settings tree layered defaults < TOML file <
 //!   `KEYFLIGHT_*` environment < flags; every error names its source, its key
 //!   and the problem.
@@ -52,6 +54,8 @@
 //!   (compensation re-pushes are duplicates by design).
 
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod kafka;
+pub mod state;

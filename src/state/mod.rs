@@ -1,0 +1,336 @@
+//! Durable per-partition state: one RocksDB store per assigned partition,
+//! under `<state_dir>/<application_id>/<topic>-<partition>`.
+//!
+//! * column family `markers`: key → encoded [`Marker`];
+//! * column family `open`: key → t1 (big-endian), the index of open markers,
+//!   so the compensation scan costs O(open markers), not O(keys).
+//!
+//! The changelog topic is the durable log, so RocksDB's WAL is off. The
+//! checkpoint file records the changelog offset the store is complete up to;
+//! it is written only after a flush (on commit, revoke and shutdown) and
+//! removed when the store opens, so a crash leaves no checkpoint and the next
+//! open starts from an empty store and restores the whole changelog, as
+//! Kafka Streams does.
+
+pub mod marker;
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+pub use marker::{Marker, MarkerCodec, MarkerDecodeError};
+
+const MARKERS: &str = "markers";
+const OPEN: &str = "open";
+const CHECKPOINT: &str = "checkpoint";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {source}")]
+    Rocks {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("state store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state store {path}: key {key:?}: {source}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        source: MarkerDecodeError,
+    },
+}
+
+/// The store of one partition.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    codec: MarkerCodec,
+    no_wal: WriteOptions,
+}
+
+/// How a store was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// A clean checkpoint: restore the changelog from this offset.
+    FromCheckpoint(i64),
+    /// No checkpoint (first start or unclean stop): the store was wiped;
+    /// restore the whole changelog.
+    Empty,
+}
+
+impl Store {
+    /// The directory of one partition's store.
+    pub fn dir(state_dir: &Path, application_id: &str, topic: &str, partition: i32) -> PathBuf {
+        state_dir
+            .join(application_id)
+            .join(format!("{topic}-{partition}"))
+    }
+
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<(Store, Opened), StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(io)?;
+        let checkpoint_path = path.join(CHECKPOINT);
+        let checkpoint = match std::fs::read_to_string(&checkpoint_path) {
+            Ok(text) => text.trim().parse::<i64>().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+        let db_path = path.join("db");
+        let rocks = |source| StateError::Rocks {
+            path: db_path.clone(),
+            source,
+        };
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        if checkpoint.is_none() {
+            // Whatever is there may be older or newer than the changelog: start over.
+            DB::destroy(&options, &db_path).map_err(rocks)?;
+        }
+        let families =
+            [MARKERS, OPEN].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, &db_path, families).map_err(rocks)?;
+        // From here on the store changes: until the next clean checkpoint,
+        // a crash must lead to a full restore.
+        match std::fs::remove_file(&checkpoint_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+            codec: MarkerCodec::new(),
+            no_wal,
+        };
+        Ok((
+            store,
+            checkpoint.map_or(Opened::Empty, Opened::FromCheckpoint),
+        ))
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Marker>, StateError> {
+        let bytes = self
+            .db
+            .get_cf(self.cf(MARKERS), key)
+            .map_err(|e| self.rocks(e))?;
+        bytes.map(|b| self.decode(key, &b)).transpose()
+    }
+
+    /// Writes a marker and keeps the open index in step; returns the encoded
+    /// marker, which is what goes to the changelog.
+    pub fn put(&self, key: &[u8], marker: &Marker) -> Result<Vec<u8>, StateError> {
+        let encoded = self.codec.encode(marker);
+        self.write_encoded(key, marker, &encoded)?;
+        Ok(encoded)
+    }
+
+    /// Removes a key's state (a delete was acknowledged).
+    pub fn delete(&self, key: &[u8]) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(MARKERS), key);
+        batch.delete_cf(self.cf(OPEN), key);
+        self.db
+            .write_opt(batch, &self.no_wal)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Applies one changelog record during restore (`None` = tombstone).
+    pub fn restore(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StateError> {
+        match value {
+            None => self.delete(key),
+            Some(bytes) => {
+                let marker = self.decode(key, bytes)?;
+                self.write_encoded(key, &marker, bytes)
+            }
+        }
+    }
+
+    /// Open markers whose t1 is at or before `started_before` (nanoseconds),
+    /// read from the open index only.
+    pub fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
+        {
+            let (key, t1) = item.map_err(|e| self.rocks(e))?;
+            let t1 = t1.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if t1 > started_before {
+                continue;
+            }
+            if let Some(marker) = self.get(&key)? {
+                out.push((Bytes::copy_from_slice(&key), marker));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every marker (for restore checks and `state inspect`).
+    pub fn markers(&self) -> Result<Vec<(Bytes, Marker)>, StateError> {
+        self.db
+            .iterator_cf(self.cf(MARKERS), rocksdb::IteratorMode::Start)
+            .map(|item| {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                Ok((Bytes::copy_from_slice(&key), self.decode(&key, &value)?))
+            })
+            .collect()
+    }
+
+    /// Flushes the memtables and records that the store is complete up to
+    /// changelog offset `next_offset` (exclusive). Written atomically.
+    pub fn checkpoint(&self, next_offset: i64) -> Result<(), StateError> {
+        self.db
+            .flush_cf(self.cf(MARKERS))
+            .map_err(|e| self.rocks(e))?;
+        self.db.flush_cf(self.cf(OPEN)).map_err(|e| self.rocks(e))?;
+        let io = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.join(format!("{CHECKPOINT}.tmp"));
+        std::fs::write(&tmp, format!("{next_offset}\n")).map_err(io)?;
+        std::fs::rename(&tmp, self.path.join(CHECKPOINT)).map_err(io)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_encoded(&self, key: &[u8], marker: &Marker, encoded: &[u8]) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(MARKERS), key, encoded);
+        if marker.is_open() {
+            batch.put_cf(self.cf(OPEN), key, marker.t1.to_be_bytes());
+        } else {
+            batch.delete_cf(self.cf(OPEN), key);
+        }
+        self.db
+            .write_opt(batch, &self.no_wal)
+            .map_err(|e| self.rocks(e))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
+    }
+
+    fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<Marker, StateError> {
+        self.codec
+            .decode(bytes)
+            .map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                source,
+            })
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StateError {
+        StateError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(t1: u64, t2: u64, v: &'static [u8]) -> Marker {
+        Marker {
+            t1,
+            t2,
+            version: t1,
+            value: Some(Bytes::from_static(v)),
+        }
+    }
+
+    #[test]
+    fn open_index_follows_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Empty);
+        store.put(b"a", &marker(10, 10, b"A")).unwrap();
+        store.put(b"b", &marker(20, 10, b"B")).unwrap();
+        store.put(b"c", &marker(30, 0, b"C")).unwrap();
+        let open: Vec<_> = store
+            .open_markers(u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(open, [&b"b"[..], &b"c"[..]]);
+        let old: Vec<_> = store
+            .open_markers(25)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            old,
+            [&b"b"[..]],
+            "only markers old enough for the grace period"
+        );
+        store.put(b"b", &marker(20, 20, b"B")).unwrap();
+        store.delete(b"c").unwrap();
+        assert!(store.open_markers(u64::MAX).unwrap().is_empty());
+        assert_eq!(store.get(b"c").unwrap(), None);
+        assert_eq!(store.get(b"b").unwrap(), Some(marker(20, 20, b"B")));
+    }
+
+    #[test]
+    fn clean_checkpoint_keeps_state_and_unclean_stop_wipes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.put(b"k", &marker(5, 0, b"V")).unwrap();
+            store.checkpoint(42).unwrap();
+        }
+        {
+            let (store, opened) = Store::open(dir.path()).unwrap();
+            assert_eq!(opened, Opened::FromCheckpoint(42));
+            assert_eq!(store.get(b"k").unwrap(), Some(marker(5, 0, b"V")));
+            store.put(b"k", &marker(6, 0, b"W")).unwrap();
+            // Dropped without a checkpoint: an unclean stop.
+        }
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Empty, "no checkpoint means a full restore");
+        assert_eq!(store.get(b"k").unwrap(), None);
+    }
+
+    #[test]
+    fn restore_applies_changelog_records_and_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let codec = MarkerCodec::new();
+        store
+            .restore(b"k", Some(&codec.encode(&marker(9, 0, b"X"))))
+            .unwrap();
+        assert_eq!(store.open_markers(u64::MAX).unwrap().len(), 1);
+        store.restore(b"k", None).unwrap();
+        assert_eq!(store.get(b"k").unwrap(), None);
+        assert!(matches!(
+            store.restore(b"bad", Some(b"junk")),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn store_directory_layout() {
+        let dir = Store::dir(Path::new("/var/lib/kf"), "app", "events.in", 3);
+        assert_eq!(dir, Path::new("/var/lib/kf/app/events.in-3"));
+    }
+}
