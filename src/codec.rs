@@ -100,6 +100,20 @@ impl Codec {
         }
     }
 
+    /// A stored value (a marker's, in this format) back as a payload, for
+    /// seeding and compensation.
+    pub fn stored(&self, value: Option<&Bytes>) -> Payload {
+        match value {
+            None => Payload::Tombstone,
+            Some(bytes) => match (self.policy, serde_json::from_slice(bytes)) {
+                (MergePolicy::JsonMergePatch, Ok(document)) => {
+                    Payload::Value(Value::Json(document))
+                }
+                _ => Payload::Value(Value::Bytes(bytes.clone())),
+            },
+        }
+    }
+
     /// The bytes a push carries (`None`: a tombstone).
     pub fn encode(&self, payload: &Payload) -> Option<Bytes> {
         match payload {

@@ -16,6 +16,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Serialize};
 
+use crate::codec::InputFormat;
 use crate::engine::MergePolicy;
 
 /// Prefix of the environment variables that set configuration keys.
@@ -38,10 +39,32 @@ pub struct Settings {
     /// How often the safe position of each partition is committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How long a revoke or a shutdown waits for pushes in flight.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub input: Input,
     pub topics: Topics,
     pub singleflight: Singleflight,
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Input {
+    /// How record values are read: `json` or `raw` (opaque bytes, `latest` only).
+    pub format: InputFormat,
+    /// Top-level JSON field holding the event's version (else its offset orders it).
+    pub version_field: String,
+}
+
+impl Default for Input {
+    fn default() -> Self {
+        Self {
+            format: InputFormat::Json,
+            version_field: "version".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +130,8 @@ impl Default for Settings {
             log_level: "info".into(),
             state_dir: PathBuf::from("state"),
             commit_interval: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            input: Input::default(),
             topics: Topics::default(),
             singleflight: Singleflight::default(),
             compensation: Compensation::default(),
@@ -386,6 +411,19 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             .then(|| "must not be empty".into()),
     );
     check("commit_interval", positive(s.commit_interval));
+    check("shutdown_timeout", positive(s.shutdown_timeout));
+    check(
+        "input.version_field",
+        s.input
+            .version_field
+            .is_empty()
+            .then(|| "must not be empty".into()),
+    );
+    check(
+        "input.format",
+        (s.input.format == InputFormat::Raw && s.singleflight.merge_policy == MergePolicy::JsonMergePatch)
+            .then(|| "`raw` values cannot be merge patches; use format \"json\" or merge_policy \"latest\"".into()),
+    );
     check("topics.input", topic_name_problem(&s.topics.input));
     check("topics.pushed", topic_name_problem(&s.topics.pushed));
     check(
@@ -554,6 +592,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("json-merge-patch"), "{err}");
+    }
+
+    #[test]
+    fn raw_input_with_merge_patch_is_refused() {
+        let err = load_str(
+            "[input]\nformat = \"raw\"\n[singleflight]\nmerge_policy = \"json-merge-patch\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`input.format`"), "{err}");
     }
 
     #[test]

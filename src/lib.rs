@@ -31,9 +31,9 @@
 //!   from [`config::Settings`] (librdkafka pass-through for security and
 //!   tuning), the admin operations behind `topics create`, and the consumer
 //!   and producer tasks of the pipeline.
-//! * `compensation` — the periodic scan of open markers that re-pushes a
+//! * [`compensation`] — the periodic scan of open markers that re-pushes a
 //!   key's stored value through the same table, so never concurrently with a
-//!   normal push of that key (the pipeline issue).
+//!   normal push of that key.
 //! * [`codec`] — input formats (`json` with an optional version field,
 //!   `raw`; Avro single-object comes with the pipeline) to
 //!   [`engine::Payload`] and back; a record that does not decode gets a
@@ -55,6 +55,7 @@
 
 pub mod cli;
 pub mod codec;
+pub mod compensation;
 pub mod config;
 pub mod engine;
 pub mod kafka;

@@ -4,6 +4,7 @@
 //! layout mismatch), 2 a usage or configuration error.
 
 mod config_cmd;
+mod run;
 mod topics;
 
 use std::path::PathBuf;
@@ -30,8 +31,9 @@ result; config/keyflight.toml documents every key.";
 
 const EXAMPLES: &str = "\
 Examples:
-  # Create the topics on a local broker (idempotent)
+  # Create the topics on a local broker (idempotent), then process
   keyflight topics create --brokers localhost:9092 --partitions 6
+  keyflight run --brokers localhost:9092 --state-dir ./state
 
   # See the effective configuration after file, environment and flags
   KEYFLIGHT_COMPENSATION__INTERVAL=30s keyflight --config config/keyflight.toml config show";
@@ -66,6 +68,9 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the processor: consume, merge per key, push, mark, compensate
+    #[command(long_about = run::RUN_ABOUT, after_help = run::RUN_EXAMPLES)]
+    Run(run::RunArgs),
     /// Create and check the topics keyflight reads and writes
     Topics(topics::TopicsArgs),
     /// Show the effective configuration
@@ -105,19 +110,24 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
-    let settings = load_settings(&cli.global)?;
+    let state_dir = match &cli.command {
+        Command::Run(args) => args.state_dir.clone(),
+        _ => None,
+    };
+    let settings = load_settings(&cli.global, state_dir)?;
     init_logging(&settings);
     match cli.command {
+        Command::Run(_) => run::run(settings),
         Command::Topics(args) => topics::run(&settings, args),
         Command::Config(args) => config_cmd::run(&settings, args),
     }
 }
 
-fn load_settings(global: &GlobalArgs) -> Result<Settings, ConfigError> {
+fn load_settings(global: &GlobalArgs, state_dir: Option<PathBuf>) -> Result<Settings, ConfigError> {
     let overrides = Overrides {
         brokers: global.brokers.clone(),
         log_level: global.log_level.clone(),
-        ..Overrides::default()
+        state_dir,
     };
     config::load(global.config.as_deref(), &overrides)
 }

@@ -335,6 +335,12 @@ impl Table {
         self.offsets.position()
     }
 
+    /// Whether the table has any state for the key (else the caller may
+    /// [`seed`](Self::seed) it from the store first).
+    pub fn knows(&self, key: &[u8]) -> bool {
+        self.keys.contains_key(key)
+    }
+
     /// Whether the key has a push in flight.
     pub fn in_flight(&self, key: &[u8]) -> bool {
         self.keys.get(key).is_some_and(|s| s.flight.is_some())

@@ -1,8 +1,13 @@
-//! Kafka I/O: client configuration built from [`Settings`], and the admin
-//! operations (`topics create`). The consumer/producer pipeline lives beside
-//! these modules once `keyflight run` exists.
+//! Kafka I/O: client configuration built from [`Settings`], the admin
+//! operations (`topics create`), and the pipeline of `keyflight run`:
+//! [`pipeline`] (the consumer-group member and its poll thread),
+//! [`partition`] (one task per assigned partition), [`restore`] (a store
+//! from its changelog).
 
 pub mod admin;
+pub mod partition;
+pub mod pipeline;
+pub mod restore;
 
 use rdkafka::ClientConfig;
 

@@ -163,3 +163,331 @@ fn tansu_binary() -> PathBuf {
         )
     })
 }
+
+// ---------------------------------------------------------------------------
+// The processor under test and the topics around it.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+
+/// The topics and config file of one test's application.
+pub struct App {
+    pub id: String,
+    pub input: String,
+    pub pushed: String,
+    pub dlq: String,
+    pub changelog: String,
+    pub partitions: i32,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl App {
+    /// Unique topics, created through `keyflight topics create`, and a
+    /// config file; `extra` is appended to the config (TOML).
+    pub fn create(broker: &Broker, partitions: i32, extra: &str) -> App {
+        let id = broker.unique("app");
+        let (input, pushed, dlq) = (
+            broker.unique("in"),
+            broker.unique("pushed"),
+            broker.unique("dlq"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keyflight.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
+                 log_level = \"info,librdkafka=warn\"\n{extra}\n[topics]\ninput = \"{input}\"\npushed = \"{pushed}\"\ndead_letter = \"{dlq}\"\n",
+                broker.bootstrap
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keyflight"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "topics",
+                "create",
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "topics create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        App {
+            changelog: format!("{id}-markers-changelog"),
+            id,
+            input,
+            pushed,
+            dlq,
+            partitions,
+            dir,
+            config,
+        }
+    }
+
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts `keyflight run` with this app's config and the given state dir.
+    pub fn start(&self, state_dir: &std::path::Path) -> Processor {
+        let log_path = state_dir.with_extension(format!(
+            "{}.log",
+            TOPIC_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
+        command
+            .args([
+                "--config",
+                self.config.to_str().unwrap(),
+                "run",
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: see Broker::start.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        Processor {
+            child: Some(command.spawn().expect("keyflight run starts")),
+            log_path,
+        }
+    }
+}
+
+/// A running `keyflight run`; killed on drop unless stopped.
+pub struct Processor {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Processor {
+    /// SIGTERM, then waits for a clean exit (status 0) within `limit`.
+    pub fn stop(&mut self, limit: Duration) {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "keyflight exited with {status}:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyflight did not stop within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A keyed event as tests produce it.
+#[derive(Clone, Debug)]
+pub struct TestEvent {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+/// Produces events in order (keys hash to partitions like Java clients).
+pub async fn produce(broker: &Broker, topic: &str, events: &[TestEvent]) {
+    let producer: FutureProducer = broker
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::with_capacity(events.len());
+    for event in events {
+        let mut record = FutureRecord::to(topic).key(&event.key);
+        if let Some(value) = &event.value {
+            record = record.payload(value);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => pending.push(delivery),
+            Err((e, _)) => panic!("produce failed: {e}"),
+        }
+    }
+    for delivery in pending {
+        delivery.await.expect("delivery future").expect("delivered");
+    }
+}
+
+/// One record of an output topic.
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub key: String,
+    pub value: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Reads a whole topic (every partition, to its high watermark now).
+pub fn read_all(broker: &Broker, topic: &str) -> Vec<Pushed> {
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", broker.unique("reader"))
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        if high > 0 {
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+            remaining += high;
+        }
+    }
+    let mut out = Vec::new();
+    if remaining == 0 {
+        return out;
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (out.len() as i64) < remaining {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {remaining} records of {topic}",
+            out.len()
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.expect("consume");
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Pushed {
+                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                value: message
+                    .payload()
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
+                headers,
+                partition: message.partition(),
+                offset: message.offset(),
+            });
+        }
+    }
+    out.sort_by_key(|p| (p.partition, p.offset));
+    out
+}
+
+/// The last record per key (topics are partitioned by key, so per-partition
+/// order is per-key order).
+pub fn last_per_key(records: &[Pushed]) -> BTreeMap<String, Pushed> {
+    records.iter().map(|r| (r.key.clone(), r.clone())).collect()
+}
+
+/// The latest event per key, in production order.
+pub fn latest_per_key(events: &[TestEvent]) -> BTreeMap<String, Option<String>> {
+    events
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect()
+}
+
+/// Waits until the last push of every key equals its latest event; returns
+/// everything pushed. Panics with the differences (and the log) at `limit`.
+pub fn await_final_state(
+    broker: &Broker,
+    app: &App,
+    events: &[TestEvent],
+    limit: Duration,
+    processor: &Processor,
+) -> Vec<Pushed> {
+    let expected = latest_per_key(events);
+    let deadline = Instant::now() + limit;
+    loop {
+        let pushed = read_all(broker, &app.pushed);
+        let last = last_per_key(&pushed);
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(key, value)| last.get(*key).map(|p| &p.value) != Some(*value))
+            .map(|(key, value)| {
+                format!(
+                    "{key}: want {value:?}, got {:?}",
+                    last.get(key).map(|p| &p.value)
+                )
+            })
+            .collect();
+        if wrong.is_empty() {
+            return pushed;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} keys not final after {limit:?}, e.g. {:?}\nlog:\n{}",
+                wrong.len(),
+                &wrong[..wrong.len().min(5)],
+                processor.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Creates a topic directly (bypassing keyflight).
+pub async fn create_topic(broker: &Broker, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = broker.client_config().create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results
+        .into_iter()
+        .for_each(|r| drop(r.expect("topic created")));
+}

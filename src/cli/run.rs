@@ -1,0 +1,79 @@
+//! `keyflight run`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{runtime, CliError};
+use crate::config::Settings;
+use crate::kafka::pipeline;
+
+pub const RUN_ABOUT: &str = "\
+Join the consumer group `application_id` on the input topic and process it:
+per key at most one push in flight, events arriving meanwhile merged into the
+next push, pushes produced to the pushed topic with the headers
+keyflight-version, keyflight-tn, keyflight-merged and keyflight-compensation.
+
+Each assigned partition restores its marker store from the changelog before
+it processes an event. Offsets are committed only once the events they cover
+are pushed (at-least-once). SIGINT or SIGTERM stops fetching, lets pushes in
+flight finish (up to shutdown_timeout), commits, checkpoints and exits 0.
+
+Start several instances with the same application_id to share the partitions.";
+
+pub const RUN_EXAMPLES: &str = "\
+Examples:
+  keyflight run --brokers localhost:9092 --state-dir /var/lib/keyflight
+  KEYFLIGHT_SINGLEFLIGHT__MERGE_POLICY=json-merge-patch keyflight --config prod.toml run";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory of the local state stores [default: from the config, `state`]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+pub fn run(settings: Settings) -> Result<(), CliError> {
+    let runtime = runtime()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (stop, handle) = (stop.clone(), runtime.handle().clone());
+        std::thread::Builder::new()
+            .name("keyflight-poll".into())
+            .spawn(move || pipeline::run(settings, handle, stop))
+            .map_err(|e| CliError::Runtime(format!("cannot start the consumer thread: {e}")))?
+    };
+    let result = runtime.block_on(async {
+        let worker = tokio::task::spawn_blocking(move || worker.join());
+        tokio::pin!(worker);
+        tokio::select! {
+            finished = &mut worker => return finished,
+            _ = shutdown_signal() => {}
+        }
+        tracing::info!("signal received, stopping");
+        stop.store(true, Ordering::Relaxed);
+        worker.await
+    });
+    match result {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(CliError::Runtime(e.to_string())),
+        Ok(Err(_)) | Err(_) => Err(CliError::Runtime("the consumer thread panicked".into())),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The task of one assigned partition: restore, then consume → decode →
+//! table → push → mark, with compensation and commits on timers.
+//!
+//! Order of effects per push (the article's markT1 / push / markT2):
+//! 1. markT1: the store and the changelog get `t1 = tn` with the push's
+//!    version and value;
+//! 2. the push is produced to the output topic;
+//! 3. on acknowledgement, markT2 (`t2 = tn`) and the table moves on: the next
+//!    merged push of the key starts, or the key goes idle (a delete's state
+//!    is removed).
+//!
+//! Commits follow the table's coverage and wait for the changelog records
+//! written before them, so the next owner restores markers at least as new
+//! as the offsets it starts from.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::codec::Codec;
+use crate::config::Settings;
+use crate::engine::{Event, Offer, Push, Table, TableConfig};
+use crate::state::{Marker, Store};
+
+use super::restore;
+
+/// What every partition task shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub producer: FutureProducer,
+    pub codec: Codec,
+    pub changelog: String,
+    /// Commit requests to the poll thread: (partition, offset).
+    pub commits: std::sync::mpsc::Sender<(i32, i64)>,
+}
+
+/// How the poll thread reaches a task.
+pub struct TaskHandle {
+    pub records: mpsc::Sender<OwnedMessage>,
+    /// Asks the task to stop; it answers with its final commit position.
+    pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
+}
+
+/// Delay before a failed push or dead letter is tried again.
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Records buffered between the poll thread and a task.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+pub fn spawn(
+    shared: Arc<Shared>,
+    runtime: &tokio::runtime::Handle,
+    topic: String,
+    partition: i32,
+) -> TaskHandle {
+    let (records_tx, records) = mpsc::channel(CHANNEL_CAPACITY);
+    let (close_tx, close) = oneshot::channel();
+    let span = tracing::info_span!("partition", topic = %topic, partition);
+    runtime.spawn(
+        async move {
+            if let Err(error) = run(shared, topic, partition, records, close).await {
+                tracing::error!("partition task failed: {error}");
+            }
+        }
+        .instrument(span),
+    );
+    TaskHandle {
+        records: records_tx,
+        close: close_tx,
+    }
+}
+
+/// Outcome of a push, back from its delivery task.
+struct Delivered {
+    push: Push,
+    ok: Result<(), String>,
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    table: Table,
+    store: Store,
+    pushes: JoinSet<Delivered>,
+    dead_letters: JoinSet<i64>,
+    /// Changelog writes not yet known acknowledged; each yields its offset.
+    changelog_writes: JoinSet<Result<i64, String>>,
+    /// One past the newest acknowledged changelog offset (for checkpoints).
+    changelog_next: i64,
+    committed: Option<i64>,
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    mut records: mpsc::Receiver<OwnedMessage>,
+    mut close: oneshot::Receiver<std::sync::mpsc::Sender<Option<i64>>>,
+) -> Result<(), String> {
+    let settings = &shared.settings;
+    let dir = Store::dir(
+        &settings.state_dir,
+        &settings.application_id,
+        &topic,
+        partition,
+    );
+    let (store, opened) = Store::open(&dir).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let (store, restored) = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = restore::restore(
+                &shared.settings,
+                &shared.changelog,
+                partition,
+                &store,
+                opened,
+            );
+            (store, result)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
+    let restored = restored.map_err(|e| e.to_string())?;
+    let open = store.open_markers(u64::MAX).map(|m| m.len()).unwrap_or(0);
+    info!(
+        %topic, partition,
+        records = restored.records, open_markers = open, from = ?opened, seconds = started.elapsed().as_secs_f64(),
+        "partition restored from changelog"
+    );
+
+    let mut task = Task {
+        table: Table::new(TableConfig {
+            policy: settings.singleflight.merge_policy,
+            max_active_keys: settings.singleflight.max_active_keys,
+        }),
+        store,
+        pushes: JoinSet::new(),
+        dead_letters: JoinSet::new(),
+        changelog_writes: JoinSet::new(),
+        changelog_next: restored.next_offset,
+        committed: None,
+        shared: shared.clone(),
+        topic,
+        partition,
+    };
+    let mut commit_tick = tokio::time::interval(settings.commit_interval);
+    let mut compensation_tick = tokio::time::interval(settings.compensation.interval);
+    compensation_tick.tick().await; // the first tick is immediate; skip it
+
+    let reply = loop {
+        tokio::select! {
+            biased;
+            reply = &mut close => break reply.ok(),
+            Some(done) = task.pushes.join_next(), if !task.pushes.is_empty() => {
+                if let Ok(done) = done { task.delivered(done); }
+            }
+            Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
+                if let Ok(offset) = done { task.table.release(offset); }
+            }
+            _ = commit_tick.tick() => task.commit().await,
+            _ = compensation_tick.tick() => task.compensate(),
+            record = records.recv(), if !task.table.is_saturated() => match record {
+                Some(record) => task.record(record),
+                None => break None,
+            },
+        }
+    };
+    // Closing (revoke or shutdown): stop taking events, let pushes in flight
+    // finish (bounded), commit what is covered, checkpoint.
+    records.close();
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    while !task.pushes.is_empty() || !task.dead_letters.is_empty() {
+        tokio::select! {
+            Some(done) = task.pushes.join_next(), if !task.pushes.is_empty() => {
+                if let Ok(done) = done {
+                    // Do not start follow-up pushes while closing: their
+                    // events stay uncommitted and are replayed by the next owner.
+                    task.acknowledge(done, false);
+                }
+            }
+            Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
+                if let Ok(offset) = done { task.table.release(offset); }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(partition = task.partition, pending = task.pushes.len(), "pushes still in flight at the shutdown timeout; their events will be replayed");
+                break;
+            }
+        }
+    }
+    task.pushes.abort_all();
+    let position = task
+        .flush_changelog()
+        .await
+        .then(|| task.table.commit_position())
+        .flatten();
+    if let Err(e) = task.store.checkpoint(task.changelog_next) {
+        warn!(
+            partition = task.partition,
+            "checkpoint failed (next start restores fully): {e}"
+        );
+    }
+    info!(partition = task.partition, ?position, stats = ?task.table.stats(), "partition closed");
+    if let Some(reply) = reply {
+        let _ = reply.send(position);
+    }
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Task {
+    fn record(&mut self, record: OwnedMessage) {
+        let offset = record.offset();
+        let Some(key) = record.key().map(Bytes::copy_from_slice) else {
+            return self.dead_letter(
+                record,
+                "null-key",
+                "a record without a key cannot be merged per key".into(),
+            );
+        };
+        let decoded = match self.shared.codec.decode(record.payload()) {
+            Ok(decoded) => decoded,
+            Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
+        };
+        if !self.table.knows(&key) {
+            self.seed(&key);
+        }
+        let event = Event {
+            key,
+            offset,
+            version: decoded.version,
+            payload: decoded.payload,
+        };
+        match self.table.offer(event, now_ns()) {
+            Ok(Offer::Started(push)) => self.start(push, Duration::ZERO),
+            Ok(Offer::Merged | Offer::Stale) => {}
+            Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
+        }
+    }
+
+    /// Starts the table's entry for a key from its stored marker, so replayed
+    /// events are not pushed again and patches fold onto the stored value.
+    fn seed(&mut self, key: &Bytes) {
+        match self.store.get(key) {
+            Ok(Some(marker)) => {
+                let payload = self.shared.codec.stored(marker.value.as_ref());
+                self.table.seed(
+                    key.clone(),
+                    marker.version,
+                    marker.t1.max(marker.t2),
+                    Some(payload),
+                );
+            }
+            Ok(None) => {}
+            Err(e) => warn!(
+                partition = self.partition,
+                "reading the marker failed, key starts unseeded: {e}"
+            ),
+        }
+    }
+
+    /// markT1, then produce the push (after `delay`, for retries).
+    fn start(&mut self, push: Push, delay: Duration) {
+        let value = self.shared.codec.encode(&push.payload);
+        let previous = self.store.get(&push.key).ok().flatten();
+        let marker = Marker::started(previous.as_ref(), push.tn, push.version, value.clone());
+        self.mark(&push.key, Some(&marker));
+
+        let producer = self.shared.producer.clone();
+        let topic = self.shared.settings.topics.pushed.clone();
+        self.pushes.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "keyflight-version",
+                    value: Some(&push.version.to_string()),
+                })
+                .insert(Header {
+                    key: "keyflight-tn",
+                    value: Some(&push.tn.to_string()),
+                })
+                .insert(Header {
+                    key: "keyflight-merged",
+                    value: Some(&push.merged.to_string()),
+                })
+                .insert(Header {
+                    key: "keyflight-compensation",
+                    value: Some(if push.compensation { "true" } else { "false" }),
+                });
+            let mut record = FutureRecord::to(&topic)
+                .key(push.key.as_ref())
+                .headers(headers);
+            if let Some(value) = value.as_deref() {
+                record = record.payload(value);
+            }
+            let ok = producer
+                .send(record, Timeout::Never)
+                .await
+                .map(drop)
+                .map_err(|(e, _)| e.to_string());
+            Delivered { push, ok }
+        });
+    }
+
+    fn delivered(&mut self, done: Delivered) {
+        match done.ok {
+            Ok(()) => self.acknowledge(done, true),
+            Err(error) => {
+                warn!(partition = self.partition, key = %String::from_utf8_lossy(&done.push.key), "push failed, retrying with the newest value: {error}");
+                match self.table.fail(&done.push.key, done.push.tn, now_ns()) {
+                    Ok(retry) => self.start(retry, RETRY_BACKOFF),
+                    Err(e) => debug!("failure of an unknown push: {e}"),
+                }
+            }
+        }
+    }
+
+    /// markT2 and the table's next step for the key.
+    fn acknowledge(&mut self, done: Delivered, continue_key: bool) {
+        let push = done.push;
+        let next = if continue_key {
+            match self.table.complete(&push.key, push.tn, now_ns()) {
+                Ok(next) => next,
+                Err(e) => return debug!("acknowledgement of an unknown push: {e}"),
+            }
+        } else {
+            None
+        };
+        let marker = self.store.get(&push.key).ok().flatten();
+        match marker {
+            // A delete that stayed the key's last word: its state goes.
+            Some(m) if m.value.is_none() && m.t1 == push.tn && next.is_none() && continue_key => {
+                self.mark(&push.key, None)
+            }
+            Some(m) => self.mark(&push.key, Some(&m.acknowledged(push.tn))),
+            None => {}
+        }
+        if let Some(next) = next {
+            self.start(next, Duration::ZERO);
+        }
+    }
+
+    /// Writes a marker (or removes it) in the store and the changelog.
+    fn mark(&mut self, key: &Bytes, marker: Option<&Marker>) {
+        let encoded = match marker {
+            Some(marker) => match self.store.put(key, marker) {
+                Ok(encoded) => Some(encoded),
+                Err(e) => return warn!(partition = self.partition, "store write failed: {e}"),
+            },
+            None => match self.store.delete(key) {
+                Ok(()) => None,
+                Err(e) => return warn!(partition = self.partition, "store delete failed: {e}"),
+            },
+        };
+        let producer = self.shared.producer.clone();
+        let topic = self.shared.changelog.clone();
+        let partition = self.partition;
+        let key = key.clone();
+        self.changelog_writes.spawn(async move {
+            let mut record = FutureRecord::to(&topic)
+                .key(key.as_ref())
+                .partition(partition);
+            if let Some(encoded) = encoded.as_deref() {
+                record = record.payload(encoded);
+            }
+            producer
+                .send(record, Timeout::Never)
+                .await
+                .map(|d| d.offset)
+                .map_err(|(e, _)| e.to_string())
+        });
+    }
+
+    /// Produces a record unchanged to the dead-letter topic, holding its
+    /// offset until the dead letter is acknowledged (retrying, never dropping).
+    fn dead_letter(&mut self, record: OwnedMessage, reason: &'static str, detail: String) {
+        let offset = record.offset();
+        if let Err(e) = self.table.hold(offset) {
+            return warn!(
+                partition = self.partition,
+                offset, "cannot hold the offset of a dead letter: {e}"
+            );
+        }
+        warn!(
+            partition = self.partition,
+            offset, reason, "dead-lettering a record: {detail}"
+        );
+        let producer = self.shared.producer.clone();
+        let topic = self.shared.settings.topics.dead_letter.clone();
+        let source = self.topic.clone();
+        let partition = self.partition;
+        self.dead_letters.spawn(async move {
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "keyflight-error",
+                        value: Some(&detail),
+                    })
+                    .insert(Header {
+                        key: "keyflight-error-reason",
+                        value: Some(reason),
+                    })
+                    .insert(Header {
+                        key: "keyflight-source-topic",
+                        value: Some(&source),
+                    })
+                    .insert(Header {
+                        key: "keyflight-source-partition",
+                        value: Some(&partition.to_string()),
+                    })
+                    .insert(Header {
+                        key: "keyflight-source-offset",
+                        value: Some(&offset.to_string()),
+                    });
+                let mut out = FutureRecord::to(&topic).headers(headers);
+                if let Some(key) = record.key() {
+                    out = out.key(key);
+                }
+                if let Some(value) = record.payload() {
+                    out = out.payload(value);
+                }
+                match producer.send(out, Timeout::Never).await {
+                    Ok(_) => return offset,
+                    Err((e, _)) => {
+                        warn!(partition, offset, "dead letter not written, retrying: {e}");
+                        tokio::time::sleep(RETRY_BACKOFF).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The compensation scan: re-push open markers older than the grace
+    /// period whose key is not in flight, through the table.
+    fn compensate(&mut self) {
+        let grace = self.shared.settings.compensation.grace.as_nanos() as u64;
+        let due = match crate::compensation::due(&self.store, now_ns(), grace) {
+            Ok(due) => due,
+            Err(e) => return warn!(partition = self.partition, "compensation scan failed: {e}"),
+        };
+        let mut pushed = 0;
+        for (key, marker) in due {
+            if self.table.in_flight(&key) {
+                continue;
+            }
+            let payload = self.shared.codec.stored(marker.value.as_ref());
+            if let Some(push) = self
+                .table
+                .compensate(&key, marker.version, payload, now_ns())
+            {
+                pushed += 1;
+                self.start(push, Duration::ZERO);
+            }
+        }
+        if pushed > 0 {
+            info!(
+                partition = self.partition,
+                pushed, "compensation re-pushed open markers"
+            );
+        }
+    }
+
+    /// Waits for every changelog write so far; false if one failed.
+    async fn flush_changelog(&mut self) -> bool {
+        let mut ok = true;
+        while let Some(done) = self.changelog_writes.join_next().await {
+            match done {
+                Ok(Ok(offset)) => self.changelog_next = self.changelog_next.max(offset + 1),
+                Ok(Err(e)) => {
+                    warn!(partition = self.partition, "changelog write failed: {e}");
+                    ok = false;
+                }
+                Err(e) => {
+                    warn!(
+                        partition = self.partition,
+                        "changelog write task failed: {e}"
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// Commits the covered position once the changelog has caught up with it.
+    async fn commit(&mut self) {
+        let Some(position) = self.table.commit_position() else {
+            return;
+        };
+        if self.committed == Some(position) {
+            return;
+        }
+        if !self.flush_changelog().await {
+            return; // hold the offsets: markers behind them are not durable
+        }
+        if self.shared.commits.send((self.partition, position)).is_ok() {
+            self.committed = Some(position);
+        }
+        if let Err(e) = self.store.checkpoint(self.changelog_next) {
+            warn!(partition = self.partition, "checkpoint failed: {e}");
+        }
+    }
+}

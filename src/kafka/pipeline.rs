@@ -1,0 +1,303 @@
+//! `keyflight run`: the consumer-group member.
+//!
+//! One OS thread (the poll thread) owns the consumer. librdkafka runs the
+//! rebalance callbacks on it, so a revoke can block there, bounded, while
+//! the revoked partitions finish their pushes, commit and checkpoint, before
+//! the group hands them to another member. The poll thread routes records to
+//! one tokio task per assigned partition ([`super::partition`]) and performs
+//! the commits those tasks ask for.
+//!
+//! Backpressure is one mechanism: a task whose table is saturated stops
+//! reading its bounded channel; when the channel is full the poll thread
+//! keeps the record and pauses the partition, and resumes it once the task
+//! drains. Memory stays bounded whatever the input rate.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::Producer;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{info, warn};
+
+use super::partition::{self, Shared, TaskHandle};
+use super::{client_config, Role};
+use crate::codec::Codec;
+use crate::config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the Kafka {role} client: {source}")]
+    Client {
+        role: &'static str,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot subscribe to {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("the consumer thread failed: {0}")]
+    Thread(String),
+}
+
+/// A partition's task and what the poll thread holds for it.
+struct Assigned {
+    handle: TaskHandle,
+    /// Records the task's channel had no room for, oldest first.
+    overflow: VecDeque<OwnedMessage>,
+    paused: bool,
+}
+
+/// The consumer's context: rebalance callbacks start and stop partition tasks.
+struct Context {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    assigned: Mutex<HashMap<i32, Assigned>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            info!(?partitions, "partitions revoked");
+            self.close(consumer, &partitions);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let mut assigned = self.assigned.lock().expect("assignment lock");
+                for element in list.elements() {
+                    assigned.entry(element.partition()).or_insert_with(|| {
+                        info!(partition = element.partition(), "partition assigned");
+                        Assigned {
+                            handle: partition::spawn(
+                                self.shared.clone(),
+                                &self.runtime,
+                                element.topic().to_string(),
+                                element.partition(),
+                            ),
+                            overflow: VecDeque::new(),
+                            paused: false,
+                        }
+                    });
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!("rebalance error: {e}"),
+        }
+    }
+}
+
+impl Context {
+    /// Stops the tasks of `partitions` (bounded by the shutdown timeout),
+    /// then commits their final positions synchronously.
+    fn close(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let closing: Vec<(i32, Assigned)> = {
+            let mut assigned = self.assigned.lock().expect("assignment lock");
+            partitions
+                .iter()
+                .filter_map(|p| assigned.remove(p).map(|a| (*p, a)))
+                .collect()
+        };
+        let mut waiting = Vec::new();
+        for (partition, task) in closing {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if task.handle.close.send(tx).is_ok() {
+                waiting.push((partition, rx));
+            }
+        }
+        let limit = self.shared.settings.shutdown_timeout + Duration::from_secs(5);
+        let mut offsets = TopicPartitionList::new();
+        for (partition, rx) in waiting {
+            match rx.recv_timeout(limit) {
+                Ok(Some(position)) => {
+                    let _ = offsets.add_partition_offset(
+                        &self.shared.settings.topics.input,
+                        partition,
+                        Offset::Offset(position),
+                    );
+                }
+                Ok(None) => {}
+                Err(_) => warn!(
+                    partition,
+                    "partition task did not close in time; its uncommitted events will be replayed"
+                ),
+            }
+        }
+        if offsets.count() > 0 {
+            match consumer.commit(&offsets, CommitMode::Sync) {
+                Ok(()) => info!(offsets = ?positions(&offsets), "committed on close"),
+                Err(e) => warn!("commit on close failed (events will be replayed): {e}"),
+            }
+        }
+    }
+}
+
+fn positions(list: &TopicPartitionList) -> Vec<(i32, i64)> {
+    list.elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw().map(|o| (e.partition(), o)))
+        .collect()
+}
+
+/// Runs the processor until `stop` is set, then shuts down cleanly.
+pub fn run(
+    settings: Settings,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+) -> Result<(), RunError> {
+    let producer = client_config(&settings, Role::Producer)
+        .create()
+        .map_err(|source| RunError::Client {
+            role: "producer",
+            source,
+        })?;
+    let (commits, commit_requests) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared {
+        codec: Codec::new(
+            settings.input.format,
+            settings.singleflight.merge_policy,
+            settings.input.version_field.clone(),
+        ),
+        changelog: settings.changelog_topic(),
+        producer,
+        commits,
+        settings,
+    });
+    let context = Context {
+        shared: shared.clone(),
+        runtime,
+        assigned: Mutex::new(HashMap::new()),
+    };
+    let consumer: BaseConsumer<Context> = client_config(&shared.settings, Role::Consumer)
+        .create_with_context(context)
+        .map_err(|source| RunError::Client {
+            role: "consumer",
+            source,
+        })?;
+    let input = shared.settings.topics.input.clone();
+    consumer
+        .subscribe(&[&input])
+        .map_err(|source| RunError::Subscribe {
+            topic: input.clone(),
+            source,
+        })?;
+    info!(topic = %input, group = %shared.settings.application_id, "consuming");
+
+    while !stop.load(Ordering::Relaxed) {
+        commit_requested(&consumer, &commit_requests, &input);
+        drain_overflow(&consumer, &input);
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => route(&consumer, message.detach(), &input),
+            Some(Err(e)) => warn!("consumer error: {e}"),
+            None => {}
+        }
+    }
+
+    info!("shutting down: finishing pushes in flight");
+    let partitions: Vec<i32> = consumer
+        .context()
+        .assigned
+        .lock()
+        .expect("assignment lock")
+        .keys()
+        .copied()
+        .collect();
+    consumer.context().close(&consumer, &partitions);
+    consumer.unsubscribe();
+    let _ = shared.producer.flush(Duration::from_secs(5));
+    info!("stopped");
+    Ok(())
+}
+
+/// Commits the positions partition tasks asked for, if still assigned here.
+fn commit_requested(
+    consumer: &BaseConsumer<Context>,
+    requests: &std::sync::mpsc::Receiver<(i32, i64)>,
+    topic: &str,
+) {
+    let mut latest: HashMap<i32, i64> = HashMap::new();
+    while let Ok((partition, offset)) = requests.try_recv() {
+        latest.insert(partition, offset);
+    }
+    if latest.is_empty() {
+        return;
+    }
+    let assigned = consumer.context().assigned.lock().expect("assignment lock");
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in latest {
+        // A partition that moved to another member is that member's to commit.
+        if assigned.contains_key(&partition) {
+            let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+    }
+    drop(assigned);
+    if offsets.count() > 0 {
+        if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+            warn!("commit failed (retried at the next interval): {e}");
+        }
+    }
+}
+
+/// Hands a record to its partition's task, or holds it and pauses the partition.
+fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
+    let partition = message.partition();
+    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
+    let Some(task) = assigned.get_mut(&partition) else {
+        return; // revoked meanwhile: the next owner reads it from the committed offset
+    };
+    if task.overflow.is_empty() {
+        match task.handle.records.try_send(message) {
+            Ok(()) => return,
+            Err(TrySendError::Full(message)) => task.overflow.push_back(message),
+            Err(TrySendError::Closed(_)) => return,
+        }
+    } else {
+        task.overflow.push_back(message);
+    }
+    if !task.paused {
+        task.paused = true;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        if let Err(e) = consumer.pause(&list) {
+            warn!(partition, "pause failed: {e}");
+        }
+    }
+}
+
+/// Moves held records into tasks with room again; resumes drained partitions.
+fn drain_overflow(consumer: &BaseConsumer<Context>, topic: &str) {
+    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
+    for (partition, task) in assigned.iter_mut().filter(|(_, t)| t.paused) {
+        while let Some(message) = task.overflow.pop_front() {
+            match task.handle.records.try_send(message) {
+                Ok(()) => {}
+                Err(TrySendError::Full(message)) => {
+                    task.overflow.push_front(message);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    task.overflow.clear();
+                    break;
+                }
+            }
+        }
+        if task.overflow.is_empty() {
+            task.paused = false;
+            let mut list = TopicPartitionList::new();
+            list.add_partition(topic, *partition);
+            if let Err(e) = consumer.resume(&list) {
+                warn!(partition, "resume failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `keyflight run` against a real broker: consume, collapse, push, mark,
+//! restore. Every test starts its own Tansu broker and keyflight process.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keyflight::state::{Marker, Store};
+use support::{await_final_state, produce, read_all, App, Broker, TestEvent};
+
+/// `bursts` rounds; in each, every key gets `per_burst` events back to back.
+fn bursty_events(keys: usize, bursts: usize, per_burst: usize, round: usize) -> Vec<TestEvent> {
+    let mut events = Vec::new();
+    for b in 0..bursts {
+        for k in 0..keys {
+            for i in 0..per_burst {
+                events.push(TestEvent {
+                    key: format!("key-{k:03}"),
+                    value: Some(format!(
+                        "{{\"key\":{k},\"round\":{round},\"burst\":{b},\"i\":{i}}}"
+                    )),
+                });
+            }
+        }
+    }
+    events
+}
+
+/// The markers of every partition's store (after a clean stop).
+fn stored_markers(app: &App, state_dir: &std::path::Path) -> BTreeMap<(i32, String), Marker> {
+    let mut all = BTreeMap::new();
+    for partition in 0..app.partitions {
+        let dir = Store::dir(state_dir, &app.id, &app.input, partition);
+        if !dir.exists() {
+            continue;
+        }
+        let (store, _) = Store::open(&dir).unwrap();
+        for (key, marker) in store.markers().unwrap() {
+            all.insert(
+                (partition, String::from_utf8_lossy(&key).into_owned()),
+                marker,
+            );
+        }
+        // Reopening consumed the checkpoint; put it back for the next start.
+        store.checkpoint(0).unwrap();
+    }
+    all
+}
+
+/// Test 1: 10 000 events over 100 keys in bursts. The last record of every
+/// key in the output is its latest event, with fewer pushes than events.
+#[tokio::test(flavor = "multi_thread")]
+async fn bursts_collapse_and_every_key_ends_on_its_latest_event() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 4, "");
+    let mut processor = app.start(&app.state_dir("a"));
+    let events = bursty_events(100, 10, 10, 0);
+    assert_eq!(events.len(), 10_000);
+
+    let started = Instant::now();
+    produce(&broker, &app.input, &events).await;
+    let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(120), &processor);
+    let seconds = started.elapsed().as_secs_f64();
+    processor.stop(Duration::from_secs(30));
+
+    let normal = pushed
+        .iter()
+        .filter(|p| p.headers["keyflight-compensation"] == "false")
+        .count();
+    assert!(
+        normal < events.len(),
+        "{normal} pushes for {} events",
+        events.len()
+    );
+    let merged: u64 = pushed
+        .iter()
+        .map(|p| p.headers["keyflight-merged"].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        merged,
+        events.len() as u64,
+        "every event is covered by exactly one acknowledged push"
+    );
+    for p in &pushed {
+        assert!(
+            p.headers["keyflight-version"].parse::<u64>().is_ok()
+                && p.headers["keyflight-tn"].parse::<u64>().is_ok()
+        );
+    }
+    println!(
+        "test 1: {} events, {} pushes, collapse {:.1}x, {:.0} events/s end to end (produce to final state, {:.2}s)",
+        events.len(),
+        pushed.len(),
+        events.len() as f64 / pushed.len() as f64,
+        events.len() as f64 / seconds,
+        seconds
+    );
+}
+
+/// Test 2: SIGTERM, produce more, restart: the state is restored (replayed
+/// events are not pushed again), and every key ends on its newest event.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_after_sigterm_restores_state_and_ends_correct() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 2, "");
+    let state = app.state_dir("a");
+    let mut processor = app.start(&state);
+    let first = bursty_events(20, 3, 5, 0);
+    produce(&broker, &app.input, &first).await;
+    await_final_state(&broker, &app, &first, Duration::from_secs(60), &processor);
+    processor.stop(Duration::from_secs(30));
+    assert!(
+        processor.log().contains("committed on close"),
+        "{}",
+        processor.log()
+    );
+    // Where each output partition ended before the restart.
+    let mut before: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in read_all(&broker, &app.pushed) {
+        before.insert(p.partition, p.offset + 1);
+    }
+
+    let second = bursty_events(20, 2, 5, 1);
+    produce(&broker, &app.input, &second).await;
+    let mut processor = app.start(&state);
+    let all: Vec<TestEvent> = first.iter().chain(&second).cloned().collect();
+    let pushed = await_final_state(&broker, &app, &all, Duration::from_secs(60), &processor);
+    processor.stop(Duration::from_secs(30));
+    assert!(
+        processor
+            .log()
+            .contains("partition restored from changelog"),
+        "{}",
+        processor.log()
+    );
+
+    // After the restart no key was pushed from round-0 (stale) data.
+    let after: Vec<_> = pushed
+        .iter()
+        .filter(|p| p.offset >= before.get(&p.partition).copied().unwrap_or(0))
+        .collect();
+    assert!(!after.is_empty());
+    for p in after {
+        assert!(
+            p.value.as_deref().unwrap().contains("\"round\":1"),
+            "stale push after restart: {p:?}"
+        );
+    }
+}
+
+/// Test 3: a fresh instance with an empty state dir restores the markers
+/// from the changelog.
+#[tokio::test(flavor = "multi_thread")]
+async fn fresh_instance_restores_markers_from_the_changelog() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 2, "");
+    let first_dir = app.state_dir("first");
+    let mut processor = app.start(&first_dir);
+    let events = bursty_events(30, 2, 4, 0);
+    produce(&broker, &app.input, &events).await;
+    await_final_state(&broker, &app, &events, Duration::from_secs(60), &processor);
+    processor.stop(Duration::from_secs(30));
+    let original = stored_markers(&app, &first_dir);
+    assert_eq!(original.len(), 30, "one marker per key");
+    assert!(
+        original.values().all(|m| !m.is_open()),
+        "every push finished"
+    );
+
+    let fresh_dir = app.state_dir("fresh");
+    let mut fresh = app.start(&fresh_dir);
+    // The fresh instance logs the restore of each partition before processing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fresh
+        .log()
+        .matches("partition restored from changelog")
+        .count()
+        < app.partitions as usize
+    {
+        assert!(Instant::now() < deadline, "no restore:\n{}", fresh.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fresh.stop(Duration::from_secs(30));
+    let restored = stored_markers(&app, &fresh_dir);
+    assert_eq!(
+        restored, original,
+        "the fresh store equals the original, marker for marker"
+    );
+}
