@@ -188,3 +188,165 @@ async fn fresh_instance_restores_markers_from_the_changelog() {
         "the fresh store equals the original, marker for marker"
     );
 }
+
+/// Test 4: pushes fail (the output topic is missing) while their markers
+/// reach the changelog; the process dies. Once the output exists, a fresh
+/// instance restores the open markers, the replayed events are stale against
+/// them, and the compensation scan alone repairs every key.
+#[tokio::test(flavor = "multi_thread")]
+async fn compensation_repairs_failed_pushes_after_a_crash() {
+    let broker = Broker::start();
+    let config = "[compensation]\ninterval = \"1s\"\ngrace = \"500ms\"\n[kafka.producer]\n\"message.timeout.ms\" = 1500\n";
+    let app = App::create(&broker, 2, config).with_missing_output(&broker);
+    let events: Vec<TestEvent> = (0..20)
+        .map(|k| TestEvent {
+            key: format!("key-{k:02}"),
+            value: Some(format!("{{\"k\":{k},\"v\":\"only\"}}")),
+        })
+        .collect();
+
+    let mut crashed = app.start(&app.state_dir("a"));
+    produce(&broker, &app.input, &events).await;
+    // Every key's markT1 is in the changelog, and pushes are failing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let keys: std::collections::BTreeSet<_> = read_all(&broker, &app.changelog)
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        if keys.len() == events.len() && crashed.log().contains("push failed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "markers not in the changelog:\n{}",
+            crashed.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    crashed.kill();
+    assert!(read_all(&broker, &app.changelog)
+        .iter()
+        .all(|r| r.value.is_some()));
+
+    support::create_topic(&broker, &app.pushed, 2).await;
+    let mut repaired = app.start(&app.state_dir("b"));
+    let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(60), &repaired);
+    repaired.stop(Duration::from_secs(30));
+    assert!(
+        repaired
+            .log()
+            .contains("compensation re-pushed open markers"),
+        "{}",
+        repaired.log()
+    );
+    for p in &pushed {
+        assert_eq!(
+            p.headers["keyflight-compensation"], "true",
+            "only compensation can repair: {p:?}"
+        );
+        assert_eq!(p.headers["keyflight-merged"], "0");
+    }
+    // Repaired markers are closed: a later scan has nothing to do.
+    let markers = stored_markers(&app, &app.state_dir("b"));
+    assert_eq!(markers.len(), 20);
+    assert!(markers.values().all(|m| !m.is_open()), "{markers:?}");
+}
+
+/// Test 5: two instances in one group share the partitions; after one
+/// leaves, the other takes its partitions over with their state restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_partitions_and_one_takes_over() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 4, "");
+    let mut a = app.start(&app.state_dir("a"));
+    a.await_log("partition assigned", 1, Duration::from_secs(60));
+    let mut b = app.start(&app.state_dir("b"));
+    b.await_log("partition assigned", 1, Duration::from_secs(60));
+
+    let first = bursty_events(40, 3, 4, 0);
+    produce(&broker, &app.input, &first).await;
+    await_final_state(&broker, &app, &first, Duration::from_secs(90), &a);
+    let b_partitions = b.log().matches("partition restored from changelog").count();
+    assert!(b_partitions >= 1, "b took part:\n{}", b.log());
+
+    b.stop(Duration::from_secs(30));
+    assert!(b.log().contains("committed on close"), "{}", b.log());
+    let second = bursty_events(40, 2, 4, 1);
+    produce(&broker, &app.input, &second).await;
+    let all: Vec<TestEvent> = first.iter().chain(&second).cloned().collect();
+    await_final_state(&broker, &app, &all, Duration::from_secs(90), &a);
+    a.stop(Duration::from_secs(30));
+    // a restored b's partitions from the changelog before processing them.
+    let restores = a.log().matches("partition restored from changelog").count();
+    assert!(
+        restores > 4 - b_partitions,
+        "a took over b's partitions:\n{}",
+        a.log()
+    );
+}
+
+/// Test 6: the article's Case 1 through the real pipeline. A, then B, C, D
+/// while A's push is in flight (merged into one push of D), then E while D's
+/// push is in flight: keyflight holds E until D'' and ends on E''.
+#[tokio::test(flavor = "multi_thread")]
+async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
+    let broker = Broker::start();
+    // Every push takes about a second: the producer waits that long to batch.
+    let app = App::create(
+        &broker,
+        1,
+        "[kafka.producer]\n\"linger.ms\" = 1500\n[kafka.consumer]\n\"fetch.wait.max.ms\" = 20\n",
+    );
+    let mut processor = app.start(&app.state_dir("a"));
+    processor.await_log(
+        "partition restored from changelog",
+        1,
+        Duration::from_secs(60),
+    );
+    let event = |name: &str| TestEvent {
+        key: "k".into(),
+        value: Some(format!("{{\"event\":\"{name}\"}}")),
+    };
+
+    produce(
+        &broker,
+        &app.input,
+        &[event("A"), event("B"), event("C"), event("D")],
+    )
+    .await;
+    // A'' is visible: D' has started; E arrives while D's push is in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_all(&broker, &app.pushed).is_empty() {
+        assert!(Instant::now() < deadline, "{}", processor.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    produce(&broker, &app.input, &[event("E")]).await;
+    let all = [event("A"), event("B"), event("C"), event("D"), event("E")];
+    let pushed = await_final_state(&broker, &app, &all, Duration::from_secs(30), &processor);
+    processor.stop(Duration::from_secs(30));
+
+    let sequence: Vec<_> = pushed.iter().map(|p| p.value.clone().unwrap()).collect();
+    let merged: Vec<_> = pushed
+        .iter()
+        .map(|p| p.headers["keyflight-merged"].clone())
+        .collect();
+    assert_eq!(
+        sequence,
+        [
+            "{\"event\":\"A\"}",
+            "{\"event\":\"D\"}",
+            "{\"event\":\"E\"}"
+        ],
+        "A'', D'', E''"
+    );
+    assert_eq!(merged, ["1", "3", "1"], "B, C, D merged into one push");
+    let tns: Vec<u64> = pushed
+        .iter()
+        .map(|p| p.headers["keyflight-tn"].parse().unwrap())
+        .collect();
+    assert!(
+        tns.windows(2).all(|w| w[0] < w[1]),
+        "pushes started in order: {tns:?}"
+    );
+}

@@ -235,6 +235,23 @@ impl App {
         }
     }
 
+    /// Points the output at a topic that does not exist yet (created later
+    /// with [`create_topic`]), so pushes fail meanwhile.
+    pub fn with_missing_output(mut self, broker: &Broker) -> App {
+        let missing = broker.unique("pushed-later");
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replace(
+                &format!("pushed = \"{}\"", self.pushed),
+                &format!("pushed = \"{missing}\""),
+            ),
+        )
+        .unwrap();
+        self.pushed = missing;
+        self
+    }
+
     pub fn state_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -279,6 +296,27 @@ pub struct Processor {
 }
 
 impl Processor {
+    /// SIGKILL: no shutdown, no commit, no checkpoint.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the log contains `needle` at least `count` times.
+    pub fn await_log(&self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.log().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no {count}x {needle:?} within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit (status 0) within `limit`.
     pub fn stop(&mut self, limit: Duration) {
         let mut child = self.child.take().expect("running");
