@@ -52,7 +52,7 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Input {
-    /// How record values are read: `json` or `raw` (opaque bytes, `latest` only).
+    /// How record values are read: `json`, `avro` (schemas/event.avsc) or `raw` (opaque bytes, `latest` only).
     pub format: InputFormat,
     /// Top-level JSON field holding the event's version (else its offset orders it).
     pub version_field: String,

@@ -350,3 +350,133 @@ async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
         "pushes started in order: {tns:?}"
     );
 }
+
+/// Avro input under json-merge-patch: partial updates fold into whole
+/// documents, a delete ends as a tombstone with its state removed, and an
+/// undecodable record goes to the dead-letter topic with its reason while
+/// everything else proceeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
+    use apache_avro::types::Value as Avro;
+    use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+
+    let schema = Schema::parse_str(keyflight::codec::EVENT_SCHEMA).unwrap();
+    let encode = |fields: &[(&str, Avro)]| {
+        let record = Avro::Record(vec![
+            ("version".into(), Avro::Union(0, Box::new(Avro::Null))),
+            (
+                "fields".into(),
+                Avro::Map(
+                    fields
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                Avro::Union(
+                                    if matches!(v, Avro::Null) {
+                                        0
+                                    } else if matches!(v, Avro::Long(_)) {
+                                        2
+                                    } else {
+                                        4
+                                    },
+                                    Box::new(v.clone()),
+                                ),
+                            )
+                        })
+                        .collect(),
+                ),
+            ),
+        ]);
+        let mut out = Vec::new();
+        GenericSingleObjectWriter::new_with_capacity(&schema, 64)
+            .unwrap()
+            .write_value_ref(&record, &mut out)
+            .unwrap();
+        Some(out)
+    };
+    let broker = Broker::start();
+    let app = App::create(
+        &broker,
+        1,
+        "[input]\nformat = \"avro\"\n[singleflight]\nmerge_policy = \"json-merge-patch\"\n",
+    );
+    let mut processor = app.start(&app.state_dir("a"));
+    let records = vec![
+        (
+            "user-1".to_string(),
+            encode(&[
+                ("name", Avro::String("ada".into())),
+                ("visits", Avro::Long(1)),
+            ]),
+        ),
+        (
+            "user-2".to_string(),
+            encode(&[("name", Avro::String("bob".into()))]),
+        ),
+        (
+            "user-1".to_string(),
+            encode(&[
+                ("visits", Avro::Long(2)),
+                ("plan", Avro::String("pro".into())),
+            ]),
+        ),
+        ("user-3".to_string(), Some(b"this is not avro".to_vec())),
+        ("user-1".to_string(), encode(&[("plan", Avro::Null)])),
+        ("user-2".to_string(), None),
+    ];
+    support::produce_bytes(&broker, &app.input, &records).await;
+
+    let reader = GenericSingleObjectReader::new(schema.clone()).unwrap();
+    let decode = |raw: &[u8]| -> BTreeMap<String, String> {
+        let Avro::Record(fields) = reader.read_value(&mut &raw[..]).unwrap() else {
+            panic!("a record")
+        };
+        let Avro::Map(map) = fields[1].1.clone() else {
+            panic!("a map")
+        };
+        map.into_iter()
+            .map(|(k, v)| (k, format!("{v:?}")))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = support::last_per_key(&read_all(&broker, &app.pushed));
+        let user1 = last
+            .get("user-1")
+            .and_then(|p| p.raw.clone())
+            .map(|raw| decode(&raw));
+        let user2_deleted = last.get("user-2").is_some_and(|p| p.raw.is_none());
+        let expected: BTreeMap<String, String> = [
+            ("name".to_string(), "Union(4, String(\"ada\"))".to_string()),
+            ("visits".to_string(), "Union(2, Long(2))".to_string()),
+        ]
+        .into();
+        if user1.as_ref() == Some(&expected) && user2_deleted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "user-1 {user1:?}, user-2 deleted {user2_deleted}\n{}",
+            processor.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dead = read_all(&broker, &app.dlq);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].key, "user-3");
+    assert_eq!(
+        dead[0].raw.as_deref(),
+        Some(&b"this is not avro"[..]),
+        "dead letters keep the record unchanged"
+    );
+    assert_eq!(dead[0].headers["keyflight-error-reason"], "invalid-avro");
+    assert_eq!(dead[0].headers["keyflight-source-offset"], "3");
+    processor.stop(Duration::from_secs(30));
+    let markers = stored_markers(&app, &app.state_dir("a"));
+    assert!(markers.keys().any(|(_, k)| k == "user-1"));
+    assert!(
+        !markers.keys().any(|(_, k)| k == "user-2"),
+        "a delete's state is removed once acknowledged"
+    );
+}

@@ -274,7 +274,7 @@ impl Task {
 
     /// markT1, then produce the push (after `delay`, for retries).
     fn start(&mut self, push: Push, delay: Duration) {
-        let value = self.shared.codec.encode(&push.payload);
+        let value = self.shared.codec.encode(&push.payload, push.version);
         let previous = self.store.get(&push.key).ok().flatten();
         let marker = Marker::started(previous.as_ref(), push.tn, push.version, value.clone());
         self.mark(&push.key, Some(&marker));

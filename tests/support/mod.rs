@@ -361,6 +361,26 @@ pub struct TestEvent {
     pub value: Option<String>,
 }
 
+/// Produces records with binary values (`None`: a delete).
+pub async fn produce_bytes(broker: &Broker, topic: &str, records: &[(String, Option<Vec<u8>>)]) {
+    let producer: FutureProducer = broker
+        .client_config()
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    for (key, value) in records {
+        let mut record = FutureRecord::to(topic).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+}
+
 /// Produces events in order (keys hash to partitions like Java clients).
 pub async fn produce(broker: &Broker, topic: &str, events: &[TestEvent]) {
     let producer: FutureProducer = broker
@@ -391,6 +411,7 @@ pub async fn produce(broker: &Broker, topic: &str, events: &[TestEvent]) {
 pub struct Pushed {
     pub key: String,
     pub value: Option<String>,
+    pub raw: Option<Vec<u8>>,
     pub headers: BTreeMap<String, String>,
     pub partition: i32,
     pub offset: i64,
@@ -452,6 +473,7 @@ pub fn read_all(broker: &Broker, topic: &str) -> Vec<Pushed> {
                 value: message
                     .payload()
                     .map(|v| String::from_utf8_lossy(v).into_owned()),
+                raw: message.payload().map(<[u8]>::to_vec),
                 headers,
                 partition: message.partition(),
                 offset: message.offset(),
