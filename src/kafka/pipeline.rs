@@ -22,7 +22,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::partition::{self, Shared, TaskHandle};
 use super::{client_config, Role};
@@ -268,8 +268,9 @@ fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
         task.paused = true;
         let mut list = TopicPartitionList::new();
         list.add_partition(topic, partition);
-        if let Err(e) = consumer.pause(&list) {
-            warn!(partition, "pause failed: {e}");
+        match consumer.pause(&list) {
+            Ok(()) => debug!(partition, "partition paused: its task is saturated"),
+            Err(e) => warn!(partition, "pause failed: {e}"),
         }
     }
 }
@@ -295,8 +296,9 @@ fn drain_overflow(consumer: &BaseConsumer<Context>, topic: &str) {
             task.paused = false;
             let mut list = TopicPartitionList::new();
             list.add_partition(topic, *partition);
-            if let Err(e) = consumer.resume(&list) {
-                warn!(partition, "resume failed: {e}");
+            match consumer.resume(&list) {
+                Ok(()) => debug!(partition, "partition resumed"),
+                Err(e) => warn!(partition, "resume failed: {e}"),
             }
         }
     }
