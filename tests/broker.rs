@@ -6,28 +6,14 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use support::Broker;
+use support::{create_topic, Broker};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn create_topic(broker: &Broker, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = broker.client_config().create().unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    results
-        .into_iter()
-        .for_each(|r| drop(r.expect("topic created")));
-}
 
 /// Partition counts of every topic, as the broker reports them.
 fn partitions(broker: &Broker) -> BTreeMap<String, usize> {
