@@ -26,6 +26,10 @@ use super::offsets::{OffsetTracker, OutOfOrder};
 /// A record key. Cheap to clone (reference counted).
 pub type Key = Bytes;
 
+/// How the table stores keys: inline up to 24 bytes, so a lookup compares
+/// bytes in the hash-map bucket itself instead of chasing a pointer.
+type StoredKey = smallvec::SmallVec<[u8; 24]>;
+
 /// One input event, decoded.
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -121,18 +125,40 @@ struct Flight {
     batch: Batch,
 }
 
+/// What a key with a push in flight needs besides its [`KeyState`]; kept in
+/// a slab so the per-key entry of every known key stays small.
+#[derive(Debug)]
+struct Active {
+    flight: Flight,
+    /// Events that arrived during the flight, folded into the next push.
+    pending: Option<Batch>,
+}
+
 #[derive(Debug, Default)]
 struct KeyState {
-    /// Newest version accepted for this key (pushed, in flight or pending).
-    newest_version: Option<u64>,
+    /// Newest version accepted for this key (pushed, in flight or pending),
+    /// meaningful when `versioned`.
+    newest_version: u64,
     /// Last tn handed out, so tn never goes backwards for the key.
     last_tn: u64,
-    /// The key's whole current value. Kept while the key is active; kept
-    /// while idle only when the policy folds onto it.
+    /// The key's whole current value, not yet handed to a push. Under
+    /// `latest` the push takes it; under `json-merge-patch` it stays, since
+    /// the next patch folds onto it.
     current: Option<Payload>,
-    flight: Option<Flight>,
-    /// Only ever `Some` while `flight` is `Some`.
-    pending: Option<Batch>,
+    /// 1 + the index of the key's [`Active`] state in the slab; 0 when idle.
+    slot: u32,
+    versioned: bool,
+}
+
+impl KeyState {
+    fn newest(&self) -> Option<u64> {
+        self.versioned.then_some(self.newest_version)
+    }
+
+    fn set_newest(&mut self, version: u64) {
+        self.newest_version = version;
+        self.versioned = true;
+    }
 }
 
 /// Settings of one table.
@@ -156,7 +182,10 @@ impl Default for TableConfig {
 #[derive(Debug)]
 pub struct Table {
     config: TableConfig,
-    keys: HashMap<Key, KeyState, ahash::RandomState>,
+    keys: HashMap<StoredKey, KeyState, ahash::RandomState>,
+    /// In-flight state of active keys, indexed by `KeyState::slot - 1`.
+    flights: Vec<Option<Active>>,
+    free_slots: Vec<u32>,
     /// Keys with a push in flight.
     active: usize,
     offsets: OffsetTracker,
@@ -170,6 +199,8 @@ impl Table {
         Self {
             config,
             keys: HashMap::default(),
+            flights: Vec::new(),
+            free_slots: Vec::new(),
             active: 0,
             offsets: OffsetTracker::new(),
             stats: TableStats::default(),
@@ -186,20 +217,27 @@ impl Table {
         // Refuse an out-of-order offset before anything changes.
         self.offsets.check(event.offset)?;
         let version = event.effective_version();
-        let state = self.keys.entry(event.key.clone()).or_default();
-        if state.newest_version.is_some_and(|newest| version <= newest) {
+        let policy = self.config.policy;
+        let state = self
+            .keys
+            .entry(StoredKey::from_slice(&event.key))
+            .or_default();
+        if state.newest().is_some_and(|newest| version <= newest) {
             self.offsets.track_done(event.offset)?;
             self.stats.events += 1;
             self.stats.stale += 1;
             return Ok(Offer::Stale);
         }
-        self.config.policy.fold(&mut state.current, event.payload)?;
+        policy.fold(&mut state.current, event.payload)?;
         self.offsets.track(event.offset)?;
         self.stats.events += 1;
-        state.newest_version = Some(version);
+        state.set_newest(version);
 
-        if state.flight.is_some() {
-            let pending = state.pending.get_or_insert_with(|| Batch {
+        if state.slot != 0 {
+            let active = self.flights[state.slot as usize - 1]
+                .as_mut()
+                .expect("an active key's slot is in use");
+            let pending = active.pending.get_or_insert_with(|| Batch {
                 offsets: self.spare.pop().unwrap_or_default(),
                 ..Batch::default()
             });
@@ -218,9 +256,16 @@ impl Table {
         };
         self.active += 1;
         self.stats.pushes_started += 1;
-        Ok(Offer::Started(start_flight(
-            event.key, state, batch, now_ns,
-        )))
+        let (push, flight) = start_flight(event.key, state, batch, now_ns, policy);
+        state.slot = occupy(
+            &mut self.flights,
+            &mut self.free_slots,
+            Active {
+                flight,
+                pending: None,
+            },
+        );
+        Ok(Offer::Started(push))
     }
 
     /// The push `(key, tn)` was acknowledged. Returns the next push of the
@@ -231,45 +276,64 @@ impl Table {
         tn: u64,
         now_ns: u64,
     ) -> Result<Option<Push>, EngineError> {
-        let (state, flight) = take_flight(&mut self.keys, key, tn)?;
-        let Flight { mut batch, .. } = flight;
+        let policy = self.config.policy;
+        let (state, slot, active) = take_active(&mut self.keys, &mut self.flights, key, tn)?;
+        let Active {
+            flight: Flight { mut batch, .. },
+            pending,
+        } = active;
         for offset in batch.offsets.drain(..) {
             self.offsets.complete(offset);
         }
         self.spare.push(batch.offsets);
         self.stats.acked += 1;
-        match state.pending.take() {
+        match pending {
             Some(pending) => {
                 self.stats.pushes_started += 1;
-                Ok(Some(start_flight(key.clone(), state, pending, now_ns)))
+                let (push, flight) = start_flight(key.clone(), state, pending, now_ns, policy);
+                self.flights[slot] = Some(Active {
+                    flight,
+                    pending: None,
+                });
+                Ok(Some(push))
             }
             None => {
+                state.slot = 0;
+                self.free_slots.push(slot as u32);
                 self.active -= 1;
-                if !self.config.policy.retains_value() {
-                    state.current = None;
-                }
                 Ok(None)
             }
         }
     }
 
-    /// The push `(key, tn)` failed for good (after the client's own retries).
-    /// Its marker stays open; the key is pushed again at once with its newest
-    /// value, covering the failed push's events too. The caller may delay
-    /// producing the returned push (backoff); the key counts as in flight.
-    pub fn fail(&mut self, key: &Key, tn: u64, now_ns: u64) -> Result<Push, EngineError> {
-        let (state, flight) = take_flight(&mut self.keys, key, tn)?;
-        let mut retry = match state.pending.take() {
+    /// The push failed for good (after the client's own retries). Its marker
+    /// stays open; the key is pushed again at once with its newest value (the
+    /// failed push's own, unless newer events arrived), covering the failed
+    /// push's events too. The caller may delay producing the returned push
+    /// (backoff); the key counts as in flight.
+    pub fn fail(&mut self, failed: Push, now_ns: u64) -> Result<Push, EngineError> {
+        let policy = self.config.policy;
+        let (state, slot, active) =
+            take_active(&mut self.keys, &mut self.flights, &failed.key, failed.tn)?;
+        if state.current.is_none() {
+            state.current = Some(failed.payload);
+        }
+        let mut retry = match active.pending {
             Some(pending) => pending,
             None => Batch {
                 offsets: self.spare.pop().unwrap_or_default(),
                 ..Batch::default()
             },
         };
-        retry.absorb_older(flight.batch);
+        retry.absorb_older(active.flight.batch);
         self.stats.failed += 1;
         self.stats.pushes_started += 1;
-        Ok(start_flight(key.clone(), state, retry, now_ns))
+        let (push, flight) = start_flight(failed.key, state, retry, now_ns, policy);
+        self.flights[slot] = Some(Active {
+            flight,
+            pending: None,
+        });
+        Ok(push)
     }
 
     /// Compensation: re-push the stored `(version, payload)` of a key whose
@@ -283,12 +347,13 @@ impl Table {
         payload: Payload,
         now_ns: u64,
     ) -> Option<Push> {
-        let state = self.keys.entry(key.clone()).or_default();
-        if state.flight.is_some() || state.newest_version.is_some_and(|newest| newest > version) {
+        let policy = self.config.policy;
+        let state = self.keys.entry(StoredKey::from_slice(key)).or_default();
+        if state.slot != 0 || state.newest().is_some_and(|newest| newest > version) {
             self.stats.compensations_skipped += 1;
             return None;
         }
-        state.newest_version = Some(version);
+        state.set_newest(version);
         if state.current.is_none() {
             state.current = Some(payload);
         }
@@ -299,19 +364,28 @@ impl Table {
             offsets: self.spare.pop().unwrap_or_default(),
             merged: 0,
         };
-        Some(start_flight(key.clone(), state, batch, now_ns))
+        let (push, flight) = start_flight(key.clone(), state, batch, now_ns, policy);
+        state.slot = occupy(
+            &mut self.flights,
+            &mut self.free_slots,
+            Active {
+                flight,
+                pending: None,
+            },
+        );
+        Some(push)
     }
 
     /// Seeds an idle key from durable state (its marker after a restore):
     /// replayed events not newer than `version` are then dropped as stale,
     /// and merge patches fold onto `payload`.
     pub fn seed(&mut self, key: Key, version: u64, last_tn: u64, payload: Option<Payload>) {
-        let state = self.keys.entry(key).or_default();
-        if state.flight.is_some() {
+        let state = self.keys.entry(StoredKey::from_slice(&key)).or_default();
+        if state.slot != 0 {
             return;
         }
-        if state.newest_version.is_none_or(|newest| newest < version) {
-            state.newest_version = Some(version);
+        if state.newest().is_none_or(|newest| newest < version) {
+            state.set_newest(version);
             if self.config.policy.retains_value() {
                 state.current = payload;
             }
@@ -343,7 +417,7 @@ impl Table {
 
     /// Whether the key has a push in flight.
     pub fn in_flight(&self, key: &[u8]) -> bool {
-        self.keys.get(key).is_some_and(|s| s.flight.is_some())
+        self.keys.get(key).is_some_and(|s| s.slot != 0)
     }
 
     /// Keys with a push in flight (each may also have a pending push).
@@ -367,40 +441,68 @@ impl Table {
     }
 }
 
-/// Takes the flight `tn` of `key` out of the table (a free function so the
-/// caller can keep using the table's other fields while holding the state).
-fn take_flight<'a>(
-    keys: &'a mut HashMap<Key, KeyState, ahash::RandomState>,
+/// Takes the in-flight state of `key` out of its slot when its flight is
+/// `tn` (free functions over the table's fields, so the caller can keep
+/// using the other fields while it holds the key's state).
+fn take_active<'a>(
+    keys: &'a mut HashMap<StoredKey, KeyState, ahash::RandomState>,
+    flights: &mut [Option<Active>],
     key: &Key,
     tn: u64,
-) -> Result<(&'a mut KeyState, Flight), EngineError> {
-    let state = keys.get_mut(key).ok_or(EngineError::UnknownPush { tn })?;
-    match state.flight.take_if(|flight| flight.tn == tn) {
-        Some(flight) => Ok((state, flight)),
+) -> Result<(&'a mut KeyState, usize, Active), EngineError> {
+    let state = keys
+        .get_mut(&key[..])
+        .ok_or(EngineError::UnknownPush { tn })?;
+    let slot = (state.slot as usize)
+        .checked_sub(1)
+        .ok_or(EngineError::UnknownPush { tn })?;
+    match flights[slot].take_if(|active| active.flight.tn == tn) {
+        Some(active) => Ok((state, slot, active)),
         None => Err(EngineError::UnknownPush { tn }),
+    }
+}
+
+/// Puts an active key's state in a free slot; returns `index + 1`.
+fn occupy(flights: &mut Vec<Option<Active>>, free: &mut Vec<u32>, active: Active) -> u32 {
+    match free.pop() {
+        Some(index) => {
+            flights[index as usize] = Some(active);
+            index + 1
+        }
+        None => {
+            flights.push(Some(active));
+            flights.len() as u32
+        }
     }
 }
 
 /// Starts a push of the key's current value, `tn = max(now, last_tn + 1)`.
 /// A push that carries no new event is a compensation push (also when it
 /// retries a failed one).
-fn start_flight(key: Key, state: &mut KeyState, batch: Batch, now_ns: u64) -> Push {
+fn start_flight(
+    key: Key,
+    state: &mut KeyState,
+    batch: Batch,
+    now_ns: u64,
+    policy: MergePolicy,
+) -> (Push, Flight) {
     let tn = now_ns.max(state.last_tn + 1);
     state.last_tn = tn;
+    // Every path into a flight has just folded or stored a value.
+    let payload = if policy.retains_value() {
+        state.current.clone()
+    } else {
+        state.current.take()
+    };
     let push = Push {
         key,
         tn,
         version: batch.version,
-        // Every path into a flight has just folded or stored a value.
-        payload: state
-            .current
-            .clone()
-            .expect("an active key always holds its current value"),
+        payload: payload.expect("a key starting a push holds its current value"),
         merged: batch.merged,
         compensation: batch.merged == 0,
     };
-    state.flight = Some(Flight { tn, batch });
-    push
+    (push, Flight { tn, batch })
 }
 
 #[cfg(test)]
@@ -491,18 +593,19 @@ mod tests {
         let mut t = table();
         let a = started(t.offer(ev("k", 0, "A"), 10).unwrap());
         t.offer(ev("k", 1, "B"), 11).unwrap();
-        let retry = t.fail(&key("k"), a.tn, 12).unwrap();
+        let a_tn = a.tn;
+        let retry = t.fail(a, 12).unwrap();
         assert_eq!(retry.payload, bytes("B"));
         assert_eq!((retry.version, retry.merged), (1, 2));
-        assert!(retry.tn > a.tn);
+        assert!(retry.tn > a_tn);
         assert_eq!(
             t.commit_position(),
             Some(0),
             "failed offsets stay uncommitted"
         );
         assert_eq!(
-            t.complete(&key("k"), a.tn, 13),
-            Err(EngineError::UnknownPush { tn: a.tn })
+            t.complete(&key("k"), a_tn, 13),
+            Err(EngineError::UnknownPush { tn: a_tn })
         );
         t.complete(&key("k"), retry.tn, 14).unwrap();
         assert_eq!(t.commit_position(), Some(2));
@@ -531,11 +634,16 @@ mod tests {
     fn retry_of_a_failed_compensation_is_still_a_compensation() {
         let mut t = table();
         let c = t.compensate(&key("k"), 3, bytes("S"), 10).unwrap();
-        let retry = t.fail(&key("k"), c.tn, 11).unwrap();
+        let retry = t.fail(c, 11).unwrap();
         assert!(retry.compensation && retry.merged == 0);
+        assert_eq!(
+            retry.payload,
+            bytes("S"),
+            "the failed push's value is retried"
+        );
         // New events merged in make the retry a normal push.
         t.offer(ev("k", 4, "N"), 12).unwrap();
-        let normal = t.fail(&key("k"), retry.tn, 13).unwrap();
+        let normal = t.fail(retry, 13).unwrap();
         assert!(!normal.compensation);
         assert_eq!((normal.merged, normal.payload.clone()), (1, bytes("N")));
     }

@@ -322,7 +322,7 @@ impl Task {
             Ok(()) => self.acknowledge(done, true),
             Err(error) => {
                 warn!(partition = self.partition, key = %String::from_utf8_lossy(&done.push.key), "push failed, retrying with the newest value: {error}");
-                match self.table.fail(&done.push.key, done.push.tn, now_ns()) {
+                match self.table.fail(done.push, now_ns()) {
                     Ok(retry) => self.start(retry, RETRY_BACKOFF),
                     Err(e) => debug!("failure of an unknown push: {e}"),
                 }

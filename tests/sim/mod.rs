@@ -416,9 +416,17 @@ impl System for Engine {
                 .expect("completion of a push in flight");
             next.into_iter().map(|p| started(push.key, p)).collect()
         } else {
+            let failed = Push {
+                key,
+                tn: push.id,
+                version: push.version,
+                payload: to_payload(&push.value),
+                merged: 0,
+                compensation: push.compensation,
+            };
             let retry = self
                 .table
-                .fail(&key, push.id, now)
+                .fail(failed, now)
                 .expect("failure of a push in flight");
             vec![started(push.key, retry)]
         }
