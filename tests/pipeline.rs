@@ -517,3 +517,20 @@ async fn saturated_partitions_pause_and_resume_without_losing_events() {
         "backpressure engaged:\n{log}"
     );
 }
+
+/// A partition that cannot be restored (its changelog topic is missing)
+/// stops the process with status 1 and says why, instead of holding the
+/// partition without processing it.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_changelog_stops_the_processor_with_an_error() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 1, "").with_missing_changelog(&broker);
+    let mut processor = app.start(&app.state_dir("a"));
+    let status = processor.wait_exit(Duration::from_secs(60));
+    let log = processor.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&app.changelog) && log.contains("error:"),
+        "{log}"
+    );
+}

@@ -40,6 +40,9 @@ pub struct Shared {
     pub changelog: String,
     /// Commit requests to the poll thread: (partition, offset).
     pub commits: std::sync::mpsc::Sender<(i32, i64)>,
+    /// A partition task that cannot go on reports here; the process stops
+    /// with an error rather than hold a partition it does not process.
+    pub failures: std::sync::mpsc::Sender<String>,
 }
 
 /// How the poll thread reaches a task.
@@ -65,8 +68,10 @@ pub fn spawn(
     let span = tracing::info_span!("partition", topic = %topic, partition);
     runtime.spawn(
         async move {
-            if let Err(error) = run(shared, topic, partition, records, close).await {
+            let failures = shared.failures.clone();
+            if let Err(error) = run(shared, topic.clone(), partition, records, close).await {
                 tracing::error!("partition task failed: {error}");
+                let _ = failures.send(format!("partition {topic}[{partition}]: {error}"));
             }
         }
         .instrument(span),
@@ -91,8 +96,9 @@ struct Task {
     store: Store,
     pushes: JoinSet<Delivered>,
     dead_letters: JoinSet<i64>,
-    /// Changelog writes not yet known acknowledged; each yields its offset.
-    changelog_writes: JoinSet<Result<i64, String>>,
+    /// Changelog writes not yet known acknowledged: the offset, or the key
+    /// whose write failed.
+    changelog_writes: JoinSet<Result<i64, (Bytes, String)>>,
     /// One past the newest acknowledged changelog offset (for checkpoints).
     changelog_next: i64,
     committed: Option<i64>,
@@ -367,10 +373,14 @@ impl Task {
                 Err(e) => return warn!(partition = self.partition, "store delete failed: {e}"),
             },
         };
+        self.send_changelog(key.clone(), encoded);
+    }
+
+    /// Produces one changelog record (`None`: a tombstone) in the background.
+    fn send_changelog(&mut self, key: Bytes, encoded: Option<Vec<u8>>) {
         let producer = self.shared.producer.clone();
         let topic = self.shared.changelog.clone();
         let partition = self.partition;
-        let key = key.clone();
         self.changelog_writes.spawn(async move {
             let mut record = FutureRecord::to(&topic)
                 .key(key.as_ref())
@@ -378,11 +388,9 @@ impl Task {
             if let Some(encoded) = encoded.as_deref() {
                 record = record.payload(encoded);
             }
-            producer
-                .send(record, Timeout::Never)
-                .await
-                .map(|d| d.offset)
-                .map_err(|(e, _)| e.to_string())
+            let sent = producer.send(record, Timeout::Never).await;
+            sent.map(|d| d.offset)
+                .map_err(|(e, _)| (key, e.to_string()))
         });
     }
 
@@ -475,23 +483,39 @@ impl Task {
         }
     }
 
-    /// Waits for every changelog write so far; false if one failed.
+    /// Waits for every changelog write so far; false if one failed. A key
+    /// whose write failed is written again from the store's *current* marker
+    /// (re-sending the failed bytes could let an older marker win
+    /// compaction over a newer one), and is awaited by the next flush.
     async fn flush_changelog(&mut self) -> bool {
-        let mut ok = true;
+        let mut failed = Vec::new();
         while let Some(done) = self.changelog_writes.join_next().await {
             match done {
                 Ok(Ok(offset)) => self.changelog_next = self.changelog_next.max(offset + 1),
-                Ok(Err(e)) => {
-                    warn!(partition = self.partition, "changelog write failed: {e}");
-                    ok = false;
-                }
-                Err(e) => {
+                Ok(Err((key, e))) => {
                     warn!(
                         partition = self.partition,
-                        "changelog write task failed: {e}"
+                        "changelog write failed, will write the key again: {e}"
                     );
-                    ok = false;
+                    failed.push(key);
                 }
+                Err(e) => warn!(
+                    partition = self.partition,
+                    "changelog write task failed: {e}"
+                ),
+            }
+        }
+        let ok = failed.is_empty();
+        for key in failed {
+            match self.store.get(&key) {
+                Ok(marker) => {
+                    let encoded = marker.map(|m| self.store.encode(&m));
+                    self.send_changelog(key, encoded);
+                }
+                Err(e) => warn!(
+                    partition = self.partition,
+                    "cannot re-read a marker to rewrite it: {e}"
+                ),
             }
         }
         ok

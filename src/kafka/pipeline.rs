@@ -41,8 +41,8 @@ pub enum RunError {
         topic: String,
         source: rdkafka::error::KafkaError,
     },
-    #[error("the consumer thread failed: {0}")]
-    Thread(String),
+    #[error("{0}")]
+    Partition(String),
 }
 
 /// A partition's task and what the poll thread holds for it.
@@ -162,6 +162,7 @@ pub fn run(
             source,
         })?;
     let (commits, commit_requests) = std::sync::mpsc::channel();
+    let (failures, failed) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         codec: Codec::new(
             settings.input.format,
@@ -171,6 +172,7 @@ pub fn run(
         changelog: settings.changelog_topic(),
         producer,
         commits,
+        failures,
         settings,
     });
     let context = Context {
@@ -193,7 +195,12 @@ pub fn run(
         })?;
     info!(topic = %input, group = %shared.settings.application_id, "consuming");
 
+    let mut failure = None;
     while !stop.load(Ordering::Relaxed) {
+        if let Ok(message) = failed.try_recv() {
+            failure = Some(message);
+            break;
+        }
         commit_requested(&consumer, &commit_requests, &input);
         drain_overflow(&consumer, &input);
         match consumer.poll(Duration::from_millis(100)) {
@@ -203,7 +210,10 @@ pub fn run(
         }
     }
 
-    info!("shutting down: finishing pushes in flight");
+    info!(
+        failed = failure.is_some(),
+        "shutting down: finishing pushes in flight"
+    );
     let partitions: Vec<i32> = consumer
         .context()
         .assigned
@@ -216,7 +226,10 @@ pub fn run(
     consumer.unsubscribe();
     let _ = shared.producer.flush(Duration::from_secs(5));
     info!("stopped");
-    Ok(())
+    match failure {
+        Some(message) => Err(RunError::Partition(message)),
+        None => Ok(()),
+    }
 }
 
 /// Commits the positions partition tasks asked for, if still assigned here.

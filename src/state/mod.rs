@@ -136,6 +136,11 @@ impl Store {
         Ok(encoded)
     }
 
+    /// The changelog encoding of a marker.
+    pub fn encode(&self, marker: &Marker) -> Vec<u8> {
+        self.codec.encode(marker)
+    }
+
     /// Removes a key's state (a delete was acknowledged).
     pub fn delete(&self, key: &[u8]) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();

@@ -252,6 +252,16 @@ impl App {
         self
     }
 
+    /// Points the changelog at a topic that does not exist (yet).
+    pub fn with_missing_changelog(mut self, broker: &Broker) -> App {
+        let missing = broker.unique("changelog-later");
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!("changelog = \"{missing}\"\n")); // the file ends in [topics]
+        std::fs::write(&self.config, text).unwrap();
+        self.changelog = missing;
+        self
+    }
+
     pub fn state_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -301,6 +311,24 @@ impl Processor {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself; returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyflight did not exit within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
