@@ -256,14 +256,14 @@ impl Table {
         };
         self.active += 1;
         self.stats.pushes_started += 1;
-        let (push, flight) = start_flight(event.key, state, batch, now_ns, policy);
-        state.slot = occupy(
+        let push = start_idle(
+            event.key,
+            state,
+            batch,
+            now_ns,
+            policy,
             &mut self.flights,
             &mut self.free_slots,
-            Active {
-                flight,
-                pending: None,
-            },
         );
         Ok(Offer::Started(push))
     }
@@ -364,16 +364,15 @@ impl Table {
             offsets: self.spare.pop().unwrap_or_default(),
             merged: 0,
         };
-        let (push, flight) = start_flight(key.clone(), state, batch, now_ns, policy);
-        state.slot = occupy(
+        Some(start_idle(
+            key.clone(),
+            state,
+            batch,
+            now_ns,
+            policy,
             &mut self.flights,
             &mut self.free_slots,
-            Active {
-                flight,
-                pending: None,
-            },
-        );
-        Some(push)
+        ))
     }
 
     /// Seeds an idle key from durable state (its marker after a restore):
@@ -462,18 +461,32 @@ fn take_active<'a>(
     }
 }
 
-/// Puts an active key's state in a free slot; returns `index + 1`.
-fn occupy(flights: &mut Vec<Option<Active>>, free: &mut Vec<u32>, active: Active) -> u32 {
-    match free.pop() {
+/// An idle key starts a push: its in-flight state takes a free slot.
+fn start_idle(
+    key: Key,
+    state: &mut KeyState,
+    batch: Batch,
+    now_ns: u64,
+    policy: MergePolicy,
+    flights: &mut Vec<Option<Active>>,
+    free: &mut Vec<u32>,
+) -> Push {
+    let (push, flight) = start_flight(key, state, batch, now_ns, policy);
+    let active = Some(Active {
+        flight,
+        pending: None,
+    });
+    state.slot = match free.pop() {
         Some(index) => {
-            flights[index as usize] = Some(active);
+            flights[index as usize] = active;
             index + 1
         }
         None => {
-            flights.push(Some(active));
+            flights.push(active);
             flights.len() as u32
         }
-    }
+    };
+    push
 }
 
 /// Starts a push of the key's current value, `tn = max(now, last_tn + 1)`.
