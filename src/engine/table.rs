@@ -183,11 +183,10 @@ impl Default for TableConfig {
 pub struct Table {
     config: TableConfig,
     keys: HashMap<StoredKey, KeyState, ahash::RandomState>,
-    /// In-flight state of active keys, indexed by `KeyState::slot - 1`.
+    /// In-flight state of active keys, indexed by `KeyState::slot - 1`;
+    /// the keys in flight are the occupied slots.
     flights: Vec<Option<Active>>,
     free_slots: Vec<u32>,
-    /// Keys with a push in flight.
-    active: usize,
     offsets: OffsetTracker,
     stats: TableStats,
     /// Emptied offset vectors, reused so steady state does not allocate.
@@ -201,7 +200,6 @@ impl Table {
             keys: HashMap::default(),
             flights: Vec::new(),
             free_slots: Vec::new(),
-            active: 0,
             offsets: OffsetTracker::new(),
             stats: TableStats::default(),
             spare: Vec::new(),
@@ -254,7 +252,6 @@ impl Table {
             offsets,
             merged: 1,
         };
-        self.active += 1;
         self.stats.pushes_started += 1;
         let push = start_idle(
             event.key,
@@ -300,7 +297,6 @@ impl Table {
             None => {
                 state.slot = 0;
                 self.free_slots.push(slot as u32);
-                self.active -= 1;
                 Ok(None)
             }
         }
@@ -357,7 +353,6 @@ impl Table {
         if state.current.is_none() {
             state.current = Some(payload);
         }
-        self.active += 1;
         self.stats.compensations_started += 1;
         let batch = Batch {
             version,
@@ -421,13 +416,13 @@ impl Table {
 
     /// Keys with a push in flight (each may also have a pending push).
     pub fn active_keys(&self) -> usize {
-        self.active
+        self.flights.len() - self.free_slots.len()
     }
 
     /// True when the active-key bound is reached: the caller should pause
     /// the partition until this turns false again.
     pub fn is_saturated(&self) -> bool {
-        self.active >= self.config.max_active_keys
+        self.active_keys() >= self.config.max_active_keys
     }
 
     /// Keys the table knows (active and idle).
