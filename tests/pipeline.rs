@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keyflight::state::{Marker, Store};
-use support::{await_final_state, produce, read_all, App, Broker, TestEvent};
+use support::{await_final_state, produce, read_all, wait_until, App, Broker, TestEvent};
 
 /// `bursts` rounds; in each, every key gets `per_burst` events back to back.
 fn bursty_events(keys: usize, bursts: usize, per_burst: usize, round: usize) -> Vec<TestEvent> {
@@ -171,16 +171,11 @@ async fn fresh_instance_restores_markers_from_the_changelog() {
     let fresh_dir = app.state_dir("fresh");
     let mut fresh = app.start(&fresh_dir);
     // The fresh instance logs the restore of each partition before processing.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fresh
-        .log()
-        .matches("partition restored from changelog")
-        .count()
-        < app.partitions as usize
-    {
-        assert!(Instant::now() < deadline, "no restore:\n{}", fresh.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    fresh.await_log(
+        "partition restored from changelog",
+        app.partitions as usize,
+        Duration::from_secs(60),
+    );
     fresh.stop(Duration::from_secs(30));
     let restored = stored_markers(&app, &fresh_dir);
     assert_eq!(
@@ -208,22 +203,17 @@ async fn compensation_repairs_failed_pushes_after_a_crash() {
     let mut crashed = app.start(&app.state_dir("a"));
     produce(&broker, &app.input, &events).await;
     // Every key's markT1 is in the changelog, and pushes are failing.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
         let keys: std::collections::BTreeSet<_> = read_all(&broker, &app.changelog)
             .into_iter()
             .map(|r| r.key)
             .collect();
         if keys.len() == events.len() && crashed.log().contains("push failed") {
-            break;
+            Ok(())
+        } else {
+            Err(format!("markers not in the changelog:\n{}", crashed.log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "markers not in the changelog:\n{}",
-            crashed.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     crashed.kill();
     assert!(read_all(&broker, &app.changelog)
         .iter()
@@ -316,11 +306,13 @@ async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
     )
     .await;
     // A'' is visible: D' has started; E arrives while D's push is in flight.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_all(&broker, &app.pushed).is_empty() {
-        assert!(Instant::now() < deadline, "{}", processor.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        if read_all(&broker, &app.pushed).is_empty() {
+            Err(format!("no push yet:\n{}", processor.log()))
+        } else {
+            Ok(())
+        }
+    });
     produce(&broker, &app.input, &[event("E")]).await;
     let all = [event("A"), event("B"), event("C"), event("D"), event("E")];
     let pushed = await_final_state(&broker, &app, &all, Duration::from_secs(30), &processor);
@@ -439,29 +431,27 @@ async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
             .map(|(k, v)| (k, format!("{v:?}")))
             .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let expected: BTreeMap<String, String> = [
+        ("name".to_string(), "Union(4, String(\"ada\"))".to_string()),
+        ("visits".to_string(), "Union(2, Long(2))".to_string()),
+    ]
+    .into();
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
         let last = support::last_per_key(&read_all(&broker, &app.pushed));
         let user1 = last
             .get("user-1")
             .and_then(|p| p.raw.clone())
             .map(|raw| decode(&raw));
         let user2_deleted = last.get("user-2").is_some_and(|p| p.raw.is_none());
-        let expected: BTreeMap<String, String> = [
-            ("name".to_string(), "Union(4, String(\"ada\"))".to_string()),
-            ("visits".to_string(), "Union(2, Long(2))".to_string()),
-        ]
-        .into();
         if user1.as_ref() == Some(&expected) && user2_deleted {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "user-1 {user1:?}, user-2 deleted {user2_deleted}\n{}",
+                processor.log()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "user-1 {user1:?}, user-2 deleted {user2_deleted}\n{}",
-            processor.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     let dead = read_all(&broker, &app.dlq);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].key, "user-3");

@@ -316,56 +316,40 @@ impl Processor {
 
     /// Waits for the process to exit by itself; returns its status.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keyflight did not exit within {limit:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = self.child.take().expect("running");
+        let log = self.log_path.clone();
+        wait_until(limit, Duration::from_millis(50), || {
+            child.try_wait().unwrap().ok_or_else(|| {
+                format!(
+                    "keyflight did not exit:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+        })
     }
 
     /// Waits until the log contains `needle` at least `count` times.
     pub fn await_log(&self, needle: &str, count: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.log().matches(needle).count() < count {
-            assert!(
-                Instant::now() < deadline,
-                "no {count}x {needle:?} within {limit:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(limit, Duration::from_millis(100), || {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                Ok(())
+            } else {
+                Err(format!("no {count}x {needle:?} in the log:\n{log}"))
+            }
+        })
     }
 
     /// SIGTERM, then waits for a clean exit (status 0) within `limit`.
     pub fn stop(&mut self, limit: Duration) {
-        let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "keyflight exited with {status}:\n{}",
-                    self.log()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keyflight did not stop within {limit:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let pid = self.child.as_ref().expect("running").id();
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let status = self.wait_exit(limit);
+        assert!(
+            status.success(),
+            "keyflight exited with {status}:\n{}",
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -536,8 +520,7 @@ pub fn await_final_state(
     processor: &Processor,
 ) -> Vec<Pushed> {
     let expected = latest_per_key(events);
-    let deadline = Instant::now() + limit;
-    loop {
+    wait_until(limit, Duration::from_millis(300), || {
         let pushed = read_all(broker, &app.pushed);
         let last = last_per_key(&pushed);
         let wrong: Vec<_> = expected
@@ -551,17 +534,31 @@ pub fn await_final_state(
             })
             .collect();
         if wrong.is_empty() {
-            return pushed;
+            return Ok(pushed);
         }
-        if Instant::now() > deadline {
-            panic!(
-                "{} keys not final after {limit:?}, e.g. {:?}\nlog:\n{}",
-                wrong.len(),
-                &wrong[..wrong.len().min(5)],
-                processor.log()
-            );
+        Err(format!(
+            "{} keys not final, e.g. {:?}\nlog:\n{}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)],
+            processor.log()
+        ))
+    })
+}
+
+/// Polls `check` every `every` until it yields a value; once `limit` has
+/// passed, panics with its last complaint.
+pub fn wait_until<T>(
+    limit: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) if Instant::now() > deadline => panic!("not within {limit:?}: {why}"),
+            Err(_) => std::thread::sleep(every),
         }
-        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
