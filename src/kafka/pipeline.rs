@@ -48,9 +48,9 @@ pub enum RunError {
 /// A partition's task and what the poll thread holds for it.
 struct Assigned {
     handle: TaskHandle,
-    /// Records the task's channel had no room for, oldest first.
+    /// Records the task's channel had no room for, oldest first; the
+    /// partition is paused exactly while this holds any.
     overflow: VecDeque<OwnedMessage>,
-    paused: bool,
 }
 
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
@@ -86,7 +86,6 @@ impl ConsumerContext for Context {
                                 element.partition(),
                             ),
                             overflow: VecDeque::new(),
-                            paused: false,
                         }
                     });
                 }
@@ -268,22 +267,18 @@ fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
     let Some(task) = assigned.get_mut(&partition) else {
         return; // revoked meanwhile: the next owner reads it from the committed offset
     };
-    if task.overflow.is_empty() {
-        match task.handle.records.try_send(message) {
-            Ok(()) => return,
-            Err(TrySendError::Full(message)) => task.overflow.push_back(message),
-            Err(TrySendError::Closed(_)) => return,
-        }
-    } else {
-        task.overflow.push_back(message);
+    if !task.overflow.is_empty() {
+        // Already paused: keep the order behind what is held.
+        return task.overflow.push_back(message);
     }
-    if !task.paused {
-        task.paused = true;
-        let mut list = TopicPartitionList::new();
-        list.add_partition(topic, partition);
-        match consumer.pause(&list) {
-            Ok(()) => debug!(partition, "partition paused: its task is saturated"),
-            Err(e) => warn!(partition, "pause failed: {e}"),
+    match task.handle.records.try_send(message) {
+        Ok(()) | Err(TrySendError::Closed(_)) => {}
+        Err(TrySendError::Full(message)) => {
+            task.overflow.push_back(message);
+            match consumer.pause(&one_partition(topic, partition)) {
+                Ok(()) => debug!(partition, "partition paused: its task is saturated"),
+                Err(e) => warn!(partition, "pause failed: {e}"),
+            }
         }
     }
 }
@@ -291,7 +286,8 @@ fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
 /// Moves held records into tasks with room again; resumes drained partitions.
 fn drain_overflow(consumer: &BaseConsumer<Context>, topic: &str) {
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    for (partition, task) in assigned.iter_mut().filter(|(_, t)| t.paused) {
+    // A partition is paused exactly while records are held for it.
+    for (partition, task) in assigned.iter_mut().filter(|(_, t)| !t.overflow.is_empty()) {
         while let Some(message) = task.overflow.pop_front() {
             match task.handle.records.try_send(message) {
                 Ok(()) => {}
@@ -306,13 +302,16 @@ fn drain_overflow(consumer: &BaseConsumer<Context>, topic: &str) {
             }
         }
         if task.overflow.is_empty() {
-            task.paused = false;
-            let mut list = TopicPartitionList::new();
-            list.add_partition(topic, *partition);
-            match consumer.resume(&list) {
+            match consumer.resume(&one_partition(topic, *partition)) {
                 Ok(()) => debug!(partition, "partition resumed"),
                 Err(e) => warn!(partition, "resume failed: {e}"),
             }
         }
     }
+}
+
+fn one_partition(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    list
 }
