@@ -524,3 +524,43 @@ async fn missing_changelog_stops_the_processor_with_an_error() {
         "{log}"
     );
 }
+
+/// Pushes that fail while the processor shuts down (SIGTERM) keep their
+/// markers open, so after a restart compensation repairs them; closing a
+/// failed push's marker would leave those keys unpushed for good (their
+/// replayed events are stale against the marker).
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_failing_during_shutdown_keep_their_markers_open() {
+    let broker = Broker::start();
+    let config = "[compensation]\ninterval = \"1s\"\ngrace = \"500ms\"\n[kafka.producer]\n\"message.timeout.ms\" = 1500\n";
+    let app = App::create(&broker, 1, config).with_missing_output(&broker);
+    let events: Vec<TestEvent> = (0..10)
+        .map(|k| TestEvent {
+            key: format!("key-{k:02}"),
+            value: Some(format!("{{\"k\":{k}}}")),
+        })
+        .collect();
+
+    let mut stopping = app.start(&app.state_dir("a"));
+    produce(&broker, &app.input, &events).await;
+    stopping.await_log("push failed", 1, Duration::from_secs(60));
+    // Retries are in flight and fail during the shutdown.
+    stopping.stop(Duration::from_secs(30));
+    let markers = stored_markers(&app, &app.state_dir("a"));
+    assert_eq!(markers.len(), 10);
+    assert!(
+        markers.values().all(Marker::is_open),
+        "no push succeeded, every marker stays open: {markers:?}"
+    );
+
+    support::create_topic(&broker, &app.pushed, 1).await;
+    let mut restarted = app.start(&app.state_dir("a"));
+    let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(60), &restarted);
+    restarted.stop(Duration::from_secs(30));
+    assert!(
+        pushed
+            .iter()
+            .all(|p| p.headers["keyflight-compensation"] == "true"),
+        "{pushed:?}"
+    );
+}

@@ -187,10 +187,12 @@ async fn run(
     while !task.pushes.is_empty() || !task.dead_letters.is_empty() {
         tokio::select! {
             Some(done) = task.pushes.join_next(), if !task.pushes.is_empty() => {
-                if let Ok(done) = done {
-                    // Do not start follow-up pushes while closing: their
-                    // events stay uncommitted and are replayed by the next owner.
-                    task.acknowledge(done, false);
+                // markT2 only for a push that landed; a failed one keeps its
+                // marker open for compensation after the restart. No
+                // follow-up pushes while closing: their events stay
+                // uncommitted and are replayed by the next owner.
+                if let Ok(Delivered { push, ok: Ok(()) }) = done {
+                    task.acknowledge(push, false);
                 }
             }
             Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
@@ -325,7 +327,7 @@ impl Task {
 
     fn delivered(&mut self, done: Delivered) {
         match done.ok {
-            Ok(()) => self.acknowledge(done, true),
+            Ok(()) => self.acknowledge(done.push, true),
             Err(error) => {
                 warn!(partition = self.partition, key = %String::from_utf8_lossy(&done.push.key), "push failed, retrying with the newest value: {error}");
                 match self.table.fail(done.push, now_ns()) {
@@ -337,8 +339,7 @@ impl Task {
     }
 
     /// markT2 and the table's next step for the key.
-    fn acknowledge(&mut self, done: Delivered, continue_key: bool) {
-        let push = done.push;
+    fn acknowledge(&mut self, push: Push, continue_key: bool) {
         let next = if continue_key {
             match self.table.complete(&push.key, push.tn, now_ns()) {
                 Ok(next) => next,
