@@ -53,14 +53,12 @@ pub fn restore(
         partition,
         source,
     };
-    let mut config = client_config(settings, Role::Admin);
+    // The consumer settings (security, tuning), but never the group's own
+    // offsets: the changelog is read by assignment and nothing is committed.
+    let mut config = client_config(settings, Role::Consumer);
     config
         .set("group.id", format!("{}-restore", settings.application_id))
-        .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    for (key, value) in crate::config::flatten(&settings.kafka.consumer) {
-        config.set(key, value);
-    }
     let consumer: BaseConsumer = config.create().map_err(kafka)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))
