@@ -42,6 +42,10 @@ pub enum DecodeError {
     Version { field: String, found: String },
     #[error("invalid Avro event (schemas/event.avsc, single-object encoding): {0}")]
     Avro(String),
+    #[error("a record without a key cannot be merged per key")]
+    NullKey,
+    #[error("the value is {size} bytes, above input.max_value_bytes = {max}")]
+    TooLarge { size: usize, max: usize },
 }
 
 impl DecodeError {
@@ -51,6 +55,8 @@ impl DecodeError {
             DecodeError::Json(_) => "invalid-json",
             DecodeError::Version { .. } => "invalid-version",
             DecodeError::Avro(_) => "invalid-avro",
+            DecodeError::NullKey => "null-key",
+            DecodeError::TooLarge { .. } => "too-large",
         }
     }
 }
@@ -67,8 +73,13 @@ pub struct Codec {
     format: InputFormat,
     policy: MergePolicy,
     version_field: String,
+    max_value_bytes: usize,
     avro: Option<(Schema, GenericSingleObjectReader)>,
 }
+
+/// Values above this are refused unless configured otherwise (Kafka's own
+/// default `max.message.bytes`).
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 
 impl Codec {
     pub fn new(format: InputFormat, policy: MergePolicy, version_field: impl Into<String>) -> Self {
@@ -83,8 +94,49 @@ impl Codec {
             format,
             policy,
             version_field: version_field.into(),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             avro,
         }
+    }
+
+    /// The codec `keyflight run` uses for these settings.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Self::new(
+            settings.input.format,
+            settings.singleflight.merge_policy,
+            settings.input.version_field.clone(),
+        )
+        .with_max_value_bytes(settings.input.max_value_bytes)
+    }
+
+    /// Refuses values above `max` bytes (see [`Codec::decode_record`]).
+    pub fn with_max_value_bytes(mut self, max: usize) -> Self {
+        self.max_value_bytes = max;
+        // A corrupt Avro length prefix must not make the decoder reserve
+        // gigabytes: bound any single allocation (a process-wide setting,
+        // the first codec sets it).
+        apache_avro::util::max_allocation_bytes(max.saturating_mul(8).max(64 * 1024 * 1024));
+        self
+    }
+
+    /// Decides what a consumed record is: an event (its version and payload)
+    /// or a dead letter (the error says why). The one rule both `run` and
+    /// `verify` apply, so they always agree on what is dead-lettered.
+    pub fn decode_record(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
+        if key.is_none() {
+            return Err(DecodeError::NullKey);
+        }
+        if let Some(size) = value.map(<[u8]>::len).filter(|&n| n > self.max_value_bytes) {
+            return Err(DecodeError::TooLarge {
+                size,
+                max: self.max_value_bytes,
+            });
+        }
+        self.decode(value)
     }
 
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
@@ -374,6 +426,22 @@ mod tests {
             latest.encode(&decoded.payload, 3).as_deref(),
             Some(&bytes[..])
         );
+    }
+
+    #[test]
+    fn null_keys_and_oversized_values_are_reasons() {
+        let codec = json_codec(MergePolicy::Latest).with_max_value_bytes(8);
+        assert_eq!(
+            codec.decode_record(None, Some(b"{}")).unwrap_err().reason(),
+            "null-key"
+        );
+        let err = codec
+            .decode_record(Some(b"k"), Some(b"{\"a\": 12345}"))
+            .unwrap_err();
+        assert_eq!(err.reason(), "too-large");
+        assert!(err.to_string().contains("12 bytes"), "{err}");
+        assert!(codec.decode_record(Some(b"k"), Some(b"{}")).is_ok());
+        assert!(codec.decode_record(Some(b"k"), None).is_ok(), "a delete");
     }
 
     #[test]

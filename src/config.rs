@@ -56,6 +56,8 @@ pub struct Input {
     pub format: InputFormat,
     /// Top-level JSON field holding the event's version (else its offset orders it).
     pub version_field: String,
+    /// Values larger than this are dead-lettered (reason `too-large`) instead of processed.
+    pub max_value_bytes: usize,
 }
 
 impl Default for Input {
@@ -63,6 +65,7 @@ impl Default for Input {
         Self {
             format: InputFormat::Json,
             version_field: "version".into(),
+            max_value_bytes: 1024 * 1024,
         }
     }
 }
@@ -420,6 +423,10 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             .then(|| "must not be empty".into()),
     );
     check(
+        "input.max_value_bytes",
+        (s.input.max_value_bytes == 0).then(|| "must be at least 1".into()),
+    );
+    check(
         "input.format",
         (s.input.format == InputFormat::Raw && s.singleflight.merge_policy == MergePolicy::JsonMergePatch)
             .then(|| "`raw` values cannot be merge patches; use format \"json\" or merge_policy \"latest\"".into()),
@@ -513,15 +520,12 @@ fn topic_name_problem(name: &str) -> Option<String> {
             "is {} characters long; at most 200 are allowed",
             name.len()
         ))
-    } else if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(format!(
-            "`{name}` contains {bad:?}; use only letters, digits, '.', '_' and '-'"
-        ))
     } else {
-        None
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|bad| {
+                format!("`{name}` contains {bad:?}; use only letters, digits, '.', '_' and '-'")
+            })
     }
 }
 

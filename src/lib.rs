@@ -41,7 +41,11 @@
 //! * [`config`] — one typed settings tree layered defaults < TOML file <
 //!   `KEYFLIGHT_*` environment < flags; every error names its source, its key
 //!   and the problem.
-//! * [`cli`] — the `keyflight` binary's subcommands; one module per command.
+//! * [`verify`] — the oracle of `keyflight verify`: folds the input topic
+//!   the way the engine does and checks every key's last push and every
+//!   dead letter. Pure; the topics are read by [`kafka::reader`].
+//! * [`cli`] — the `keyflight` binary's subcommands (`run`, `topics`,
+//!   `config`, `verify`, `replay`, `state`); one module per command.
 //!
 //! ## Guarantees, in one place
 //!
@@ -60,3 +64,4 @@ pub mod config;
 pub mod engine;
 pub mod kafka;
 pub mod state;
+pub mod verify;

@@ -114,9 +114,9 @@ async fn produce_consume_round_trip_keeps_order_and_watermarks() {
 }
 
 /// Awaits every future (a tiny join_all, to avoid a dependency for tests).
-async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
+async fn futures_join<F>(futures: Vec<F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();

@@ -4,8 +4,11 @@
 //! layout mismatch), 2 a usage or configuration error.
 
 mod config_cmd;
+mod replay;
 mod run;
+mod state_cmd;
 mod topics;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +37,9 @@ Examples:
   # Create the topics on a local broker (idempotent), then process
   keyflight topics create --brokers localhost:9092 --partitions 6
   keyflight run --brokers localhost:9092 --state-dir ./state
+
+  # After an incident: is every key's last push its latest event?
+  keyflight --config prod.toml verify
 
   # See the effective configuration after file, environment and flags
   KEYFLIGHT_COMPENSATION__INTERVAL=30s keyflight --config config/keyflight.toml config show";
@@ -75,6 +81,14 @@ pub enum Command {
     Topics(topics::TopicsArgs),
     /// Show the effective configuration
     Config(config_cmd::ConfigArgs),
+    /// Check that every key's last push carries its latest event
+    #[command(long_about = verify::VERIFY_ABOUT, after_help = verify::VERIFY_EXAMPLES)]
+    Verify(verify::VerifyArgs),
+    /// Reset the group's offsets on the input topic to process it again
+    #[command(long_about = replay::REPLAY_ABOUT, after_help = replay::REPLAY_EXAMPLES)]
+    Replay(replay::ReplayArgs),
+    /// Inspect or rebuild the local marker stores
+    State(state_cmd::StateArgs),
 }
 
 /// A failure of a command, with the exit status it maps to.
@@ -86,13 +100,16 @@ pub enum CliError {
     Topics(#[from] crate::kafka::admin::TopicsError),
     #[error("{0}")]
     Runtime(String),
+    /// A check that ran and said no (verify found problems, replay refused).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CliError::Config(_) => ExitCode::from(2),
-            CliError::Topics(_) | CliError::Runtime(_) => ExitCode::from(1),
+            CliError::Topics(_) | CliError::Runtime(_) | CliError::Failed(_) => ExitCode::from(1),
         }
     }
 }
@@ -112,6 +129,8 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), CliError> {
     let state_dir = match &cli.command {
         Command::Run(args) => args.state_dir.clone(),
+        Command::Replay(args) => args.state_dir.clone(),
+        Command::State(args) => args.command.state_dir(),
         _ => None,
     };
     let settings = load_settings(&cli.global, state_dir)?;
@@ -120,6 +139,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run(_) => run::run(settings),
         Command::Topics(args) => topics::run(&settings, args),
         Command::Config(args) => config_cmd::run(&settings, args),
+        Command::Verify(args) => verify::run(&settings, args),
+        Command::Replay(args) => replay::run(&settings, args),
+        Command::State(args) => state_cmd::run(&settings, args),
     }
 }
 
@@ -143,10 +165,82 @@ fn init_logging(settings: &Settings) {
         .try_init();
 }
 
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+fn progress_bar(length: u64, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(length),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:24} [{bar:32}] {human_pos}/{human_len} records, {per_sec}, {eta} left",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// A point in time from RFC 3339 (`2026-11-27T08:00:00Z`) or an age
+/// (`30m`: that long ago), as milliseconds since the epoch.
+fn parse_time(text: &str) -> Result<i64, String> {
+    let at = match humantime::parse_rfc3339_weak(text) {
+        Ok(at) => at,
+        Err(_) => {
+            let age = humantime::parse_duration(text).map_err(|_| {
+                format!("`{text}` is neither an RFC 3339 time (2026-11-27T08:00:00Z) nor an age (30m, 2h)")
+            })?;
+            std::time::SystemTime::now()
+                .checked_sub(age)
+                .ok_or_else(|| format!("`{text}` is too long ago"))?
+        }
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .map_err(|_| format!("`{text}` is before 1970"))
+}
+
 /// A multi-threaded runtime for commands that talk to Kafka.
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Runtime(format!("cannot start the async runtime: {e}")))
+}
+
+/// Refuses to change offsets or state while the application may be running:
+/// a store under the state dir held by a live process, or members in the
+/// consumer group. `force` skips the group check only (for brokers that
+/// cannot describe groups), never the local one.
+fn ensure_stopped(settings: &Settings, force: bool, what: &str) -> Result<(), CliError> {
+    let stores = crate::state::Store::existing(
+        &settings.state_dir,
+        &settings.application_id,
+        &settings.topics.input,
+    );
+    if let Some((partition, dir)) = stores
+        .iter()
+        .find(|(_, dir)| crate::state::Store::in_use(dir))
+    {
+        return Err(CliError::Failed(format!(
+            "a keyflight process is running with this state dir (the store of partition {partition}, {}, is locked); stop it before {what}",
+            dir.display()
+        )));
+    }
+    match crate::kafka::replay::active_members(settings) {
+        Ok(members) if members.is_empty() => Ok(()),
+        Ok(members) => Err(CliError::Failed(format!(
+            "consumer group `{}` has {} active member(s): {}; stop every keyflight instance of this application before {what}",
+            settings.application_id,
+            members.len(),
+            members.join(", ")
+        ))),
+        Err(e) if force => {
+            tracing::warn!("--force: not checking the group's members ({e})");
+            Ok(())
+        }
+        Err(e) => Err(CliError::Failed(format!(
+            "cannot tell whether consumer group `{}` has active members ({e}); stop every keyflight instance of this application, then pass --force to skip this check",
+            settings.application_id
+        ))),
+    }
 }

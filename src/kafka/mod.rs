@@ -2,11 +2,14 @@
 //! operations (`topics create`), and the pipeline of `keyflight run`:
 //! [`pipeline`] (the consumer-group member and its poll thread),
 //! [`partition`] (one task per assigned partition), [`restore`] (a store
-//! from its changelog).
+//! from its changelog); and the operator tools' I/O: [`reader`] (a snapshot
+//! of a whole topic, for `verify`) and [`replay`] (offset resets).
 
 pub mod admin;
 pub mod partition;
 pub mod pipeline;
+pub mod reader;
+pub mod replay;
 pub mod restore;
 
 use rdkafka::ClientConfig;

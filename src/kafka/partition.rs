@@ -129,6 +129,7 @@ async fn run(
                 partition,
                 &store,
                 opened,
+                &mut |_, _| {},
             );
             (store, result)
         })
@@ -232,17 +233,15 @@ fn now_ns() -> u64 {
 impl Task {
     fn record(&mut self, record: OwnedMessage) {
         let offset = record.offset();
-        let Some(key) = record.key().map(Bytes::copy_from_slice) else {
-            return self.dead_letter(
-                record,
-                "null-key",
-                "a record without a key cannot be merged per key".into(),
-            );
-        };
-        let decoded = match self.shared.codec.decode(record.payload()) {
+        let decoded = match self
+            .shared
+            .codec
+            .decode_record(record.key(), record.payload())
+        {
             Ok(decoded) => decoded,
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
         };
+        let key = Bytes::copy_from_slice(record.key().unwrap_or_default());
         if !self.table.knows(&key) {
             self.seed(&key);
         }

@@ -163,11 +163,7 @@ pub fn run(
     let (commits, commit_requests) = std::sync::mpsc::channel();
     let (failures, failed) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
-        codec: Codec::new(
-            settings.input.format,
-            settings.singleflight.merge_policy,
-            settings.input.version_field.clone(),
-        ),
+        codec: Codec::from_settings(&settings),
         changelog: settings.changelog_topic(),
         producer,
         commits,

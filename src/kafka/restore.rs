@@ -40,13 +40,15 @@ pub struct Restored {
 const STALL: Duration = Duration::from_secs(60);
 
 /// Reads the changelog partition from the checkpoint (or its start) to its
-/// current end and applies every record to the store. Blocking.
+/// current end and applies every record to the store, reporting
+/// `(records read, records to read at most)` as it goes. Blocking.
 pub fn restore(
     settings: &Settings,
     topic: &str,
     partition: i32,
     store: &Store,
     opened: Opened,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
     let kafka = |source| RestoreError::Kafka {
         topic: topic.to_string(),
@@ -79,6 +81,7 @@ pub fn restore(
         .map_err(kafka)?;
     consumer.assign(&assignment).map_err(kafka)?;
     let mut records = 0;
+    let total = (high - start) as u64;
     let mut last_progress = Instant::now();
     loop {
         match consumer.poll(Duration::from_millis(200)) {
@@ -86,6 +89,7 @@ pub fn restore(
                 store.restore(message.key().unwrap_or_default(), message.payload())?;
                 records += 1;
                 last_progress = Instant::now();
+                progress(records, total);
                 if message.offset() + 1 >= high {
                     return Ok(Restored {
                         records,

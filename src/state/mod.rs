@@ -71,6 +71,23 @@ impl Store {
             .join(format!("{topic}-{partition}"))
     }
 
+    /// The partitions of `topic` that have a store under `state_dir`, sorted.
+    pub fn existing(state_dir: &Path, application_id: &str, topic: &str) -> Vec<(i32, PathBuf)> {
+        let prefix = format!("{topic}-");
+        let mut found: Vec<(i32, PathBuf)> = std::fs::read_dir(state_dir.join(application_id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let partition = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((partition, entry.path()))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<(Store, Opened), StateError> {
         let io = |source| StateError::Io {
@@ -118,6 +135,58 @@ impl Store {
             store,
             checkpoint.map_or(Opened::Empty, Opened::FromCheckpoint),
         ))
+    }
+
+    /// Opens an existing store without changing it (for `state inspect`,
+    /// also while a processor holds it); returns its checkpoint, if clean.
+    pub fn open_read_only(path: &Path) -> Result<(Store, Option<i64>), StateError> {
+        let checkpoint = std::fs::read_to_string(path.join(CHECKPOINT))
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok());
+        let db_path = path.join("db");
+        let db = DB::open_cf_for_read_only(&Options::default(), &db_path, [MARKERS, OPEN], false)
+            .map_err(|source| StateError::Rocks {
+            path: db_path.clone(),
+            source,
+        })?;
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+            codec: MarkerCodec::new(),
+            no_wal: WriteOptions::default(),
+        };
+        Ok((store, checkpoint))
+    }
+
+    /// Whether a running process holds the store open (RocksDB's LOCK file
+    /// is locked with fcntl), checked without opening or changing anything.
+    pub fn in_use(path: &Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::File::open(path.join("db").join("LOCK")) else {
+            return false; // no store, or never opened
+        };
+        // SAFETY: F_GETLK only reads lock state into the struct we pass.
+        unsafe {
+            let mut probe: libc::flock = std::mem::zeroed();
+            probe.l_type = libc::F_WRLCK as libc::c_short;
+            probe.l_whence = libc::SEEK_SET as libc::c_short;
+            if libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut probe) != 0 {
+                return false;
+            }
+            probe.l_type != libc::F_UNLCK as libc::c_short
+        }
+    }
+
+    /// Removes a store from disk (its next open restores the changelog).
+    pub fn wipe(path: &Path) -> Result<bool, StateError> {
+        match std::fs::remove_dir_all(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Marker>, StateError> {

@@ -576,3 +576,222 @@ pub async fn create_topic(broker: &Broker, name: &str, partitions: i32) {
         .into_iter()
         .for_each(|r| drop(r.expect("topic created")));
 }
+
+impl App {
+    /// Runs `keyflight --config <this app's config> <args>` to completion.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_keyflight"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("keyflight runs")
+    }
+
+    /// `keyflight verify --json`: the report when it passes, else why not.
+    pub fn verify(&self) -> Result<serde_json::Value, String> {
+        let out = self.cli(&["verify", "--json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| {
+            format!(
+                "verify printed no JSON ({e}): {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        assert_eq!(
+            out.status.success(),
+            report["passed"] == true,
+            "exit status agrees with the report"
+        );
+        if out.status.success() {
+            Ok(report["report"].clone())
+        } else {
+            Err(format!("verify failed: {}", summary(&report["report"])))
+        }
+    }
+
+    /// Waits until `verify` passes; returns its report.
+    pub fn await_verified(&self, limit: Duration, log: impl Fn() -> String) -> serde_json::Value {
+        wait_until(limit, Duration::from_millis(500), || {
+            self.verify().map_err(|e| format!("{e}\nlog:\n{}", log()))
+        })
+    }
+}
+
+/// The counts of a verify report, on one line.
+pub fn summary(report: &serde_json::Value) -> String {
+    let len = |k: &str| report[k].as_array().map_or(0, Vec::len);
+    format!(
+        "{} keys, {} matched, {} missing, {} stale, {} differing, {} unexpected, {} events ({} behind), dead letters {}/{} (first problems: {:?} {:?})",
+        report["keys"], report["matched"], len("missing"), len("stale"), len("differing"),
+        len("unexpected"), report["events"], report["events_behind"],
+        report["dead_letters_found"], report["dead_letters_expected"],
+        report["missing"].get(0), report["stale"].get(0)
+    )
+}
+
+/// A record to produce: optional key, optional value.
+pub type Record = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Produces records with optional keys and values, in order.
+pub async fn produce_records(broker: &Broker, topic: &str, records: &[Record]) {
+    let producer: FutureProducer = broker
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(key) = key {
+            record = record.key(&key[..]);
+        }
+        if let Some(value) = value {
+            record = record.payload(&value[..]);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => pending.push(delivery),
+            Err((e, _)) => panic!("produce failed: {e}"),
+        }
+    }
+    for delivery in pending {
+        delivery.await.expect("delivery future").expect("delivered");
+    }
+}
+
+/// Continuous load in a background thread: JSON events over `keys` keys
+/// whose per-key `version` only grows, `rate` events per second, until
+/// stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    produced: std::sync::Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Load {
+    pub fn start(broker: &Broker, topic: &str, keys: usize, rate: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let produced = std::sync::Arc::new(AtomicUsize::new(0));
+        let producer: FutureProducer = broker
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        let topic = topic.to_string();
+        let thread = {
+            let (stop, produced) = (stop.clone(), produced.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let mut versions = vec![0u64; keys];
+                    let batch = (rate / 20).max(1); // 20 batches a second
+                    let started = Instant::now();
+                    let mut sent = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut pending = Vec::with_capacity(batch);
+                        for i in 0..batch {
+                            // Every third event hits one of ten hot keys;
+                            // the others (the m-th of them) walk all keys.
+                            let n = sent + i;
+                            let k = if n.is_multiple_of(3) {
+                                (n / 3) % keys.min(10)
+                            } else {
+                                (n - n / 3 - 1) * 7919 % keys
+                            };
+                            versions[k] += 1;
+                            let key = format!("key-{k:04}");
+                            let value = format!(
+                                "{{\"version\":{},\"key\":{k},\"seq\":{}}}",
+                                versions[k],
+                                sent + i
+                            );
+                            let record = FutureRecord::to(&topic).key(&key).payload(&value);
+                            match producer.send_result(record) {
+                                Ok(delivery) => pending.push(delivery),
+                                Err((e, _)) => panic!("produce failed: {e}"),
+                            }
+                        }
+                        for delivery in pending {
+                            delivery.await.expect("delivery future").expect("delivered");
+                        }
+                        sent += batch;
+                        produced.store(sent, Ordering::Relaxed);
+                        // Pace to the rate (a rate limit, not a wait for an event).
+                        let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    sent
+                })
+            })
+        };
+        Load {
+            stop,
+            produced,
+            thread: Some(thread),
+        }
+    }
+
+    /// Events acknowledged so far.
+    pub fn produced(&self) -> usize {
+        self.produced.load(Ordering::Relaxed)
+    }
+
+    /// Stops and returns the number of events produced.
+    pub fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("load thread")
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The committed offsets of `group` on `topic` (-1 where none), and the
+/// high watermarks, per partition.
+pub fn committed_and_high(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> (Vec<i64>, Vec<i64>) {
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    let committed = (0..partitions)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            },
+        )
+        .collect();
+    let high = (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect();
+    (committed, high)
+}

@@ -1,0 +1,175 @@
+//! `keyflight verify`.
+
+use clap::Args;
+use rdkafka::message::Headers;
+use rdkafka::Message;
+
+use super::{progress_bar, CliError};
+use crate::codec::Codec;
+use crate::config::Settings;
+use crate::kafka::reader::{self, ReadError, Start};
+use crate::verify::{Report, Verifier};
+
+pub const VERIFY_ABOUT: &str = "\
+Check that the pushed topic is right: read the input, pushed and dead-letter
+topics (whole, as of now), fold every key's events the way the processor does
+(stale events dropped by version, else by offset; the merge policy; deletes),
+and compare with the key's last push.
+
+A key is `missing` (events, no push), `stale` (its last push carries an older
+version than its latest event), `differing` (same version, other value) or
+`unexpected` (pushed, no event). Every record the processor must refuse (a
+null key, an undecodable or oversized value) must be in the dead-letter topic,
+found by its keyflight-source-partition/-offset headers.
+
+Exit status 0 only when every key matches and every refused record is
+dead-lettered; 1 otherwise, or when a topic cannot be read. Run it after the
+processor has caught up (consumer lag 0), with the same configuration.";
+
+pub const VERIFY_EXAMPLES: &str = "\
+Examples:
+  keyflight --config prod.toml verify
+  keyflight --config prod.toml verify --json > report.json
+  keyflight verify --since 2026-11-27T08:00:00Z   # events and pushes since then
+  keyflight verify --since 30m                    # ... or in the last 30 minutes";
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only events and pushes at or after TIME: RFC 3339
+    /// (2026-11-27T08:00:00Z) or an age (30m, 2h). Keys without events since
+    /// then are not checked; under json-merge-patch only versions are
+    /// compared, since the fold of a part of the history is not the value
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    pub since: Option<i64>,
+
+    /// Print the whole report as one JSON document on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// How many problem keys to list per kind in the human report
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub show: usize,
+}
+
+pub fn run(settings: &Settings, args: VerifyArgs) -> Result<(), CliError> {
+    let report = verify(settings, args.since)?;
+    if args.json {
+        let json = serde_json::json!({ "passed": report.passed(), "report": report });
+        println!("{json}");
+    } else {
+        print_problems(&report, args.show);
+        println!("{}", report.summary());
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "verification failed: {} missing, {} stale, {} differing, {} unexpected, {} dead letters missing",
+            report.missing.len(),
+            report.stale.len(),
+            report.differing.len(),
+            report.unexpected.len(),
+            report.dead_letters_missing.len()
+        )))
+    }
+}
+
+/// Reads the three topics and returns the report.
+pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliError> {
+    let read_error = |e: ReadError| CliError::Runtime(e.to_string());
+    let consumer = reader::consumer(settings, "verify")
+        .map_err(|e| CliError::Runtime(format!("cannot create the Kafka consumer: {e}")))?;
+    let start = since.map_or(Start::Beginning, Start::Time);
+    let topics = &settings.topics;
+    let input = reader::ranges(&consumer, &topics.input, start).map_err(read_error)?;
+    let pushed = reader::ranges(&consumer, &topics.pushed, start).map_err(read_error)?;
+    let dead = match reader::ranges(&consumer, &topics.dead_letter, start) {
+        Ok(ranges) => ranges,
+        Err(ReadError::Missing(_)) => Vec::new(), // nothing was dead-lettered
+        Err(e) => return Err(read_error(e)),
+    };
+    let bar = progress_bar(
+        reader::size(&input) + reader::size(&pushed) + reader::size(&dead),
+        "reading",
+    );
+    let policy = settings.singleflight.merge_policy;
+    let mut verifier = Verifier::new(Codec::from_settings(settings), policy, &topics.input);
+    if since.is_some() {
+        verifier = verifier.partial();
+    }
+
+    bar.set_message(topics.input.clone());
+    reader::read(&consumer, &topics.input, &input, |m| {
+        verifier.event(m.partition(), m.offset(), m.key(), m.payload());
+        bar.inc(1);
+    })
+    .map_err(read_error)?;
+    bar.set_message(topics.pushed.clone());
+    reader::read(&consumer, &topics.pushed, &pushed, |m| {
+        let version = header(m, "keyflight-version").and_then(|v| v.parse().ok());
+        let timestamp = m.timestamp().to_millis().unwrap_or_default();
+        verifier.push(
+            m.partition(),
+            m.offset(),
+            timestamp,
+            m.key(),
+            m.payload(),
+            version,
+        );
+        bar.inc(1);
+    })
+    .map_err(read_error)?;
+    bar.set_message(topics.dead_letter.clone());
+    reader::read(&consumer, &topics.dead_letter, &dead, |m| {
+        let partition = header(m, "keyflight-source-partition").and_then(|v| v.parse().ok());
+        let offset = header(m, "keyflight-source-offset").and_then(|v| v.parse().ok());
+        if let (Some(partition), Some(offset)) = (partition, offset) {
+            let topic = header(m, "keyflight-source-topic");
+            verifier.dead_letter(topic.as_deref(), partition, offset);
+        }
+        bar.inc(1);
+    })
+    .map_err(read_error)?;
+    bar.finish_and_clear();
+    Ok(verifier.report())
+}
+
+fn header<M: Message>(message: &M, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn print_problems(report: &Report, show: usize) {
+    let version = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for (kind, list) in [
+        ("missing", &report.missing),
+        ("stale", &report.stale),
+        ("differing", &report.differing),
+    ] {
+        for problem in list.iter().take(show) {
+            println!(
+                "{kind:<9} key={:?} latest version={} pushed version={} events behind={}",
+                problem.key,
+                version(problem.expected_version),
+                version(problem.pushed_version),
+                problem.events_behind
+            );
+        }
+        if list.len() > show {
+            println!("{kind:<9} ... and {} more", list.len() - show);
+        }
+    }
+    for key in report.unexpected.iter().take(show) {
+        println!("unexpected key={key:?} pushed without any event in the input");
+    }
+    for missing in report.dead_letters_missing.iter().take(show) {
+        println!(
+            "no dead letter for partition {} offset {} ({})",
+            missing.partition, missing.offset, missing.reason
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Reading a snapshot of a whole topic: every partition from a start
+//! (its beginning, or the first record at or after a time) to the high
+//! watermark it had when the read began. `verify` and `replay` read this way;
+//! nothing is committed.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::{client_config, Role};
+use crate::config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("topic {topic}: {source}")]
+    Kafka {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("topic {0} does not exist (create it with `keyflight topics create`)")]
+    Missing(String),
+    #[error(
+        "topic {topic}: no record for {stall:?} with {remaining} partitions not read to their end"
+    )]
+    Stalled {
+        topic: String,
+        stall: Duration,
+        remaining: i64,
+    },
+}
+
+/// Where a read starts in every partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Beginning,
+    /// The first record with a timestamp at or after this (ms since the epoch).
+    Time(i64),
+}
+
+/// One partition's range to read: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// How long a read may go without a record before it gives up.
+const STALL: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A consumer for reading by assignment: the consumer role's settings
+/// (security, tuning) with a group of its own that never commits.
+pub fn consumer(
+    settings: &Settings,
+    purpose: &str,
+) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
+    let mut config = client_config(settings, Role::Consumer);
+    config
+        .set("group.id", format!("{}-{purpose}", settings.application_id))
+        .set("enable.partition.eof", "false");
+    config.create()
+}
+
+/// The partition count of `topic`, or [`ReadError::Missing`].
+pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, ReadError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(|source| kafka(topic, source))?;
+    match metadata.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as i32)
+        }
+        _ => Err(ReadError::Missing(topic.to_string())),
+    }
+}
+
+/// The ranges a read of `topic` from `start` covers, as of now.
+pub fn ranges(consumer: &BaseConsumer, topic: &str, start: Start) -> Result<Vec<Range>, ReadError> {
+    let count = partitions(consumer, topic)?;
+    let mut ranges = Vec::with_capacity(count as usize);
+    for partition in 0..count {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, TIMEOUT)
+            .map_err(|source| kafka(topic, source))?;
+        ranges.push(Range {
+            partition,
+            start: low,
+            end: high,
+        });
+    }
+    if let Start::Time(ms) = start {
+        let mut query = TopicPartitionList::new();
+        for range in &ranges {
+            query
+                .add_partition_offset(topic, range.partition, Offset::Offset(ms))
+                .map_err(|source| kafka(topic, source))?;
+        }
+        let found = consumer
+            .offsets_for_times(query, TIMEOUT)
+            .map_err(|source| kafka(topic, source))?;
+        for range in &mut ranges {
+            let offset = found
+                .find_partition(topic, range.partition)
+                .map(|e| e.offset());
+            range.start = match offset {
+                Some(Offset::Offset(o)) => o.clamp(range.start, range.end),
+                // No record at or after the time: nothing to read.
+                _ => range.end,
+            };
+        }
+    }
+    Ok(ranges)
+}
+
+/// Reads every record in `ranges` and hands each to `each`; returns the
+/// number read. Order holds within a partition only.
+pub fn read(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ranges: &[Range],
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<u64, ReadError> {
+    let mut assignment = TopicPartitionList::new();
+    let mut open: std::collections::HashMap<i32, i64> = Default::default();
+    for range in ranges.iter().filter(|r| r.start < r.end) {
+        assignment
+            .add_partition_offset(topic, range.partition, Offset::Offset(range.start))
+            .map_err(|source| kafka(topic, source))?;
+        open.insert(range.partition, range.end);
+    }
+    if open.is_empty() {
+        return Ok(0);
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|source| kafka(topic, source))?;
+    let mut read = 0;
+    let mut last_progress = Instant::now();
+    while !open.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                last_progress = Instant::now();
+                let Some(&end) = open.get(&message.partition()) else {
+                    continue;
+                };
+                if message.offset() >= end {
+                    open.remove(&message.partition());
+                    continue;
+                }
+                each(&message);
+                read += 1;
+                // A compacted topic may have gaps; the high watermark is
+                // reached when the next offset would be at or past it.
+                if message.offset() + 1 >= end {
+                    open.remove(&message.partition());
+                }
+            }
+            Some(Err(source)) => return Err(kafka(topic, source)),
+            None if last_progress.elapsed() > STALL => {
+                return Err(ReadError::Stalled {
+                    topic: topic.to_string(),
+                    stall: STALL,
+                    remaining: open.len() as i64,
+                })
+            }
+            None => {}
+        }
+    }
+    consumer.unassign().map_err(|source| kafka(topic, source))?;
+    Ok(read)
+}
+
+/// Records in `ranges` (an upper bound on a compacted topic).
+pub fn size(ranges: &[Range]) -> u64 {
+    ranges.iter().map(|r| (r.end - r.start).max(0) as u64).sum()
+}
+
+fn kafka(topic: &str, source: rdkafka::error::KafkaError) -> ReadError {
+    ReadError::Kafka {
+        topic: topic.to_string(),
+        source,
+    }
+}
