@@ -208,3 +208,60 @@ fn usage_errors_exit_2() {
     let out = keyflight(&["frobnicate"], &[]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn the_recovery_tools_teach_in_their_help() {
+    for (command, needles) in [
+        (
+            "verify",
+            &["missing", "stale", "--since", "--json", "Exit status 0"][..],
+        ),
+        (
+            "replay",
+            &[
+                "--to-earliest",
+                "--to-offset",
+                "--reset-state",
+                "--execute",
+                "the plan is printed",
+                "active",
+            ][..],
+        ),
+    ] {
+        let out = keyflight(&[command, "--help"], &[]);
+        assert!(out.status.success());
+        for needle in needles {
+            assert!(
+                stdout(&out).contains(needle),
+                "{command} --help lacks {needle}:\n{}",
+                stdout(&out)
+            );
+        }
+    }
+    let out = keyflight(&["state", "inspect", "--help"], &[]);
+    assert!(stdout(&out).contains("open"), "{}", stdout(&out));
+}
+
+#[test]
+fn replay_usage_errors_exit_2_and_say_what_is_wrong() {
+    let out = keyflight(&["replay"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--to-earliest"), "{}", stderr(&out));
+    let out = keyflight(&["replay", "--to-earliest", "--to-latest"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    let out = keyflight(&["replay", "--to-offset", "3"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("PARTITION:OFFSET"),
+        "{}",
+        stderr(&out)
+    );
+    let out = keyflight(&["verify", "--since", "yesterday-ish"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("RFC 3339"), "{}", stderr(&out));
+}

@@ -438,3 +438,31 @@ async fn state_inspect_and_rebuild() {
     assert_eq!(stdout.matches("key=").count(), 10, "{stdout}");
     println!("rebuild of 10 markers took {:?}", wiped.elapsed());
 }
+
+/// verify fails (exit 1) when keys were never pushed, and names them.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_fails_on_keys_never_pushed_and_names_them() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 1, "");
+    let records = vec![
+        (
+            Some(b"never-pushed".to_vec()),
+            Some(b"{\"version\":1}".to_vec()),
+        ),
+        (None, Some(b"{}".to_vec())),
+    ];
+    produce_records(&broker, &app.input, &records).await;
+    let out = app.cli(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("missing   key=\"never-pushed\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("no dead letter for partition 0 offset 1 (null-key)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verify: FAIL"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("verification failed: 1 missing"));
+}
