@@ -44,8 +44,11 @@
 //! * [`verify`] — the oracle of `keyflight verify`: folds the input topic
 //!   the way the engine does and checks every key's last push and every
 //!   dead letter. Pure; the topics are read by [`kafka::reader`].
+//! * [`loadgen`] — the event stream of `load` and `demo` (Zipf or uniform
+//!   keys, bursts, growing per-key versions, the article's scenarios). Pure.
 //! * [`cli`] — the `keyflight` binary's subcommands (`run`, `topics`,
-//!   `config`, `verify`, `replay`, `state`); one module per command.
+//!   `config`, `verify`, `replay`, `state`, `dev`, `demo`, `load`, `tail`);
+//!   one module per command.
 //!
 //! ## Guarantees, in one place
 //!
@@ -63,5 +66,6 @@ pub mod compensation;
 pub mod config;
 pub mod engine;
 pub mod kafka;
+pub mod loadgen;
 pub mod state;
 pub mod verify;

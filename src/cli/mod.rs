@@ -4,9 +4,13 @@
 //! layout mismatch), 2 a usage or configuration error.
 
 mod config_cmd;
+mod demo;
+mod dev;
+mod load;
 mod replay;
 mod run;
 mod state_cmd;
+mod tail;
 mod topics;
 mod verify;
 
@@ -34,6 +38,9 @@ result; config/keyflight.toml documents every key.";
 
 const EXAMPLES: &str = "\
 Examples:
+  # See it work with nothing installed (embedded broker, load, verify)
+  keyflight demo
+
   # Create the topics on a local broker (idempotent), then process
   keyflight topics create --brokers localhost:9092 --partitions 6
   keyflight run --brokers localhost:9092 --state-dir ./state
@@ -89,6 +96,18 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Inspect or rebuild the local marker stores
     State(state_cmd::StateArgs),
+    /// Run against an embedded in-memory broker (development only)
+    #[command(long_about = dev::DEV_ABOUT, after_help = dev::DEV_EXAMPLES)]
+    Dev(dev::DevArgs),
+    /// One command, nothing installed: embedded broker, processor, load, verify
+    #[command(long_about = demo::DEMO_ABOUT)]
+    Demo(demo::DemoArgs),
+    /// Produce generated events (Zipf keys, bursts, the article's cases)
+    #[command(long_about = load::LOAD_ABOUT, after_help = load::LOAD_EXAMPLES)]
+    Load(load::LoadArgs),
+    /// Print a topic's records, one readable line each
+    #[command(long_about = tail::TAIL_ABOUT, after_help = tail::TAIL_EXAMPLES)]
+    Tail(tail::TailArgs),
 }
 
 /// A failure of a command, with the exit status it maps to.
@@ -126,7 +145,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+fn run(mut cli: Cli) -> Result<(), CliError> {
+    // The demo prints its own story; the processor's logs would drown it.
+    if matches!(cli.command, Command::Demo(_)) && cli.global.log_level.is_none() {
+        cli.global.log_level = Some("error".into());
+    }
     let state_dir = match &cli.command {
         Command::Run(args) => args.state_dir.clone(),
         Command::Replay(args) => args.state_dir.clone(),
@@ -142,6 +165,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Verify(args) => verify::run(&settings, args),
         Command::Replay(args) => replay::run(&settings, args),
         Command::State(args) => state_cmd::run(&settings, args),
+        Command::Dev(args) => dev::run(settings, args),
+        Command::Demo(args) => demo::run(settings, args),
+        Command::Load(args) => load::run(&settings, args),
+        Command::Tail(args) => tail::run(&settings, args),
     }
 }
 
@@ -197,6 +224,41 @@ fn parse_time(text: &str) -> Result<i64, String> {
     at.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .map_err(|_| format!("`{text}` is before 1970"))
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// A flag that SIGINT or SIGTERM sets, for commands that loop without a
+/// runtime of their own (tail, load).
+fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let set = flag.clone();
+    let _ = std::thread::Builder::new()
+        .name("keyflight-signals".into())
+        .spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(shutdown_signal());
+                set.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    flag
 }
 
 /// A multi-threaded runtime for commands that talk to Kafka.

@@ -50,7 +50,7 @@ pub fn run(settings: Settings) -> Result<(), CliError> {
         tokio::pin!(worker);
         tokio::select! {
             finished = &mut worker => return finished,
-            _ = shutdown_signal() => {}
+            _ = super::shutdown_signal() => {}
         }
         tracing::info!("signal received, stopping");
         stop.store(true, Ordering::Relaxed);
@@ -60,20 +60,5 @@ pub fn run(settings: Settings) -> Result<(), CliError> {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(CliError::Runtime(e.to_string())),
         Ok(Err(_)) | Err(_) => Err(CliError::Runtime("the consumer thread panicked".into())),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

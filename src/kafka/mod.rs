@@ -3,16 +3,24 @@
 //! [`pipeline`] (the consumer-group member and its poll thread),
 //! [`partition`] (one task per assigned partition), [`restore`] (a store
 //! from its changelog); and the operator tools' I/O: [`reader`] (a snapshot
-//! of a whole topic, for `verify`) and [`replay`] (offset resets).
+//! of a whole topic, for `verify`) and [`replay`] (offset resets); and the
+//! development helpers: [`embedded`] (an in-process broker) and [`load`]
+//! (producing generated events).
 
 pub mod admin;
+pub mod embedded;
+pub mod load;
 pub mod partition;
 pub mod pipeline;
 pub mod reader;
 pub mod replay;
 pub mod restore;
 
-use rdkafka::ClientConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::ProducerContext;
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::{flatten, Settings};
 
@@ -70,6 +78,47 @@ impl Role {
             Role::Admin => "admin",
             Role::Consumer => "consumer",
             Role::Producer => "producer",
+        }
+    }
+}
+
+/// Counts the deliveries of a producer whose sends are not awaited one by
+/// one (`load`, replay's tombstones), keeping the first error.
+#[derive(Default)]
+pub struct Deliveries {
+    acked: AtomicU64,
+    failed: AtomicU64,
+    first_error: std::sync::Mutex<Option<rdkafka::error::KafkaError>>,
+}
+
+impl Deliveries {
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// How many deliveries failed and the first error, if any did.
+    pub fn failures(&self) -> Option<(u64, rdkafka::error::KafkaError)> {
+        let first = self.first_error.lock().ok()?.clone()?;
+        Some((self.failed.load(Ordering::Relaxed), first))
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = self.first_error.lock() {
+                    first.get_or_insert_with(|| e.clone());
+                }
+            }
         }
     }
 }

@@ -184,3 +184,33 @@ fn kafka(topic: &str, source: rdkafka::error::KafkaError) -> ReadError {
         source,
     }
 }
+
+/// The consumer group's lag on `topic`: per partition, the high watermark
+/// minus the committed offset (minus the low watermark where nothing is
+/// committed), summed.
+pub fn group_lag(settings: &Settings, topic: &str) -> Result<i64, ReadError> {
+    let consumer: BaseConsumer = client_config(settings, Role::Consumer)
+        .create()
+        .map_err(|source| kafka(topic, source))?;
+    let ranges = ranges(&consumer, topic, Start::Beginning)?;
+    let mut query = TopicPartitionList::new();
+    for range in &ranges {
+        query.add_partition(topic, range.partition);
+    }
+    let committed = consumer
+        .committed_offsets(query, TIMEOUT)
+        .map_err(|source| kafka(topic, source))?;
+    Ok(ranges
+        .iter()
+        .map(|range| {
+            let at = match committed
+                .find_partition(topic, range.partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o,
+                _ => range.start,
+            };
+            (range.end - at).max(0)
+        })
+        .sum())
+}

@@ -7,14 +7,11 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::reader::{self, ReadError, Start};
-use super::{client_config, Role};
+use super::{client_config, Deliveries, Role};
 use crate::config::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -228,40 +225,11 @@ pub fn forget_markers(
     producer
         .flush(Duration::from_secs(60))
         .map_err(kafka(format!("tombstones to {topic} not acknowledged")))?;
-    let failed = producer.context().failed.load(Ordering::Relaxed);
-    if let Some(first) = producer
-        .context()
-        .first_error
-        .lock()
-        .ok()
-        .and_then(|e| e.clone())
-    {
+    if let Some((failed, first)) = producer.context().failures() {
         return Err(ReplayError::Kafka {
             what: format!("{failed} of {written} tombstones to {topic} failed"),
             source: first,
         });
     }
     Ok(written)
-}
-
-/// Counts failed deliveries of a producer whose sends are not awaited one by one.
-#[derive(Default)]
-struct Deliveries {
-    failed: AtomicU64,
-    first_error: std::sync::Mutex<Option<rdkafka::error::KafkaError>>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut first) = self.first_error.lock() {
-                first.get_or_insert_with(|| e.clone());
-            }
-        }
-    }
 }

@@ -268,6 +268,11 @@ impl App {
 
     /// Starts `keyflight run` with this app's config and the given state dir.
     pub fn start(&self, state_dir: &std::path::Path) -> Processor {
+        self.start_with_env(state_dir, &[])
+    }
+
+    /// [`App::start`] with extra environment (e.g. `KEYFLIGHT_*` settings).
+    pub fn start_with_env(&self, state_dir: &std::path::Path, env: &[(&str, &str)]) -> Processor {
         let log_path = state_dir.with_extension(format!(
             "{}.log",
             TOPIC_COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -283,6 +288,7 @@ impl App {
                 state_dir.to_str().unwrap(),
             ])
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // SAFETY: see Broker::start.
@@ -431,9 +437,17 @@ pub struct Pushed {
 
 /// Reads a whole topic (every partition, to its high watermark now).
 pub fn read_all(broker: &Broker, topic: &str) -> Vec<Pushed> {
-    let consumer: BaseConsumer = broker
-        .client_config()
-        .set("group.id", broker.unique("reader"))
+    read_all_at(&broker.bootstrap, topic)
+}
+
+/// [`read_all`] on any broker address.
+pub fn read_all_at(bootstrap: &str, topic: &str) -> Vec<Pushed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("reader-{}", TOPIC_COUNTER.fetch_add(1, Ordering::Relaxed)),
+        )
         .create()
         .unwrap();
     let metadata = consumer
@@ -578,6 +592,47 @@ pub async fn create_topic(broker: &Broker, name: &str, partitions: i32) {
 }
 
 impl App {
+    /// An app on librdkafka's mock cluster (hosted by the test process, on a
+    /// loopback port): the topics are created on the cluster directly, since
+    /// the mock broker has no CreateTopics.
+    pub fn on_mock_cluster(
+        cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        partitions: i32,
+        extra: &str,
+    ) -> App {
+        let id = format!("app-{}", TOPIC_COUNTER.fetch_add(1, Ordering::Relaxed));
+        let (input, pushed, dlq) = (
+            "events.in".to_string(),
+            "events.pushed".to_string(),
+            "events.dlq".to_string(),
+        );
+        let changelog = format!("{id}-markers-changelog");
+        for topic in [&input, &pushed, &dlq, &changelog] {
+            cluster.create_topic(topic, partitions, 1).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keyflight.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
+                 log_level = \"info,librdkafka=warn\"\n{extra}\n",
+                cluster.bootstrap_servers()
+            ),
+        )
+        .unwrap();
+        App {
+            id,
+            input,
+            pushed,
+            dlq,
+            changelog,
+            partitions,
+            dir,
+            config,
+        }
+    }
+
     /// Runs `keyflight --config <this app's config> <args>` to completion.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_keyflight"))
@@ -673,10 +728,15 @@ pub struct Load {
 
 impl Load {
     pub fn start(broker: &Broker, topic: &str, keys: usize, rate: usize) -> Load {
+        Load::start_at(&broker.bootstrap, topic, keys, rate)
+    }
+
+    /// [`Load::start`] on any broker address.
+    pub fn start_at(bootstrap: &str, topic: &str, keys: usize, rate: usize) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let produced = std::sync::Arc::new(AtomicUsize::new(0));
-        let producer: FutureProducer = broker
-            .client_config()
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
