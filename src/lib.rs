@@ -35,9 +35,9 @@
 //!   key's stored value through the same table, so never concurrently with a
 //!   normal push of that key.
 //! * [`codec`] — input formats (`json` with an optional version field,
-//!   `raw`; Avro single-object comes with the pipeline) to
-//!   [`engine::Payload`] and back; a record that does not decode gets a
-//!   reason, and goes to the dead-letter topic with it.
+//!   `avro` single-object, `raw`) to [`engine::Payload`] and back, and the
+//!   one rule for what is dead-lettered (null key, undecodable, oversized);
+//!   a refused record gets a reason and goes to the dead-letter topic with it.
 //! * [`config`] — one typed settings tree layered defaults < TOML file <
 //!   `KEYFLIGHT_*` environment < flags; every error names its source, its key
 //!   and the problem.

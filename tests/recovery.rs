@@ -412,6 +412,30 @@ async fn replay_to_earliest_with_and_without_reset_state() {
             before[key]
         );
     }
+    // The time-based variants: verify over the last 10 minutes passes, and a
+    // replay to an hour ago moves every partition to its first record. (Not
+    // a time after every record: Tansu 0.6 answers that ListOffsets query
+    // with offset 0 where Kafka answers -1, the end.)
+    let out = app.cli(&["verify", "--since", "10m"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("verify: PASS — 60 keys checked"),
+        "{stdout}"
+    );
+    drop(processor2);
+    let out = app.cli(&["replay", "--to-datetime", "1h", "--force"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches(" -> 0\n").count(), 2, "{stdout}");
     println!("replay: {}", summary(&report));
 }
 
