@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use rdkafka::message::Headers;
 
 use super::dev::TempState;
 use super::load::{SCENARIO_KEYS, SCENARIO_PAUSE_MS};
+use super::verify::header;
 use super::{runtime, CliError};
 use crate::config::Settings;
 use crate::kafka::embedded::Embedded;
@@ -186,20 +186,12 @@ fn pushed_counts(settings: &Settings) -> Result<PushCounts, CliError> {
     };
     reader::read(&consumer, topic, &ranges, |message| {
         counts.total += 1;
-        let Some(headers) = rdkafka::Message::headers(message) else {
-            return;
-        };
-        for header in headers.iter() {
-            let value = header
-                .value
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            match header.key {
-                "keyflight-compensation" if value == "true" => counts.compensation += 1,
-                "keyflight-merged" => counts.merged += value.parse::<u64>().unwrap_or(0),
-                _ => {}
-            }
+        if header(message, "keyflight-compensation").as_deref() == Some("true") {
+            counts.compensation += 1;
         }
+        counts.merged += header(message, "keyflight-merged")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     })
     .map_err(runtime)?;
     Ok(counts)

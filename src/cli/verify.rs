@@ -134,7 +134,8 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     Ok(verifier.report())
 }
 
-fn header<M: Message>(message: &M, name: &str) -> Option<String> {
+/// The value of header `name`, as text.
+pub(super) fn header<M: Message>(message: &M, name: &str) -> Option<String> {
     let headers = message.headers()?;
     headers
         .iter()

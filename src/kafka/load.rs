@@ -186,7 +186,7 @@ pub fn run(
         }
         producer.send(&event)?;
         count += 1;
-        if count % 1024 == 0 {
+        if count.is_multiple_of(1024) {
             progress(count);
         }
     }

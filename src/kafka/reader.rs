@@ -185,16 +185,15 @@ fn kafka(topic: &str, source: rdkafka::error::KafkaError) -> ReadError {
     }
 }
 
-/// The consumer group's lag on `topic`: per partition, the high watermark
-/// minus the committed offset (minus the low watermark where nothing is
-/// committed), summed.
-pub fn group_lag(settings: &Settings, topic: &str) -> Result<i64, ReadError> {
-    let consumer: BaseConsumer = client_config(settings, Role::Consumer)
-        .create()
-        .map_err(|source| kafka(topic, source))?;
-    let ranges = ranges(&consumer, topic, Start::Beginning)?;
+/// The committed offset of the consumer's group per range's partition
+/// (`None` where nothing is committed), in the order of `ranges`.
+pub fn committed(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ranges: &[Range],
+) -> Result<Vec<Option<i64>>, ReadError> {
     let mut query = TopicPartitionList::new();
-    for range in &ranges {
+    for range in ranges {
         query.add_partition(topic, range.partition);
     }
     let committed = consumer
@@ -203,14 +202,29 @@ pub fn group_lag(settings: &Settings, topic: &str) -> Result<i64, ReadError> {
     Ok(ranges
         .iter()
         .map(|range| {
-            let at = match committed
+            match committed
                 .find_partition(topic, range.partition)
                 .map(|e| e.offset())
             {
-                Some(Offset::Offset(o)) => o,
-                _ => range.start,
-            };
-            (range.end - at).max(0)
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            }
         })
+        .collect())
+}
+
+/// The application's consumer-group lag on `topic`: per partition, the high
+/// watermark minus the committed offset (minus the low watermark where
+/// nothing is committed), summed.
+pub fn group_lag(settings: &Settings, topic: &str) -> Result<i64, ReadError> {
+    let consumer: BaseConsumer = client_config(settings, Role::Consumer)
+        .create()
+        .map_err(|source| kafka(topic, source))?;
+    let ranges = ranges(&consumer, topic, Start::Beginning)?;
+    let committed = committed(&consumer, topic, &ranges)?;
+    Ok(ranges
+        .iter()
+        .zip(committed)
+        .map(|(range, at)| (range.end - at.unwrap_or(range.start)).max(0))
         .sum())
 }

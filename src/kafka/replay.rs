@@ -99,21 +99,12 @@ pub fn plan(settings: &Settings, target: &Target) -> Result<Vec<Move>, ReplayErr
         _ => Start::Beginning,
     };
     let ranges = reader::ranges(&consumer, topic, start)?;
-    let mut query = TopicPartitionList::new();
-    for range in &ranges {
-        query.add_partition(topic, range.partition);
-    }
-    let committed = consumer
-        .committed_offsets(query, TIMEOUT)
-        .map_err(kafka(format!(
-            "cannot read the committed offsets of {topic}"
-        )))?;
-    let current = |partition| match committed
-        .find_partition(topic, partition)
-        .map(|e| e.offset())
-    {
-        Some(Offset::Offset(o)) => Some(o),
-        _ => None,
+    let committed = reader::committed(&consumer, topic, &ranges)?;
+    let current = |partition| {
+        ranges
+            .iter()
+            .position(|r| r.partition == partition)
+            .and_then(|i| committed[i])
     };
     let mut moves = Vec::new();
     match target {

@@ -3,10 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::{client_config, Role};
 use crate::config::Settings;
 use crate::state::{Opened, StateError, Store};
 
@@ -55,13 +54,8 @@ pub fn restore(
         partition,
         source,
     };
-    // The consumer settings (security, tuning), but never the group's own
-    // offsets: the changelog is read by assignment and nothing is committed.
-    let mut config = client_config(settings, Role::Consumer);
-    config
-        .set("group.id", format!("{}-restore", settings.application_id))
-        .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = config.create().map_err(kafka)?;
+    // Never the group's own offsets: the changelog is read by assignment.
+    let consumer = super::reader::consumer(settings, "restore").map_err(kafka)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))
         .map_err(kafka)?;
