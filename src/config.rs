@@ -34,6 +34,8 @@ pub struct Settings {
     pub brokers: String,
     /// Log filter when `RUST_LOG` is unset: a level or `tracing` directives.
     pub log_level: String,
+    /// `text` (human-readable) or `json` (one JSON object per line).
+    pub log_format: LogFormat,
     /// Directory of the local RocksDB stores (one per assigned partition).
     pub state_dir: PathBuf,
     /// How often the safe position of each partition is committed.
@@ -131,6 +133,7 @@ impl Default for Settings {
             application_id: "keyflight".into(),
             brokers: "localhost:9092".into(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             state_dir: PathBuf::from("state"),
             commit_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
@@ -247,7 +250,20 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the span fields (topic, partition).
+    Json,
 }
 
 /// The command-line layer, named so errors can point at it.

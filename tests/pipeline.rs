@@ -564,3 +564,30 @@ async fn pushes_failing_during_shutdown_keep_their_markers_open() {
         "{pushed:?}"
     );
 }
+
+/// `log_format = "json"`: every log line is one JSON object; partition
+/// tasks' lines carry their span's topic and partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line_with_the_partition_span() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 2, "log_format = \"json\"\n");
+    let mut processor = app.start(&app.state_dir("a"));
+    processor.await_log("partition restored", 2, Duration::from_secs(60));
+    processor.stop(Duration::from_secs(30));
+    let log = processor.log();
+    let mut restored = 0;
+    for line in log.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            object["level"].is_string() && object["timestamp"].is_string(),
+            "{line}"
+        );
+        if object["fields"]["message"] == "partition restored from changelog" {
+            restored += 1;
+            assert_eq!(object["span"]["topic"], app.input.as_str(), "{line}");
+            assert!(object["span"]["partition"].is_number(), "{line}");
+        }
+    }
+    assert_eq!(restored, 2, "{log}");
+}

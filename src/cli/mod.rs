@@ -77,6 +77,10 @@ pub struct GlobalArgs {
     /// like `keyflight=debug,rdkafka=warn` (RUST_LOG wins when set) [default: info]
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Log lines as `text` or `json` (one object per line) [default: text]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +180,7 @@ fn load_settings(global: &GlobalArgs, state_dir: Option<PathBuf>) -> Result<Sett
     let overrides = Overrides {
         brokers: global.brokers.clone(),
         log_level: global.log_level.clone(),
+        log_format: global.log_format,
         state_dir,
     };
     config::load(global.config.as_deref(), &overrides)
@@ -185,11 +190,18 @@ fn init_logging(settings: &Settings) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
-    // A second initialisation (tests calling in twice) is harmless: keep the first.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests calling in twice) is harmless: keep the first.
+    let _ = match settings.log_format {
+        crate::config::LogFormat::Text => builder.try_init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// A progress bar on stderr (drawn only when stderr is a terminal).
