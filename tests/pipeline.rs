@@ -591,3 +591,29 @@ async fn json_logs_are_one_object_per_line_with_the_partition_span() {
     }
     assert_eq!(restored, 2, "{log}");
 }
+
+/// The configuration echoed at start never shows a secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_echoed_at_start_redacts_secrets() {
+    let broker = Broker::start();
+    let secret = "hunter2-do-not-log";
+    let app = App::create(
+        &broker,
+        1,
+        &format!("[kafka.common]\n\"sasl.password\" = \"{secret}\"\n\"sasl.username\" = \"svc\"\n"),
+    );
+    let mut processor = app.start(&app.state_dir("a"));
+    processor.await_log("partition restored", 1, Duration::from_secs(60));
+    processor.stop(Duration::from_secs(30));
+    let log = processor.log();
+    let start = log
+        .lines()
+        .find(|l| l.contains("starting"))
+        .expect("a start line");
+    assert!(
+        start.contains("sasl.password") && start.contains("<redacted>"),
+        "{start}"
+    );
+    assert!(start.contains("svc"), "non-secrets are shown: {start}");
+    assert!(!log.contains(secret), "{log}");
+}

@@ -36,6 +36,10 @@ pub struct RunArgs {
 }
 
 pub fn run(settings: Settings) -> Result<(), CliError> {
+    // The effective configuration, once, for whoever reads the logs later;
+    // secrets (SASL passwords, TLS keys) are redacted.
+    let shown = serde_json::to_string(&settings.redacted()).unwrap_or_default();
+    tracing::info!(config = %shown, version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
