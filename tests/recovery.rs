@@ -27,6 +27,17 @@ fn long() -> bool {
     std::env::var_os("RECOVERY_LONG").is_some()
 }
 
+/// `rounds` rounds over keys key-00.. key-(keys-1); round r carries version r + 1.
+fn rounds(rounds: usize, keys: usize) -> Vec<support::Record> {
+    (0..rounds * keys)
+        .map(|i| {
+            let key = format!("key-{:02}", i % keys);
+            let value = format!("{{\"version\":{},\"i\":{i}}}", i / keys + 1);
+            (Some(key.into_bytes()), Some(value.into_bytes()))
+        })
+        .collect()
+}
+
 fn restored(processor: &Processor, partitions: usize) {
     processor.await_log("partition restored", partitions, Duration::from_secs(60));
 }
@@ -225,18 +236,7 @@ async fn bad_input_mixed_with_good_is_dead_lettered_and_good_keys_verify() {
 async fn an_unwritable_dead_letter_holds_the_offset_until_it_lands() {
     let broker = Broker::start();
     let config = "[kafka.producer]\n\"message.timeout.ms\" = \"2000\"\n\"topic.metadata.refresh.interval.ms\" = \"500\"\n";
-    let mut app = App::create(&broker, 1, config);
-    let missing = broker.unique("dlq-later");
-    let text = std::fs::read_to_string(&app.config).unwrap();
-    std::fs::write(
-        &app.config,
-        text.replace(
-            &format!("dead_letter = \"{}\"", app.dlq),
-            &format!("dead_letter = \"{missing}\""),
-        ),
-    )
-    .unwrap();
-    app.dlq = missing;
+    let app = App::create(&broker, 1, config).with_missing_dead_letter(&broker);
     let processor = app.start(&app.state_dir("a"));
     restored(&processor, 1);
     let records = vec![
@@ -289,13 +289,7 @@ async fn replay_to_earliest_with_and_without_reset_state() {
     let app = App::create(&broker, 2, FAST_GROUP);
     let state = app.state_dir("a");
     let mut processor = app.start(&state);
-    let records: Vec<_> = (0..600)
-        .map(|i| {
-            let key = format!("key-{:02}", i % 60);
-            let value = format!("{{\"version\":{},\"i\":{i}}}", i / 60 + 1);
-            (Some(key.into_bytes()), Some(value.into_bytes()))
-        })
-        .collect();
+    let records = rounds(10, 60);
     produce_records(&broker, &app.input, &records).await;
     app.await_verified(Duration::from_secs(60), || processor.log());
 
@@ -447,13 +441,7 @@ async fn state_inspect_and_rebuild() {
     let app = App::create(&broker, 1, FAST_GROUP);
     let state = app.state_dir("a");
     let mut processor = app.start(&state);
-    let records: Vec<_> = (0..30)
-        .map(|i| {
-            let key = format!("key-{:02}", i % 10);
-            let value = format!("{{\"version\":{}}}", i / 10 + 1);
-            (Some(key.into_bytes()), Some(value.into_bytes()))
-        })
-        .collect();
+    let records = rounds(3, 10);
     produce_records(&broker, &app.input, &records).await;
     app.await_verified(Duration::from_secs(60), || processor.log());
     processor.stop(Duration::from_secs(30));

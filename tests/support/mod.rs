@@ -238,18 +238,26 @@ impl App {
     /// Points the output at a topic that does not exist yet (created later
     /// with [`create_topic`]), so pushes fail meanwhile.
     pub fn with_missing_output(mut self, broker: &Broker) -> App {
-        let missing = broker.unique("pushed-later");
+        self.pushed = self.retarget("pushed", &self.pushed, broker.unique("pushed-later"));
+        self
+    }
+
+    /// Points the dead-letter topic at one that does not exist yet, so dead
+    /// letters fail meanwhile.
+    pub fn with_missing_dead_letter(mut self, broker: &Broker) -> App {
+        self.dlq = self.retarget("dead_letter", &self.dlq, broker.unique("dlq-later"));
+        self
+    }
+
+    /// Rewrites `key = "old"` to `key = "new"` in the config; returns `new`.
+    fn retarget(&self, key: &str, old: &str, new: String) -> String {
         let text = std::fs::read_to_string(&self.config).unwrap();
         std::fs::write(
             &self.config,
-            text.replace(
-                &format!("pushed = \"{}\"", self.pushed),
-                &format!("pushed = \"{missing}\""),
-            ),
+            text.replace(&format!("{key} = \"{old}\""), &format!("{key} = \"{new}\"")),
         )
         .unwrap();
-        self.pushed = missing;
-        self
+        new
     }
 
     /// Points the changelog at a topic that does not exist (yet).
