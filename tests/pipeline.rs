@@ -192,7 +192,8 @@ async fn fresh_instance_restores_markers_from_the_changelog() {
 async fn compensation_repairs_failed_pushes_after_a_crash() {
     let broker = Broker::start();
     let config = "[compensation]\ninterval = \"1s\"\ngrace = \"500ms\"\n[kafka.producer]\n\"message.timeout.ms\" = 1500\n";
-    let app = App::create(&broker, 2, config).with_missing_output(&broker);
+    let config = format!("{config}{}", support::FAST_GROUP);
+    let app = App::create(&broker, 2, &config).with_missing_output(&broker);
     let events: Vec<TestEvent> = (0..20)
         .map(|k| TestEvent {
             key: format!("key-{k:02}"),
@@ -214,7 +215,7 @@ async fn compensation_repairs_failed_pushes_after_a_crash() {
             Err(format!("markers not in the changelog:\n{}", crashed.log()))
         }
     });
-    crashed.kill();
+    crashed.kill_and_outlive_session();
     assert!(read_all(&broker, &app.changelog)
         .iter()
         .all(|r| r.value.is_some()));

@@ -13,15 +13,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use support::{
     committed_and_high, produce_records, read_all, summary, wait_until, App, Broker, Load,
-    Processor,
+    Processor, FAST_GROUP,
 };
-
-/// A dead member's partitions move on after the session timeout, and a
-/// rebalance waits for members that do not rejoin up to the rebalance
-/// timeout (`max.poll.interval.ms`): both short, so restarts after SIGKILL
-/// rebalance in seconds rather than librdkafka's default 45 s and 5 min.
-const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-const FAST_GROUP: &str = "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\"max.poll.interval.ms\" = \"20000\"\n";
 
 fn long() -> bool {
     std::env::var_os("RECOVERY_LONG").is_some()
@@ -94,7 +87,7 @@ fn kill_9_loop_under_load_loses_nothing() {
 }
 
 /// The same on Tansu, once: SIGKILL under load, restart after the dead
-/// member's session has expired (see above for why Tansu needs that), and
+/// member's session has expired (see `Processor::kill_and_outlive_session`), and
 /// verify.
 #[test]
 fn kill_9_once_under_load_on_tansu_loses_nothing() {
@@ -110,9 +103,7 @@ fn kill_9_once_under_load_on_tansu_loses_nothing() {
             .then_some(())
             .ok_or_else(|| "load still flowing".to_string())
     });
-    processor.kill();
-    // No observable event: Tansu cannot describe groups (see the replay test).
-    std::thread::sleep(SESSION_TIMEOUT + Duration::from_secs(1));
+    processor.kill_and_outlive_session();
     let events = load.stop();
     let processor = app.start(&state);
     let report = app.await_verified(Duration::from_secs(120), || processor.log());

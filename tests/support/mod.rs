@@ -313,6 +313,13 @@ impl App {
     }
 }
 
+/// A dead member's partitions move on after the session timeout, and a
+/// rebalance waits for members that do not rejoin up to the rebalance
+/// timeout (`max.poll.interval.ms`): both short, so restarts after SIGKILL
+/// rebalance in seconds rather than librdkafka's default 45 s and 5 min.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+pub const FAST_GROUP: &str = "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\"max.poll.interval.ms\" = \"20000\"\n";
+
 /// A running `keyflight run`; killed on drop unless stopped.
 pub struct Processor {
     child: Option<Child>,
@@ -326,6 +333,17 @@ impl Processor {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGKILL, then waits out the dead member's session (apps made with
+    /// [`FAST_GROUP`]) before anyone restarts it. Tansu 0.6's coordinator
+    /// keeps a SIGKILLed member as the group's leader if a new member joins
+    /// while its session lives, and hands the newcomer an empty assignment.
+    /// A sleep, because there is nothing to await: Tansu cannot describe
+    /// groups on its SQLite storage.
+    pub fn kill_and_outlive_session(&mut self) {
+        self.kill();
+        std::thread::sleep(SESSION_TIMEOUT + Duration::from_secs(1));
     }
 
     /// Waits for the process to exit by itself; returns its status.
