@@ -38,6 +38,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Directory of the local RocksDB stores (one per assigned partition).
     pub state_dir: PathBuf,
+    /// Where `run` serves `/metrics`, `/healthz` and `/readyz` (`host:port`,
+    /// port 0 picks a free one), or `off`.
+    pub metrics_addr: String,
     /// How often the safe position of each partition is committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -60,6 +63,22 @@ pub struct Input {
     pub version_field: String,
     /// Values larger than this are dead-lettered (reason `too-large`) instead of processed.
     pub max_value_bytes: usize,
+    /// How `avro` values are framed: `single-object` or `confluent`.
+    pub avro_framing: AvroFraming,
+    /// The Schema Registry id of schemas/event.avsc, for `confluent` framing:
+    /// events must carry it, pushes are written with it.
+    pub schema_id: u32,
+}
+
+/// The bytes before an Avro datum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AvroFraming {
+    /// Avro single-object encoding: `C3 01`, the schema's 8-byte Rabin fingerprint.
+    #[default]
+    SingleObject,
+    /// Confluent's wire format: `00`, the 4-byte big-endian Schema Registry id.
+    Confluent,
 }
 
 impl Default for Input {
@@ -68,6 +87,8 @@ impl Default for Input {
             format: InputFormat::Json,
             version_field: "version".into(),
             max_value_bytes: 1024 * 1024,
+            avro_framing: AvroFraming::SingleObject,
+            schema_id: 0,
         }
     }
 }
@@ -135,6 +156,7 @@ impl Default for Settings {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             state_dir: PathBuf::from("state"),
+            metrics_addr: DEFAULT_METRICS_ADDR.into(),
             commit_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             input: Input::default(),
@@ -175,7 +197,15 @@ impl Default for Compensation {
     }
 }
 
+/// Loopback only by default: exposing metrics is a deliberate choice.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
 impl Settings {
+    /// The metrics address, `None` when `metrics_addr = "off"` (validated).
+    pub fn metrics_socket(&self) -> Option<std::net::SocketAddr> {
+        parse_metrics_addr(&self.metrics_addr).ok().flatten()
+    }
+
     /// The changelog topic: configured, or derived from the application id.
     pub fn changelog_topic(&self) -> String {
         if self.topics.changelog.is_empty() {
@@ -253,6 +283,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// How log lines are written (to stderr).
@@ -429,6 +461,7 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             .is_empty()
             .then(|| "must not be empty".into()),
     );
+    check("metrics_addr", parse_metrics_addr(&s.metrics_addr).err());
     check("commit_interval", positive(s.commit_interval));
     check("shutdown_timeout", positive(s.shutdown_timeout));
     check(
@@ -446,6 +479,13 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         "input.format",
         (s.input.format == InputFormat::Raw && s.singleflight.merge_policy == MergePolicy::JsonMergePatch)
             .then(|| "`raw` values cannot be merge patches; use format \"json\" or merge_policy \"latest\"".into()),
+    );
+    check(
+        "input.schema_id",
+        (s.input.format == InputFormat::Avro
+            && s.input.avro_framing == AvroFraming::Confluent
+            && s.input.schema_id == 0)
+            .then(|| "confluent framing needs the Schema Registry id of schemas/event.avsc (1 or more)".into()),
     );
     check("topics.input", topic_name_problem(&s.topics.input));
     check("topics.pushed", topic_name_problem(&s.topics.pushed));
@@ -519,6 +559,22 @@ const RESERVED_PRODUCER: &[(&str, &str)] = &[
     ("enable.idempotence", "pushes need the idempotent producer"),
     ("acks", "pushes need acks=all"),
 ];
+
+fn parse_metrics_addr(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .map(Some)
+            .ok_or_else(|| format!("`{text}` resolves to no address")),
+        Err(e) => Err(format!(
+            "`{text}` is not host:port ({e}); for example \"127.0.0.1:9464\", \"0.0.0.0:9464\" or \"off\""
+        )),
+    }
+}
 
 fn positive(d: Duration) -> Option<String> {
     d.is_zero()

@@ -27,6 +27,9 @@ pub struct DevArgs {
     /// Partitions of every topic
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=64))]
     pub partitions: i32,
+    /// Serve /metrics, /healthz and /readyz here (host:port, port 0 for a free one, or `off`)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 pub fn run(mut settings: Settings, args: DevArgs) -> Result<(), CliError> {

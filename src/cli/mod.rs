@@ -160,7 +160,12 @@ fn run(mut cli: Cli) -> Result<(), CliError> {
         Command::State(args) => args.command.state_dir(),
         _ => None,
     };
-    let settings = load_settings(&cli.global, state_dir)?;
+    let metrics_addr = match &cli.command {
+        Command::Run(args) => args.metrics_addr.clone(),
+        Command::Dev(args) => args.metrics_addr.clone(),
+        _ => None,
+    };
+    let settings = load_settings(&cli.global, state_dir, metrics_addr)?;
     init_logging(&settings);
     match cli.command {
         Command::Run(_) => run::run(settings),
@@ -176,12 +181,17 @@ fn run(mut cli: Cli) -> Result<(), CliError> {
     }
 }
 
-fn load_settings(global: &GlobalArgs, state_dir: Option<PathBuf>) -> Result<Settings, ConfigError> {
+fn load_settings(
+    global: &GlobalArgs,
+    state_dir: Option<PathBuf>,
+    metrics_addr: Option<String>,
+) -> Result<Settings, ConfigError> {
     let overrides = Overrides {
         brokers: global.brokers.clone(),
         log_level: global.log_level.clone(),
         log_format: global.log_format,
         state_dir,
+        metrics_addr,
     };
     config::load(global.config.as_deref(), &overrides)
 }

@@ -33,6 +33,10 @@ pub struct RunArgs {
     /// Directory of the local state stores [default: from the config, `state`]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here: host:port (port 0 picks a
+    /// free one, logged at start) or `off` [default: from the config, 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 pub fn run(settings: Settings) -> Result<(), CliError> {
