@@ -485,7 +485,10 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         (s.input.format == InputFormat::Avro
             && s.input.avro_framing == AvroFraming::Confluent
             && s.input.schema_id == 0)
-            .then(|| "confluent framing needs the Schema Registry id of schemas/event.avsc (1 or more)".into()),
+            .then(|| {
+                "confluent framing needs the Schema Registry id of schemas/event.avsc (1 or more)"
+                    .into()
+            }),
     );
     check("topics.input", topic_name_problem(&s.topics.input));
     check("topics.pushed", topic_name_problem(&s.topics.pushed));

@@ -180,6 +180,16 @@ fn bad_flag_value_names_the_flag() {
 }
 
 #[test]
+fn bad_metrics_address_and_confluent_without_schema_id_exit_2() {
+    // `run` checks the address before it touches a broker.
+    let out = keyflight(&["run", "--metrics-addr", "localhost"], &[]);
+    assert_config_error(&out, &["flag --metrics-addr", "metrics_addr", "host:port"]);
+    let (_dir, path) = config_file("[input]\nformat = \"avro\"\navro_framing = \"confluent\"\n");
+    let out = keyflight(&["--config", &path, "config", "show"], &[]);
+    assert_config_error(&out, &["input.schema_id", "Schema Registry id"]);
+}
+
+#[test]
 fn missing_config_file_exits_2() {
     let out = keyflight(
         &["--config", "/nonexistent/keyflight.toml", "config", "show"],

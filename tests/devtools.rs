@@ -27,12 +27,12 @@ fn keyflight() -> Command {
 }
 
 /// `keyflight dev` prints a bootstrap address; a plain rdkafka client
-/// produces to the input topic there and reads the pushes back; SIGINT
-/// stops it with status 0.
+/// produces to the input topic there and reads the pushes back; the printed
+/// metrics address serves them; SIGINT stops it with status 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_serves_an_embedded_broker_that_outside_clients_use() {
     let mut child = keyflight()
-        .args(["dev", "--partitions", "2"])
+        .args(["dev", "--partitions", "2", "--metrics-addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -86,6 +86,20 @@ async fn dev_serves_an_embedded_broker_that_outside_clients_use() {
             .ok_or(format!("pushed so far: {last:?}"))
     });
     assert_eq!(last.len(), 8);
+    let metrics = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("metrics"))
+        .and_then(|rest| rest.trim().strip_prefix("http://"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in the banner:\n{banner}"));
+    let (addr, path) = metrics.split_once('/').unwrap();
+    wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let (status, body) = support::http_get(addr, &format!("/{path}")).unwrap();
+        let consumed = support::Scrape::parse(&body).sum("keyflight_events_consumed_total", &[]);
+        (status == 200 && consumed == 40.0)
+            .then_some(())
+            .ok_or(format!("{status}: consumed {consumed}"))
+    });
 
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {

@@ -59,9 +59,11 @@ pub fn run(mut settings: Settings, args: DemoArgs) -> Result<(), CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (settings, handle, stop) = (settings.clone(), runtime.handle().clone(), stop.clone());
+        // Not served: the demo reports its own figures.
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         std::thread::Builder::new()
             .name("keyflight-poll".into())
-            .spawn(move || pipeline::run(settings, handle, stop))
+            .spawn(move || pipeline::run(settings, metrics, handle, stop))
             .map_err(|e| CliError::Runtime(format!("cannot start the processor: {e}")))?
     };
 

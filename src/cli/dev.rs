@@ -38,31 +38,30 @@ pub fn run(mut settings: Settings, args: DevArgs) -> Result<(), CliError> {
     let state = TempState::new("dev")?;
     settings.brokers = embedded.bootstrap();
     settings.state_dir = state.0.clone();
-    let topics = &settings.topics;
-    println!(
-        "keyflight dev: an embedded Kafka-protocol broker runs in this process.\n\
-         It keeps everything in memory and is for development only.\n\n\
-         \x20 bootstrap  {}\n\
-         \x20 input      {} ({} partitions)\n\
-         \x20 pushed     {}\n\
-         \x20 dead       {}\n\
-         \x20 changelog  {}\n\
-         \x20 metrics    not served yet\n\n\
-         Produce keyed events to {} with any Kafka client, for example:\n\
-         \x20 keyflight load --brokers {} --events 10000 --keys 100 --scenarios\n\
-         \x20 keyflight tail --brokers {} --from-beginning\n\
-         Ctrl-C stops.",
-        settings.brokers,
-        topics.input,
-        args.partitions,
-        topics.pushed,
-        topics.dead_letter,
-        settings.changelog_topic(),
-        topics.input,
-        settings.brokers,
-        settings.brokers,
-    );
-    let result = super::run::run(settings);
+    let topics = settings.topics.clone();
+    let (brokers, changelog) = (settings.brokers.clone(), settings.changelog_topic());
+    let partitions = args.partitions;
+    let announce = move |metrics: Option<std::net::SocketAddr>| {
+        let metrics = metrics.map_or("off".to_string(), |a| {
+            format!("http://{a}/metrics  (also /healthz, /readyz)")
+        });
+        println!(
+            "keyflight dev: an embedded Kafka-protocol broker runs in this process.\n\
+             It keeps everything in memory and is for development only.\n\n\
+             \x20 bootstrap  {brokers}\n\
+             \x20 input      {} ({partitions} partitions)\n\
+             \x20 pushed     {}\n\
+             \x20 dead       {}\n\
+             \x20 changelog  {changelog}\n\
+             \x20 metrics    {metrics}\n\n\
+             Produce keyed events to {} with any Kafka client, for example:\n\
+             \x20 keyflight load --brokers {brokers} --events 10000 --keys 100 --scenarios\n\
+             \x20 keyflight tail --brokers {brokers} --from-beginning\n\
+             Ctrl-C stops.",
+            topics.input, topics.pushed, topics.dead_letter, topics.input,
+        );
+    };
+    let result = super::run::run_announcing(settings, announce);
     drop(embedded); // after the processor, which still talks to it while stopping
     result
 }

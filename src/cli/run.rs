@@ -1,5 +1,6 @@
 //! `keyflight run`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use clap::Args;
 use super::{runtime, CliError};
 use crate::config::Settings;
 use crate::kafka::pipeline;
+use crate::metrics::{server, Metrics};
 
 pub const RUN_ABOUT: &str = "\
 Join the consumer group `application_id` on the input topic and process it:
@@ -40,17 +42,40 @@ pub struct RunArgs {
 }
 
 pub fn run(settings: Settings) -> Result<(), CliError> {
+    run_announcing(settings, |_| {})
+}
+
+/// [`run`], telling `announce` where metrics are served (`None`: off) once
+/// the endpoint is bound and before the processor starts.
+pub fn run_announcing(
+    settings: Settings,
+    announce: impl FnOnce(Option<SocketAddr>),
+) -> Result<(), CliError> {
     // The effective configuration, once, for whoever reads the logs later;
     // secrets (SASL passwords, TLS keys) are redacted.
     let shown = serde_json::to_string(&settings.redacted()).unwrap_or_default();
     tracing::info!(config = %shown, version = env!("CARGO_PKG_VERSION"), "starting");
     let runtime = runtime()?;
+    let metrics = Arc::new(Metrics::new());
+    let mut served = None;
+    if let Some(addr) = settings.metrics_socket() {
+        let endpoint = runtime.block_on(server::bind(addr)).map_err(|e| {
+            CliError::Runtime(format!(
+                "cannot serve metrics on {addr} (metrics_addr): {e}; \
+                 choose another address with --metrics-addr, or `off`"
+            ))
+        })?;
+        tracing::info!(addr = %endpoint.addr, "serving /metrics, /healthz and /readyz");
+        served = Some(endpoint.addr);
+        runtime.spawn(endpoint.serve(metrics.clone()));
+    }
+    announce(served);
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (stop, handle) = (stop.clone(), runtime.handle().clone());
         std::thread::Builder::new()
             .name("keyflight-poll".into())
-            .spawn(move || pipeline::run(settings, handle, stop))
+            .spawn(move || pipeline::run(settings, metrics, handle, stop))
             .map_err(|e| CliError::Runtime(format!("cannot start the consumer thread: {e}")))?
     };
     let result = runtime.block_on(async {

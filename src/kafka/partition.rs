@@ -28,6 +28,11 @@ use tracing::{debug, info, warn, Instrument};
 use crate::codec::Codec;
 use crate::config::Settings;
 use crate::engine::{Event, Offer, Push, Table, TableConfig};
+use crate::internal_events::{
+    ChangelogWritten, CompensationScanned, DeadLettered, EventMerged, KeysInFlight,
+    PartitionRestored, PushAcknowledged, PushFailed, RecordReceived, StaleEventDropped,
+};
+use crate::metrics::{Metrics, PartitionMetrics};
 use crate::state::{Marker, Store};
 
 use super::restore;
@@ -43,6 +48,7 @@ pub struct Shared {
     /// A partition task that cannot go on reports here; the process stops
     /// with an error rather than hold a partition it does not process.
     pub failures: std::sync::mpsc::Sender<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How the poll thread reaches a task.
@@ -86,6 +92,8 @@ pub fn spawn(
 struct Delivered {
     push: Push,
     ok: Result<(), String>,
+    /// From produce to acknowledgement (or failure).
+    latency: Duration,
 }
 
 struct Task {
@@ -102,6 +110,7 @@ struct Task {
     /// One past the newest acknowledged changelog offset (for checkpoints).
     changelog_next: i64,
     committed: Option<i64>,
+    metrics: PartitionMetrics,
 }
 
 async fn run(
@@ -137,12 +146,14 @@ async fn run(
         .map_err(|e| e.to_string())?
     };
     let restored = restored.map_err(|e| e.to_string())?;
-    let open = store.open_markers(u64::MAX).map(|m| m.len()).unwrap_or(0);
-    info!(
-        %topic, partition,
-        records = restored.records, open_markers = open, from = ?opened, seconds = started.elapsed().as_secs_f64(),
-        "partition restored from changelog"
-    );
+    let metrics = shared.metrics.partition(partition);
+    metrics.emit(PartitionRestored {
+        topic: &topic,
+        records: restored.records,
+        open_markers: store.open_count().unwrap_or(0),
+        from: opened,
+        elapsed: started.elapsed(),
+    });
 
     let mut task = Task {
         table: Table::new(TableConfig {
@@ -155,6 +166,7 @@ async fn run(
         changelog_writes: JoinSet::new(),
         changelog_next: restored.next_offset,
         committed: None,
+        metrics,
         shared: shared.clone(),
         topic,
         partition,
@@ -192,8 +204,8 @@ async fn run(
                 // marker open for compensation after the restart. No
                 // follow-up pushes while closing: their events stay
                 // uncommitted and are replayed by the next owner.
-                if let Ok(Delivered { push, ok: Ok(()) }) = done {
-                    task.acknowledge(push, false);
+                if let Ok(Delivered { push, ok: Ok(()), latency }) = done {
+                    task.acknowledge(push, latency, false);
                 }
             }
             Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
@@ -232,6 +244,7 @@ fn now_ns() -> u64 {
 
 impl Task {
     fn record(&mut self, record: OwnedMessage) {
+        self.metrics.emit(RecordReceived);
         let offset = record.offset();
         let decoded = match self
             .shared
@@ -253,7 +266,8 @@ impl Task {
         };
         match self.table.offer(event, now_ns()) {
             Ok(Offer::Started(push)) => self.start(push, Duration::ZERO),
-            Ok(Offer::Merged | Offer::Stale) => {}
+            Ok(Offer::Merged) => self.metrics.emit(EventMerged),
+            Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
             Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
         }
     }
@@ -286,12 +300,14 @@ impl Task {
         let marker = Marker::started(previous.as_ref(), push.tn, push.version, value.clone());
         self.mark(&push.key, Some(&marker));
 
+        self.metrics.emit(KeysInFlight(self.table.active_keys()));
         let producer = self.shared.producer.clone();
         let topic = self.shared.settings.topics.pushed.clone();
         self.pushes.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            let produced = Instant::now();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "keyflight-version",
@@ -320,15 +336,22 @@ impl Task {
                 .await
                 .map(drop)
                 .map_err(|(e, _)| e.to_string());
-            Delivered { push, ok }
+            Delivered {
+                push,
+                ok,
+                latency: produced.elapsed(),
+            }
         });
     }
 
     fn delivered(&mut self, done: Delivered) {
         match done.ok {
-            Ok(()) => self.acknowledge(done.push, true),
+            Ok(()) => self.acknowledge(done.push, done.latency, true),
             Err(error) => {
-                warn!(partition = self.partition, key = %String::from_utf8_lossy(&done.push.key), "push failed, retrying with the newest value: {error}");
+                self.metrics.emit(PushFailed {
+                    key: &done.push.key,
+                    error: &error,
+                });
                 match self.table.fail(done.push, now_ns()) {
                     Ok(retry) => self.start(retry, RETRY_BACKOFF),
                     Err(e) => debug!("failure of an unknown push: {e}"),
@@ -338,7 +361,11 @@ impl Task {
     }
 
     /// markT2 and the table's next step for the key.
-    fn acknowledge(&mut self, push: Push, continue_key: bool) {
+    fn acknowledge(&mut self, push: Push, latency: Duration, continue_key: bool) {
+        self.metrics.emit(PushAcknowledged {
+            compensation: push.compensation,
+            latency,
+        });
         let next = if continue_key {
             match self.table.complete(&push.key, push.tn, now_ns()) {
                 Ok(next) => next,
@@ -356,8 +383,9 @@ impl Task {
             Some(m) => self.mark(&push.key, Some(&m.acknowledged(push.tn))),
             None => {}
         }
-        if let Some(next) = next {
-            self.start(next, Duration::ZERO);
+        match next {
+            Some(next) => self.start(next, Duration::ZERO),
+            None => self.metrics.emit(KeysInFlight(self.table.active_keys())),
         }
     }
 
@@ -404,10 +432,11 @@ impl Task {
                 offset, "cannot hold the offset of a dead letter: {e}"
             );
         }
-        warn!(
-            partition = self.partition,
-            offset, reason, "dead-lettering a record: {detail}"
-        );
+        self.metrics.emit(DeadLettered {
+            offset,
+            reason,
+            detail: &detail,
+        });
         let producer = self.shared.producer.clone();
         let topic = self.shared.settings.topics.dead_letter.clone();
         let source = self.topic.clone();
@@ -456,6 +485,7 @@ impl Task {
     /// The compensation scan: re-push open markers older than the grace
     /// period whose key is not in flight, through the table.
     fn compensate(&mut self) {
+        let started = Instant::now();
         let grace = self.shared.settings.compensation.grace.as_nanos() as u64;
         let due = match crate::compensation::due(&self.store, now_ns(), grace) {
             Ok(due) => due,
@@ -475,12 +505,11 @@ impl Task {
                 self.start(push, Duration::ZERO);
             }
         }
-        if pushed > 0 {
-            info!(
-                partition = self.partition,
-                pushed, "compensation re-pushed open markers"
-            );
-        }
+        self.metrics.emit(CompensationScanned {
+            elapsed: started.elapsed(),
+            open_markers: self.store.open_count().unwrap_or(0),
+            repushed: pushed,
+        });
     }
 
     /// Waits for every changelog write so far; false if one failed. A key
@@ -489,9 +518,13 @@ impl Task {
     /// compaction over a newer one), and is awaited by the next flush.
     async fn flush_changelog(&mut self) -> bool {
         let mut failed = Vec::new();
+        let mut written = 0;
         while let Some(done) = self.changelog_writes.join_next().await {
             match done {
-                Ok(Ok(offset)) => self.changelog_next = self.changelog_next.max(offset + 1),
+                Ok(Ok(offset)) => {
+                    written += 1;
+                    self.changelog_next = self.changelog_next.max(offset + 1);
+                }
                 Ok(Err((key, e))) => {
                     warn!(
                         partition = self.partition,
@@ -505,6 +538,7 @@ impl Task {
                 ),
             }
         }
+        self.metrics.emit(ChangelogWritten(written));
         let ok = failed.is_empty();
         for key in failed {
             match self.store.get(&key) {

@@ -15,9 +15,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{IsError, KafkaError, KafkaResult};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -28,6 +29,8 @@ use super::partition::{self, Shared, TaskHandle};
 use super::{client_config, Role};
 use crate::codec::Codec;
 use crate::config::Settings;
+use crate::internal_events::{LagSampled, OffsetsCommitted, PartitionsAssigned, PartitionsRevoked};
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -58,6 +61,8 @@ struct Context {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     assigned: Mutex<HashMap<i32, Assigned>>,
+    /// The offsets this member last committed, per partition (for the lag).
+    committed: Mutex<HashMap<i32, i64>>,
 }
 
 impl ClientContext for Context {}
@@ -66,7 +71,6 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            info!(?partitions, "partitions revoked");
             self.close(consumer, &partitions);
         }
     }
@@ -75,10 +79,17 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(list) => {
                 let mut assigned = self.assigned.lock().expect("assignment lock");
+                let new: Vec<i32> = list
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .filter(|p| !assigned.contains_key(p))
+                    .collect();
+                self.shared.metrics.emit(PartitionsAssigned(&new));
                 for element in list.elements() {
-                    assigned.entry(element.partition()).or_insert_with(|| {
-                        info!(partition = element.partition(), "partition assigned");
-                        Assigned {
+                    assigned
+                        .entry(element.partition())
+                        .or_insert_with(|| Assigned {
                             handle: partition::spawn(
                                 self.shared.clone(),
                                 &self.runtime,
@@ -86,12 +97,25 @@ impl ConsumerContext for Context {
                                 element.partition(),
                             ),
                             overflow: VecDeque::new(),
-                        }
-                    });
+                        });
                 }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!("rebalance error: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                let offsets = positions(offsets);
+                self.committed
+                    .lock()
+                    .expect("committed lock")
+                    .extend(offsets.iter().copied());
+                self.shared.metrics.emit(OffsetsCommitted(&offsets));
+            }
+            Err(e) => debug!("commit not acknowledged (retried at the next interval): {e}"),
         }
     }
 }
@@ -107,6 +131,7 @@ impl Context {
                 .filter_map(|p| assigned.remove(p).map(|a| (*p, a)))
                 .collect()
         };
+        let revoked: Vec<i32> = closing.iter().map(|(p, _)| *p).collect();
         let mut waiting = Vec::new();
         for (partition, task) in closing {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -138,6 +163,10 @@ impl Context {
                 Err(e) => warn!("commit on close failed (events will be replayed): {e}"),
             }
         }
+        let mut committed = self.committed.lock().expect("committed lock");
+        committed.retain(|p, _| !revoked.contains(p));
+        drop(committed);
+        self.shared.metrics.emit(PartitionsRevoked(&revoked));
     }
 }
 
@@ -151,6 +180,7 @@ fn positions(list: &TopicPartitionList) -> Vec<(i32, i64)> {
 /// Runs the processor until `stop` is set, then shuts down cleanly.
 pub fn run(
     settings: Settings,
+    metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
@@ -169,11 +199,13 @@ pub fn run(
         commits,
         failures,
         settings,
+        metrics,
     });
     let context = Context {
         shared: shared.clone(),
         runtime,
         assigned: Mutex::new(HashMap::new()),
+        committed: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<Context> = client_config(&shared.settings, Role::Consumer)
         .create_with_context(context)
@@ -191,12 +223,17 @@ pub fn run(
     info!(topic = %input, group = %shared.settings.application_id, "consuming");
 
     let mut failure = None;
+    let mut lag_sampled = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if let Ok(message) = failed.try_recv() {
             failure = Some(message);
             break;
         }
         commit_requested(&consumer, &commit_requests, &input);
+        if lag_sampled.elapsed() >= LAG_SAMPLE_INTERVAL {
+            sample_lag(&consumer, &input);
+            lag_sampled = Instant::now();
+        }
         drain_overflow(&consumer, &input);
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => route(&consumer, message.detach(), &input),
@@ -209,6 +246,7 @@ pub fn run(
         failed = failure.is_some(),
         "shutting down: finishing pushes in flight"
     );
+    shared.metrics.health.stopping();
     let partitions: Vec<i32> = consumer
         .context()
         .assigned
@@ -225,6 +263,64 @@ pub fn run(
         Some(message) => Err(RunError::Partition(message)),
         None => Ok(()),
     }
+}
+
+/// How often the consumer lag gauge is refreshed.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Consumer lag per assigned partition: the high watermark librdkafka last
+/// saw in a fetch response (no broker round trip) minus the offset this
+/// member last committed, or, before its first commit, its fetch position.
+fn sample_lag(consumer: &BaseConsumer<Context>, topic: &str) {
+    let context = consumer.context();
+    let partitions: Vec<i32> = context
+        .assigned
+        .lock()
+        .expect("assignment lock")
+        .keys()
+        .copied()
+        .collect();
+    let committed = context.committed.lock().expect("committed lock").clone();
+    let position = consumer.position().unwrap_or_default();
+    for partition in partitions {
+        let Some((low, high)) = cached_watermarks(consumer, topic, partition) else {
+            continue;
+        };
+        let from = committed.get(&partition).copied().or_else(|| {
+            position
+                .find_partition(topic, partition)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0)
+        });
+        context.shared.metrics.emit(LagSampled {
+            partition,
+            lag: (high - from.unwrap_or(low)).max(0),
+        });
+    }
+}
+
+/// `rd_kafka_get_watermark_offsets`: the cached watermarks, if any fetch
+/// has returned them yet (rust-rdkafka only wraps the querying variant).
+fn cached_watermarks(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer lives as long as `consumer`; the topic is
+    // a valid C string and the out-pointers point at live locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low.max(0), high))
 }
 
 /// Commits the positions partition tasks asked for, if still assigned here.
@@ -250,9 +346,36 @@ fn commit_requested(
     }
     drop(assigned);
     if offsets.count() > 0 {
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+        if let Err(e) = commit_async(consumer, &offsets) {
             warn!("commit failed (retried at the next interval): {e}");
         }
+    }
+}
+
+/// An asynchronous commit whose outcome comes back through
+/// [`ConsumerContext::commit_callback`] on the poll thread. librdkafka only
+/// reports a manual async commit to a queue it is given, and rust-rdkafka's
+/// `commit` passes none, so this calls `rd_kafka_commit_queue` with the
+/// consumer queue the poll loop serves.
+fn commit_async(consumer: &BaseConsumer<Context>, offsets: &TopicPartitionList) -> KafkaResult<()> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` and `offsets` outlive the call; librdkafka copies the
+    // offsets. The queue reference from `rd_kafka_queue_get_consumer` is ours
+    // and released right after; the pending reply keeps its own reference.
+    let err = unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return consumer.commit(offsets, CommitMode::Async);
+        }
+        let err = rd::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err.is_error() {
+        Err(KafkaError::ConsumerCommit(err.into()))
+    } else {
+        Ok(())
     }
 }
 

@@ -251,6 +251,19 @@ impl Store {
         Ok(out)
     }
 
+    /// How many markers are open (the open index's size).
+    pub fn open_count(&self) -> Result<usize, StateError> {
+        let mut count = 0;
+        for item in self
+            .db
+            .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
+        {
+            item.map_err(|e| self.rocks(e))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Every marker (for restore checks and `state inspect`).
     pub fn markers(&self) -> Result<Vec<(Bytes, Marker)>, StateError> {
         self.db
@@ -347,6 +360,7 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(open, [&b"b"[..], &b"c"[..]]);
+        assert_eq!(store.open_count().unwrap(), 2);
         let old: Vec<_> = store
             .open_markers(25)
             .unwrap()

@@ -202,7 +202,7 @@ impl App {
             &config,
             format!(
                 "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
-                 log_level = \"info,librdkafka=warn\"\n{extra}\n[topics]\ninput = \"{input}\"\npushed = \"{pushed}\"\ndead_letter = \"{dlq}\"\n",
+                 log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n[topics]\ninput = \"{input}\"\npushed = \"{pushed}\"\ndead_letter = \"{dlq}\"\n",
                 broker.bootstrap
             ),
         )
@@ -386,6 +386,97 @@ impl Processor {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The address the processor serves /metrics on, once it has logged it.
+    pub fn metrics_addr(&self, limit: Duration) -> String {
+        wait_until(limit, Duration::from_millis(5), || {
+            let log = strip_ansi(&self.log());
+            log.lines()
+                .find(|l| l.contains("serving /metrics"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+                .ok_or_else(|| format!("no metrics address in the log:\n{log}"))
+        })
+    }
+}
+
+/// Text without terminal colour sequences (`ESC [ ... m`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// Prometheus text as `name{labels}` → value (labels as exposed, sorted by
+/// the encoder), plus helpers to sum a family.
+pub struct Scrape(pub BTreeMap<String, f64>);
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        Scrape(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .filter_map(|l| {
+                    let (series, value) = l.rsplit_once(' ')?;
+                    Some((series.to_string(), value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// Sum over the series of `name` whose labels contain every `label="value"` in `having`.
+    pub fn sum(&self, name: &str, having: &[&str]) -> f64 {
+        self.series(name, having).map(|(_, v)| v).sum()
+    }
+
+    pub fn series<'a>(
+        &'a self,
+        name: &'a str,
+        having: &'a [&'a str],
+    ) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        self.0.iter().filter_map(move |(series, value)| {
+            let labels = match series.strip_prefix(name)? {
+                "" => "",
+                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
+            };
+            having
+                .iter()
+                .all(|h| labels.split(',').any(|l| l == *h))
+                .then_some((labels, *value))
+        })
     }
 }
 
@@ -642,7 +733,7 @@ impl App {
             &config,
             format!(
                 "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
-                 log_level = \"info,librdkafka=warn\"\n{extra}\n",
+                 log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n",
                 cluster.bootstrap_servers()
             ),
         )
