@@ -5,10 +5,13 @@
 //!   field (`version` by default) is the event's version. Under `latest` the
 //!   original bytes are pushed unchanged; under `json-merge-patch` the parsed
 //!   document is folded and re-serialised.
-//! * `avro`: the record of `schemas/event.avsc` in Avro single-object
-//!   encoding: an optional version and a map of scalar attributes (merge
-//!   patches apply to the map). Under `latest` the original bytes are pushed
-//!   unchanged; otherwise pushes are re-encoded with the same schema.
+//! * `avro`: the record of `schemas/event.avsc` (an optional version and a
+//!   map of scalar attributes; merge patches apply to the map), framed with
+//!   Avro single-object encoding (`C3 01` + the schema's 8-byte Rabin
+//!   fingerprint) or Confluent's wire format (`00` + the 4-byte big-endian
+//!   Schema Registry id, which must be `input.schema_id`). Under `latest` the
+//!   original bytes are pushed unchanged; otherwise pushes are re-encoded
+//!   with the same schema and framing.
 //! * `raw`: opaque bytes, ordered by offset; `latest` only.
 //!
 //! A null value is a delete. Every failure is a [`DecodeError`] whose text is
@@ -16,6 +19,20 @@
 
 use apache_avro::types::Value as Avro;
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+
+/// The bytes before an Avro datum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AvroFraming {
+    /// Avro single-object encoding: `C3 01`, the schema's 8-byte Rabin fingerprint.
+    #[default]
+    SingleObject,
+    /// Confluent's wire format: `00`, the 4-byte big-endian Schema Registry id.
+    Confluent,
+}
+
+/// The first byte of Confluent's wire format.
+const CONFLUENT_MAGIC: u8 = 0;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -40,7 +57,7 @@ pub enum DecodeError {
     Json(String),
     #[error("field `{field}` must be a non-negative integer version, found {found}")]
     Version { field: String, found: String },
-    #[error("invalid Avro event (schemas/event.avsc, single-object encoding): {0}")]
+    #[error("invalid Avro event (schemas/event.avsc): {0}")]
     Avro(String),
     #[error("a record without a key cannot be merged per key")]
     NullKey,
@@ -75,6 +92,8 @@ pub struct Codec {
     version_field: String,
     max_value_bytes: usize,
     avro: Option<(Schema, GenericSingleObjectReader)>,
+    framing: AvroFraming,
+    schema_id: u32,
 }
 
 /// Values above this are refused unless configured otherwise (Kafka's own
@@ -96,7 +115,17 @@ impl Codec {
             version_field: version_field.into(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             avro,
+            framing: AvroFraming::SingleObject,
+            schema_id: 0,
         }
+    }
+
+    /// Reads and writes Avro with `framing`; `schema_id` is the Schema
+    /// Registry id Confluent framing expects and writes.
+    pub fn with_avro_framing(mut self, framing: AvroFraming, schema_id: u32) -> Self {
+        self.framing = framing;
+        self.schema_id = schema_id;
+        self
     }
 
     /// The codec `keyflight run` uses for these settings.
@@ -107,6 +136,7 @@ impl Codec {
             settings.input.version_field.clone(),
         )
         .with_max_value_bytes(settings.input.max_value_bytes)
+        .with_avro_framing(settings.input.avro_framing, settings.input.schema_id)
     }
 
     /// Refuses values above `max` bytes (see [`Codec::decode_record`]).
@@ -152,8 +182,7 @@ impl Codec {
                 payload: Payload::Value(Value::Bytes(Bytes::copy_from_slice(bytes))),
             }),
             InputFormat::Avro => {
-                let (_, reader) = self.avro.as_ref().expect("built for avro");
-                let (version, fields) = avro_event(reader, bytes)?;
+                let (version, fields) = avro_fields(self.read_avro(bytes)?)?;
                 let value = match self.policy {
                     MergePolicy::Latest => Value::Bytes(Bytes::copy_from_slice(bytes)),
                     MergePolicy::JsonMergePatch => Value::Json(serde_json::Value::Object(fields)),
@@ -203,25 +232,72 @@ impl Codec {
             Payload::Tombstone => None,
             Payload::Value(Value::Bytes(bytes)) => Some(bytes.clone()),
             Payload::Value(Value::Json(document)) => match &self.avro {
-                Some((schema, _)) => Some(encode_avro_event(schema, version, document)),
+                Some((schema, _)) => Some(self.write_avro(schema, avro_event(version, document))),
                 None => Some(Bytes::from(document.to_string())),
             },
         }
     }
 }
 
+impl Codec {
+    /// The Avro value of a framed event.
+    fn read_avro(&self, bytes: &[u8]) -> Result<Avro, DecodeError> {
+        let (schema, reader) = self.avro.as_ref().expect("built for avro");
+        let bad = |e: apache_avro::Error| DecodeError::Avro(e.to_string());
+        match self.framing {
+            AvroFraming::SingleObject => reader.read_value(&mut &bytes[..]).map_err(bad),
+            AvroFraming::Confluent => {
+                let datum =
+                    match bytes {
+                        [CONFLUENT_MAGIC, id @ ..] if id.len() >= 4 => {
+                            let found = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                            if found != self.schema_id {
+                                return Err(DecodeError::Avro(format!(
+                                    "Confluent schema id {found}, expected input.schema_id = {}",
+                                    self.schema_id
+                                )));
+                            }
+                            &id[4..]
+                        }
+                        _ => return Err(DecodeError::Avro(
+                            "not in Confluent wire format (magic byte 0 and a 4-byte schema id)"
+                                .into(),
+                        )),
+                    };
+                apache_avro::from_avro_datum(schema, &mut &datum[..], None).map_err(bad)
+            }
+        }
+    }
+
+    /// A push's Avro value, framed.
+    fn write_avro(&self, schema: &Schema, record: Avro) -> Bytes {
+        let mut out = Vec::with_capacity(256);
+        match self.framing {
+            AvroFraming::SingleObject => {
+                GenericSingleObjectWriter::new_with_capacity(schema, 256)
+                    .expect("event schema resolves")
+                    .write_value_ref(&record, &mut out)
+                    .expect("a push always matches the event schema");
+            }
+            AvroFraming::Confluent => {
+                out.push(CONFLUENT_MAGIC);
+                out.extend_from_slice(&self.schema_id.to_be_bytes());
+                out.extend(
+                    apache_avro::to_avro_datum(schema, record)
+                        .expect("a push always matches the event schema"),
+                );
+            }
+        }
+        Bytes::from(out)
+    }
+}
+
 type Attributes = serde_json::Map<String, serde_json::Value>;
 
-/// Reads an Avro event: its version and its attributes as a JSON object.
-fn avro_event(
-    reader: &GenericSingleObjectReader,
-    mut bytes: &[u8],
-) -> Result<(Option<u64>, Attributes), DecodeError> {
+/// An Avro event's version and its attributes as a JSON object.
+fn avro_fields(value: Avro) -> Result<(Option<u64>, Attributes), DecodeError> {
     let bad = DecodeError::Avro;
-    let Avro::Record(record) = reader
-        .read_value(&mut bytes)
-        .map_err(|e| bad(e.to_string()))?
-    else {
+    let Avro::Record(record) = value else {
         return Err(bad("not a record".into()));
     };
     let mut version = None;
@@ -256,8 +332,8 @@ fn avro_event(
     Ok((version, fields))
 }
 
-/// Writes a push as an Avro event of `schemas/event.avsc`.
-fn encode_avro_event(schema: &Schema, version: u64, document: &serde_json::Value) -> Bytes {
+/// A push as an Avro event of `schemas/event.avsc`.
+fn avro_event(version: u64, document: &serde_json::Value) -> Avro {
     let attribute = |value: &serde_json::Value| match value {
         serde_json::Value::Null => Avro::Union(0, Box::new(Avro::Null)),
         serde_json::Value::Bool(b) => Avro::Union(1, Box::new(Avro::Boolean(*b))),
@@ -275,20 +351,13 @@ fn encode_avro_event(schema: &Schema, version: u64, document: &serde_json::Value
         }
         _ => Default::default(),
     };
-    let record = Avro::Record(vec![
+    Avro::Record(vec![
         (
             "version".into(),
             Avro::Union(1, Box::new(Avro::Long(version as i64))),
         ),
         ("fields".into(), Avro::Map(fields)),
-    ]);
-    let mut out = Vec::new();
-    let mut writer =
-        GenericSingleObjectWriter::new_with_capacity(schema, 256).expect("event schema resolves");
-    writer
-        .write_value_ref(&record, &mut out)
-        .expect("a push always matches the event schema");
-    Bytes::from(out)
+    ])
 }
 
 fn truncate(text: &str, max: usize) -> String {
@@ -306,6 +375,57 @@ mod tests {
 
     fn json_codec(policy: MergePolicy) -> Codec {
         Codec::new(InputFormat::Json, policy, "version")
+    }
+
+    fn confluent(policy: MergePolicy, id: u32) -> Codec {
+        Codec::new(InputFormat::Avro, policy, "version")
+            .with_avro_framing(AvroFraming::Confluent, id)
+    }
+
+    #[test]
+    fn confluent_framing_round_trips_and_checks_the_schema_id() {
+        let codec = confluent(MergePolicy::JsonMergePatch, 42);
+        let payload = Payload::Value(Value::Json(json!({"name": "x", "n": 3})));
+        let bytes = codec.encode(&payload, 9).unwrap();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 42], "magic byte, big-endian id");
+        let decoded = codec.decode(Some(&bytes)).unwrap();
+        assert_eq!(decoded.version, Some(9));
+        assert_eq!(decoded.payload, payload);
+
+        let other = confluent(MergePolicy::JsonMergePatch, 43).decode(Some(&bytes));
+        let error = other.unwrap_err();
+        assert_eq!(error.reason(), "invalid-avro");
+        assert!(
+            error
+                .to_string()
+                .contains("schema id 42, expected input.schema_id = 43"),
+            "{error}"
+        );
+
+        let single_object = Codec::new(InputFormat::Avro, MergePolicy::JsonMergePatch, "version")
+            .encode(&payload, 9)
+            .unwrap();
+        assert!(codec
+            .decode(Some(&single_object))
+            .unwrap_err()
+            .to_string()
+            .contains("Confluent wire format"));
+        assert!(
+            codec.decode(Some(&[0, 0, 0])).is_err(),
+            "too short for an id"
+        );
+    }
+
+    #[test]
+    fn confluent_latest_pushes_the_original_bytes() {
+        let writer = confluent(MergePolicy::JsonMergePatch, 5);
+        let bytes = writer
+            .encode(&Payload::Value(Value::Json(json!({"a": 1}))), 3)
+            .unwrap();
+        let latest = confluent(MergePolicy::Latest, 5);
+        let decoded = latest.decode(Some(&bytes)).unwrap();
+        assert_eq!(decoded.version, Some(3));
+        assert_eq!(latest.encode(&decoded.payload, 3).unwrap(), bytes);
     }
 
     #[test]

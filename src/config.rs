@@ -16,7 +16,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::InputFormat;
+use crate::codec::{AvroFraming, InputFormat};
 use crate::engine::MergePolicy;
 
 /// Prefix of the environment variables that set configuration keys.
@@ -68,17 +68,6 @@ pub struct Input {
     /// The Schema Registry id of schemas/event.avsc, for `confluent` framing:
     /// events must carry it, pushes are written with it.
     pub schema_id: u32,
-}
-
-/// The bytes before an Avro datum.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AvroFraming {
-    /// Avro single-object encoding: `C3 01`, the schema's 8-byte Rabin fingerprint.
-    #[default]
-    SingleObject,
-    /// Confluent's wire format: `00`, the 4-byte big-endian Schema Registry id.
-    Confluent,
 }
 
 impl Default for Input {

@@ -6,7 +6,7 @@
 //! reason. `PROPTEST_CASES` raises the case count.
 
 use bytes::Bytes;
-use keyflight::codec::{Codec, InputFormat};
+use keyflight::codec::{AvroFraming, Codec, InputFormat};
 use keyflight::engine::MergePolicy;
 use keyflight::state::{Marker, MarkerCodec};
 use proptest::prelude::*;
@@ -16,6 +16,11 @@ fn codecs() -> Vec<Codec> {
     for policy in [MergePolicy::Latest, MergePolicy::JsonMergePatch] {
         all.push(Codec::new(InputFormat::Json, policy, "version").with_max_value_bytes(4096));
         all.push(Codec::new(InputFormat::Avro, policy, "version").with_max_value_bytes(4096));
+        all.push(
+            Codec::new(InputFormat::Avro, policy, "version")
+                .with_avro_framing(AvroFraming::Confluent, 7)
+                .with_max_value_bytes(4096),
+        );
     }
     all.push(Codec::new(InputFormat::Raw, MergePolicy::Latest, "version"));
     all
@@ -27,6 +32,11 @@ fn seeds() -> Vec<Vec<u8>> {
     let document = serde_json::json!({"name": "x", "n": 3, "ok": true, "f": 1.5, "gone": null});
     let payload = keyflight::engine::Payload::Value(keyflight::engine::Value::Json(document));
     let avro_event = avro.encode(&payload, 42).unwrap().to_vec();
+    let confluent_event = Codec::new(InputFormat::Avro, MergePolicy::JsonMergePatch, "version")
+        .with_avro_framing(AvroFraming::Confluent, 7)
+        .encode(&payload, 42)
+        .unwrap()
+        .to_vec();
     let marker = MarkerCodec::new().encode(&Marker {
         t1: 5,
         t2: 3,
@@ -36,6 +46,7 @@ fn seeds() -> Vec<Vec<u8>> {
     vec![
         br#"{"version": 7, "name": "x", "nested": {"a": [1, 2, {"b": null}]}}"#.to_vec(),
         avro_event,
+        confluent_event,
         marker,
     ]
 }
@@ -131,7 +142,9 @@ fn the_seeds_decode() {
     assert_eq!(json.decode(Some(&seeds[0])).unwrap().version, Some(7));
     let avro = Codec::new(InputFormat::Avro, MergePolicy::Latest, "version");
     assert_eq!(avro.decode(Some(&seeds[1])).unwrap().version, Some(42));
-    assert_eq!(MarkerCodec::new().decode(&seeds[2]).unwrap().version, 9);
+    let confluent = avro.with_avro_framing(AvroFraming::Confluent, 7);
+    assert_eq!(confluent.decode(Some(&seeds[2])).unwrap().version, Some(42));
+    assert_eq!(MarkerCodec::new().decode(&seeds[3]).unwrap().version, 9);
 }
 
 #[test]

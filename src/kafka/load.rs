@@ -49,10 +49,13 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(format: InputFormat) -> Self {
+    /// Avro is framed as `run` with these input settings reads it.
+    pub fn new(format: InputFormat, input: &crate::config::Input) -> Self {
         Self {
-            avro: (format == InputFormat::Avro)
-                .then(|| Codec::new(InputFormat::Avro, MergePolicy::JsonMergePatch, "version")),
+            avro: (format == InputFormat::Avro).then(|| {
+                Codec::new(InputFormat::Avro, MergePolicy::JsonMergePatch, "version")
+                    .with_avro_framing(input.avro_framing, input.schema_id)
+            }),
         }
     }
 
@@ -96,7 +99,7 @@ impl LoadProducer {
         Ok(Self {
             producer,
             topic: topic.to_string(),
-            encoder: Encoder::new(format),
+            encoder: Encoder::new(format, &settings.input),
             keys: HashSet::new(),
             sent: 0,
         })
