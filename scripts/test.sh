@@ -9,6 +9,7 @@
 # Caches (outside the repo, reused between runs):
 #   $HOME/.cache/keyflight/target   Cargo target dir (rocksdb, librdkafka built once)
 #   $HOME/.cache/keyflight/tansu    the Tansu broker binary (built once, ~15 min)
+#   $HOME/.cache/keyflight/venv     Python with fastavro (the Avro interop test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +44,24 @@ fi
 export TANSU_BIN="$tansu"
 "$TANSU_BIN" --version
 
-# 3. Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
+# 3. Python's fastavro, the third-party Avro implementation of the interop
+#    test (tests/interop.rs), in a virtualenv of its own.
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import fastavro' >/dev/null 2>&1; then
+    say "installing fastavro into $venv"
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3 python3-venv
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "fastavro==1.10.0"
+fi
+export KEYFLIGHT_TEST_PYTHON="$venv/bin/python"
+
+# 4. Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
 #    simulation, broker, pipeline) and the benchmarks in test mode (each
 #    runs once). There are no doc tests (lib.rs code blocks are text).
 say "building and running the tests"
