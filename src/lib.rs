@@ -35,12 +35,16 @@
 //!   key's stored value through the same table, so never concurrently with a
 //!   normal push of that key.
 //! * [`codec`] — input formats (`json` with an optional version field,
-//!   `avro` single-object, `raw`) to [`engine::Payload`] and back, and the
+//!   `avro` single-object or Confluent-framed, `raw`) to [`engine::Payload`] and back, and the
 //!   one rule for what is dead-lettered (null key, undecodable, oversized);
 //!   a refused record gets a reason and goes to the dead-letter topic with it.
 //! * [`config`] — one typed settings tree layered defaults < TOML file <
 //!   `KEYFLIGHT_*` environment < flags; every error names its source, its key
 //!   and the problem.
+//! * [`internal_events`] and [`metrics`] — every happening worth a log line
+//!   or a metric is an event value that does both in one place; the
+//!   Prometheus registry, readiness, and the `/metrics` `/healthz` `/readyz`
+//!   server of `run`.
 //! * [`verify`] — the oracle of `keyflight verify`: folds the input topic
 //!   the way the engine does and checks every key's last push and every
 //!   dead letter. Pure; the topics are read by [`kafka::reader`].
