@@ -59,7 +59,8 @@ if ! "$venv/bin/python" -c 'import fastavro' >/dev/null 2>&1; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "fastavro==1.10.0"
 fi
-export KEYFLIGHT_TEST_PYTHON="$venv/bin/python"
+# Not KEYFLIGHT_*: that prefix is keyflight's configuration.
+export INTEROP_PYTHON="$venv/bin/python"
 
 # 4. Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
 #    simulation, broker, pipeline) and the benchmarks in test mode (each

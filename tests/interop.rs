@@ -4,7 +4,7 @@
 //! Both framings: Confluent's wire format (schema id from the config) and
 //! Avro single-object encoding.
 //!
-//! The interpreter: `$KEYFLIGHT_TEST_PYTHON`, else the virtualenv
+//! The interpreter: `$INTEROP_PYTHON`, else the virtualenv
 //! `scripts/test.sh` makes at `$HOME/.cache/keyflight/venv`. Missing, the
 //! test fails and says how to install it; it never skips.
 
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use support::{last_per_key, produce_bytes, read_all, wait_until, App, Broker};
 
 fn python() -> PathBuf {
-    let path = std::env::var_os("KEYFLIGHT_TEST_PYTHON")
+    let path = std::env::var_os("INTEROP_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let home = std::env::var_os("HOME").expect("HOME is set");
@@ -32,7 +32,7 @@ fn python() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "no Python with fastavro at {} (scripts/test.sh installs it; or set KEYFLIGHT_TEST_PYTHON)",
+        "no Python with fastavro at {} (scripts/test.sh installs it; or set INTEROP_PYTHON)",
         path.display()
     );
     path
