@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use keyflight::engine::{Event, Key, MergePolicy, Offer, Payload, Table, TableConfig, Value};
 use rand::{Rng, SeedableRng};
 use rand_distr::Zipf;
@@ -147,4 +147,41 @@ fn engine(c: &mut Criterion) {
 }
 
 criterion_group!(benches, engine);
-criterion_main!(benches);
+
+/// `ENGINE_BENCH_STEPS=n ENGINE_BENCH=immediate|delayed|baseline` runs that
+/// many steps of one driver outside criterion, for `valgrind --tool=callgrind`
+/// or `perf stat` (a fixed amount of work, so instruction counts compare).
+fn main() {
+    if let Ok(steps) = std::env::var("ENGINE_BENCH_STEPS") {
+        let steps: u64 = steps.parse().expect("ENGINE_BENCH_STEPS is a number");
+        let which = std::env::var("ENGINE_BENCH").unwrap_or_else(|_| "immediate".into());
+        let sequence = zipf_keys();
+        let elapsed = match which.as_str() {
+            "baseline" => {
+                let mut map: HashMap<Key, i64, ahash::RandomState> = HashMap::default();
+                let mut offset = 0usize;
+                timed(steps, || {
+                    let key = sequence[offset % SEQUENCE].clone();
+                    *map.entry(key).or_default() = offset as i64;
+                    offset += 1;
+                })
+            }
+            "immediate" => {
+                let mut driver = Driver::new(sequence);
+                timed(steps, || driver.immediate())
+            }
+            "delayed" => {
+                let mut driver = Driver::new(sequence);
+                timed(steps, || driver.delayed())
+            }
+            other => panic!("unknown ENGINE_BENCH {other}"),
+        };
+        eprintln!(
+            "{which}: {steps} steps in {elapsed:?} ({:.2} M/s)",
+            steps as f64 / elapsed.as_secs_f64() / 1e6
+        );
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

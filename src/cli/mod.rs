@@ -200,8 +200,11 @@ fn init_logging(settings: &Settings) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // A second initialisation (tests calling in twice) is harmless: keep the first.
     let _ = match settings.log_format {

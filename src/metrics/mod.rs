@@ -12,6 +12,7 @@
 //! and every assigned partition is restored and consuming. [`server`] serves
 //! `/metrics`, `/healthz` and `/readyz`.
 
+pub mod scrape;
 pub mod server;
 
 use std::collections::BTreeMap;

@@ -420,65 +420,8 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// A plain HTTP/1.0 GET: (status code, body).
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
-}
-
-/// Prometheus text as `name{labels}` → value (labels as exposed, sorted by
-/// the encoder), plus helpers to sum a family.
-pub struct Scrape(pub BTreeMap<String, f64>);
-
-impl Scrape {
-    pub fn parse(text: &str) -> Scrape {
-        Scrape(
-            text.lines()
-                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-                .filter_map(|l| {
-                    let (series, value) = l.rsplit_once(' ')?;
-                    Some((series.to_string(), value.parse().ok()?))
-                })
-                .collect(),
-        )
-    }
-
-    /// Sum over the series of `name` whose labels contain every `label="value"` in `having`.
-    pub fn sum(&self, name: &str, having: &[&str]) -> f64 {
-        self.series(name, having).map(|(_, v)| v).sum()
-    }
-
-    pub fn series<'a>(
-        &'a self,
-        name: &'a str,
-        having: &'a [&'a str],
-    ) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-        self.0.iter().filter_map(move |(series, value)| {
-            let labels = match series.strip_prefix(name)? {
-                "" => "",
-                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
-            };
-            having
-                .iter()
-                .all(|h| labels.split(',').any(|l| l == *h))
-                .then_some((labels, *value))
-        })
-    }
-}
+#[allow(unused_imports)] // not every test binary scrapes
+pub use keyflight::metrics::scrape::{http_get, Scrape};
 
 impl Drop for Processor {
     fn drop(&mut self) {

@@ -1,0 +1,106 @@
+//! The bare consume→produce copy: the practical limit of a processor on
+//! this broker and machine. It runs as its own process, like `keyflight
+//! run`, with the same librdkafka settings (keyflight's consumer and
+//! producer roles: a consumer group without auto-commit, an idempotent
+//! `acks=all` producer), and does nothing per record but forward it: no
+//! decoding, no state, no changelog. Offsets are committed every
+//! `commit_interval` without waiting for deliveries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use keyflight::config::Settings;
+use keyflight::kafka::{client_config, Role};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Announces assignments on stderr, where the driver waits for them.
+struct Announce;
+
+impl ClientContext for Announce {}
+
+impl ConsumerContext for Announce {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            eprintln!("copy: partitions assigned: {}", list.count());
+        }
+    }
+}
+
+/// Copies `input` to `output` until SIGTERM or SIGINT.
+pub fn run(settings: &Settings, input: &str, output: &str) -> Result<(), KafkaError> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let consumer: BaseConsumer<Announce> =
+        client_config(settings, Role::Consumer).create_with_context(Announce)?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client_config(settings, Role::Producer).create()?;
+    consumer.subscribe(&[input])?;
+
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut last_commit = Instant::now();
+    let mut copied = 0u64;
+    while !STOP.load(Ordering::Relaxed) {
+        if last_commit.elapsed() >= settings.commit_interval {
+            commit(&consumer, input, &positions, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let mut record = BaseRecord::<[u8], [u8]>::to(output);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = message.payload() {
+            record = record.payload(value);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1)); // the queue drains in the background
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        positions.insert(message.partition(), message.offset() + 1);
+        copied += 1;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    commit(&consumer, input, &positions, CommitMode::Sync);
+    eprintln!("copy: stopped after {copied} records");
+    Ok(())
+}
+
+fn commit(
+    consumer: &BaseConsumer<Announce>,
+    topic: &str,
+    positions: &HashMap<i32, i64>,
+    mode: CommitMode,
+) {
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in positions {
+        let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if offsets.count() > 0 {
+        if let Err(e) = consumer.commit(&offsets, mode) {
+            eprintln!("copy: commit failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The benchmark driver (`keyflight-bench run`, what `scripts/bench.sh`
+//! runs), CI-sized, on both brokers it is meant for: so the suite cannot
+//! rot. These check that every figure is produced and that the measured run
+//! was correct (`verify`); they assert nothing about speed, which is the
+//! benchmark's business (BENCHMARKS.md).
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::Broker;
+
+fn bench(brokers: Option<&str>) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight-bench"));
+    command.args([
+        "run",
+        "--events",
+        "3000",
+        "--keys",
+        "300",
+        "--partitions",
+        "3",
+        "--markers",
+        "3000",
+        "--latency-seconds",
+        "1",
+        "--verify",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    if let Some(brokers) = brokers {
+        command.args(["--brokers", brokers]);
+    }
+    let out = command.env_remove("RUST_LOG").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "bare copy",
+        "keyflight",
+        "throughput keyflight/copy",
+        "added latency",
+        "compensation scan",
+        "restore",
+        "peak RSS with",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+fn positive(report: &Value, path: &str) -> f64 {
+    let value = report
+        .pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} missing in {report:#}"));
+    assert!(value > 0.0, "{path} = {value} in {report:#}");
+    value
+}
+
+fn check(report: &Value) {
+    for path in [
+        "/load_events_per_s",
+        "/copy/events_per_s",
+        "/copy/peak_rss_mb",
+        "/keyflight/events_per_s",
+        "/keyflight/outputs_per_s",
+        "/keyflight/peak_rss_mb",
+        "/throughput_ratio",
+        "/latency/target_rate",
+        "/scan/open_scan_ms",
+        "/scan/full_scan_ms",
+        "/restore/seconds",
+        "/restore/records_per_s",
+        "/restore/peak_rss_mb",
+    ] {
+        positive(report, path);
+    }
+    assert_eq!(report["keyflight"]["verify"], true, "{report:#}");
+    assert!(positive(report, "/keyflight/collapse") >= 1.0);
+    assert_eq!(report["copy"]["outputs"], 3000);
+    assert_eq!(
+        report["latency"]["copy"]["samples"], report["latency"]["copy_events"],
+        "every copied record matches its event: {report:#}"
+    );
+    positive(report, "/latency/keyflight/samples");
+    assert!(report["latency"]["added_p99_ms"].is_i64(), "{report:#}");
+    assert_eq!(report["restore"]["markers"], 3000);
+    assert_eq!(report["scan"]["open"], 100);
+}
+
+#[test]
+fn the_benchmark_runs_on_the_mock_cluster() {
+    check(&bench(None));
+}
+
+#[test]
+fn the_benchmark_runs_on_tansu() {
+    let broker = Broker::start();
+    let report = bench(Some(&broker.bootstrap));
+    assert!(report["broker"].as_str().unwrap().starts_with("external"));
+    check(&report);
+}
