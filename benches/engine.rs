@@ -101,6 +101,7 @@ impl Driver {
     }
 }
 
+#[inline(never)] // one call per sample; a symbol for callgrind --toggle-collect
 fn timed(iters: u64, mut step: impl FnMut()) -> Duration {
     let start = Instant::now();
     for _ in 0..iters {

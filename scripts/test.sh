@@ -18,53 +18,16 @@ mkdir -p "$cache"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-say() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+setup_system_packages
+setup_tansu
+setup_fastavro
 
-# 1. System packages: libclang for rocksdb's bindgen, a C/C++ toolchain and
-#    OpenSSL headers for librdkafka.
-missing=()
-for pkg in libclang-dev pkg-config libssl-dev make g++ zlib1g-dev; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    say "installing system packages: ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
-
-# 2. The broker the tests run against: Tansu 0.6.0 with SQLite storage.
-tansu="$cache/tansu/bin/tansu"
-if [ ! -x "$tansu" ]; then
-    say "installing the Tansu broker into $cache/tansu (once, about 15 minutes)"
-    CARGO_TARGET_DIR="$cache/tansu-target" \
-        cargo install tansu --version 0.6.0 --features libsql --locked --root "$cache/tansu"
-fi
-export TANSU_BIN="$tansu"
-"$TANSU_BIN" --version
-
-# 3. Python's fastavro, the third-party Avro implementation of the interop
-#    test (tests/interop.rs), in a virtualenv of its own.
-venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import fastavro' >/dev/null 2>&1; then
-    say "installing fastavro into $venv"
-    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-        sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3 python3-venv
-    fi
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "fastavro==1.10.0"
-fi
-# Not KEYFLIGHT_*: that prefix is keyflight's configuration.
-export INTEROP_PYTHON="$venv/bin/python"
-
-# 4. Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
-#    simulation, broker, pipeline) and the benchmarks in test mode (each
-#    runs once). There are no doc tests (lib.rs code blocks are text).
+# Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
+# simulation, broker, pipeline, recovery, operability, interop, deployment
+# files, the benchmark driver CI-sized) and the criterion benchmark in test
+# mode (each runs once). There are no doc tests (lib.rs code blocks are text).
 say "building and running the tests"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

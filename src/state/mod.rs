@@ -3,7 +3,10 @@
 //!
 //! * column family `markers`: key → encoded [`Marker`];
 //! * column family `open`: key → t1 (big-endian), the index of open markers,
-//!   so the compensation scan costs O(open markers), not O(keys).
+//!   mirrored in memory while the store is open, so the compensation scan
+//!   costs O(open markers), not O(keys): RocksDB iterators step over every
+//!   delete tombstone, and closing a marker deletes its index entry, so a
+//!   scan of the column family would grow with the keys ever pushed.
 //!
 //! The changelog topic is the durable log, so RocksDB's WAL is off. The
 //! checkpoint file records the changelog offset the store is complete up to;
@@ -14,7 +17,9 @@
 
 pub mod marker;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -51,6 +56,8 @@ pub struct Store {
     path: PathBuf,
     codec: MarkerCodec,
     no_wal: WriteOptions,
+    /// The `open` column family in memory: key → t1.
+    open: Mutex<BTreeMap<Vec<u8>, u64>>,
 }
 
 /// How a store was opened.
@@ -130,7 +137,14 @@ impl Store {
             path: path.to_path_buf(),
             codec: MarkerCodec::new(),
             no_wal,
+            open: Mutex::default(),
         };
+        // Drop the index's tombstones once, then read what is open.
+        let open = store.cf(OPEN);
+        store
+            .db
+            .compact_range_cf(open, None::<&[u8]>, None::<&[u8]>);
+        store.load_open_index()?;
         Ok((
             store,
             checkpoint.map_or(Opened::Empty, Opened::FromCheckpoint),
@@ -154,7 +168,9 @@ impl Store {
             path: path.to_path_buf(),
             codec: MarkerCodec::new(),
             no_wal: WriteOptions::default(),
+            open: Mutex::default(),
         };
+        store.load_open_index()?;
         Ok((store, checkpoint))
     }
 
@@ -212,12 +228,35 @@ impl Store {
 
     /// Removes a key's state (a delete was acknowledged).
     pub fn delete(&self, key: &[u8]) -> Result<(), StateError> {
+        let mut open = self.open_index();
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(MARKERS), key);
-        batch.delete_cf(self.cf(OPEN), key);
+        let was_open = open.contains_key(key);
+        if was_open {
+            batch.delete_cf(self.cf(OPEN), key);
+        }
         self.db
             .write_opt(batch, &self.no_wal)
-            .map_err(|e| self.rocks(e))
+            .map_err(|e| self.rocks(e))?;
+        open.remove(key);
+        Ok(())
+    }
+
+    fn open_index(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, u64>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load_open_index(&self) -> Result<(), StateError> {
+        let mut open = self.open_index();
+        for item in self
+            .db
+            .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
+        {
+            let (key, t1) = item.map_err(|e| self.rocks(e))?;
+            let t1 = t1.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            open.insert(key.to_vec(), t1);
+        }
+        Ok(())
     }
 
     /// Applies one changelog record during restore (`None` = tombstone).
@@ -234,18 +273,16 @@ impl Store {
     /// Open markers whose t1 is at or before `started_before` (nanoseconds),
     /// read from the open index only.
     pub fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
-        {
-            let (key, t1) = item.map_err(|e| self.rocks(e))?;
-            let t1 = t1.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if t1 > started_before {
-                continue;
-            }
+        let due: Vec<Vec<u8>> = self
+            .open_index()
+            .iter()
+            .filter(|(_, t1)| **t1 <= started_before)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for key in due {
             if let Some(marker) = self.get(&key)? {
-                out.push((Bytes::copy_from_slice(&key), marker));
+                out.push((Bytes::from(key), marker));
             }
         }
         Ok(out)
@@ -253,15 +290,7 @@ impl Store {
 
     /// How many markers are open (the open index's size).
     pub fn open_count(&self) -> Result<usize, StateError> {
-        let mut count = 0;
-        for item in self
-            .db
-            .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
-        {
-            item.map_err(|e| self.rocks(e))?;
-            count += 1;
-        }
-        Ok(count)
+        Ok(self.open_index().len())
     }
 
     /// Every marker (for restore checks and `state inspect`).
@@ -296,16 +325,25 @@ impl Store {
     }
 
     fn write_encoded(&self, key: &[u8], marker: &Marker, encoded: &[u8]) -> Result<(), StateError> {
+        let mut open = self.open_index();
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(MARKERS), key, encoded);
+        let was_open = open.contains_key(key);
         if marker.is_open() {
             batch.put_cf(self.cf(OPEN), key, marker.t1.to_be_bytes());
-        } else {
+        } else if was_open {
+            // Only an entry that exists is deleted: no needless tombstones.
             batch.delete_cf(self.cf(OPEN), key);
         }
         self.db
             .write_opt(batch, &self.no_wal)
-            .map_err(|e| self.rocks(e))
+            .map_err(|e| self.rocks(e))?;
+        if marker.is_open() {
+            open.insert(key.to_vec(), marker.t1);
+        } else if was_open {
+            open.remove(key);
+        }
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
