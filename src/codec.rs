@@ -18,7 +18,7 @@
 //! the dead-letter reason; no input makes a decoder panic.
 
 use apache_avro::types::Value as Avro;
-use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+use apache_avro::{GenericSingleObjectReader, Schema};
 
 /// The bytes before an Avro datum.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +92,8 @@ pub struct Codec {
     version_field: String,
     max_value_bytes: usize,
     avro: Option<(Schema, GenericSingleObjectReader)>,
+    /// `C3 01` and the event schema's fingerprint, computed once.
+    single_object_header: Vec<u8>,
     framing: AvroFraming,
     schema_id: u32,
 }
@@ -114,6 +116,10 @@ impl Codec {
             policy,
             version_field: version_field.into(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            single_object_header: avro.as_ref().map_or_else(Vec::new, |(schema, _)| {
+                let header = apache_avro::headers::RabinFingerprintHeader::from_schema(schema);
+                apache_avro::headers::HeaderBuilder::build_header(&header)
+            }),
             avro,
             framing: AvroFraming::SingleObject,
             schema_id: 0,
@@ -273,21 +279,16 @@ impl Codec {
     fn write_avro(&self, schema: &Schema, record: Avro) -> Bytes {
         let mut out = Vec::with_capacity(256);
         match self.framing {
-            AvroFraming::SingleObject => {
-                GenericSingleObjectWriter::new_with_capacity(schema, 256)
-                    .expect("event schema resolves")
-                    .write_value_ref(&record, &mut out)
-                    .expect("a push always matches the event schema");
-            }
+            AvroFraming::SingleObject => out.extend_from_slice(&self.single_object_header),
             AvroFraming::Confluent => {
                 out.push(CONFLUENT_MAGIC);
                 out.extend_from_slice(&self.schema_id.to_be_bytes());
-                out.extend(
-                    apache_avro::to_avro_datum(schema, record)
-                        .expect("a push always matches the event schema"),
-                );
             }
         }
+        out.extend(
+            apache_avro::to_avro_datum(schema, record)
+                .expect("a push always matches the event schema"),
+        );
         Bytes::from(out)
     }
 }
@@ -512,7 +513,7 @@ mod tests {
             ),
         ]);
         let mut out = Vec::new();
-        GenericSingleObjectWriter::new_with_capacity(&schema, 64)
+        apache_avro::GenericSingleObjectWriter::new_with_capacity(&schema, 64)
             .unwrap()
             .write_value_ref(&record, &mut out)
             .unwrap();

@@ -43,6 +43,7 @@ pub enum MergeError {
 impl MergePolicy {
     /// Folds `incoming` into `current` (the key's whole value so far, `None`
     /// when nothing is known). On error `current` is left untouched.
+    #[inline]
     pub fn fold(self, current: &mut Option<Payload>, incoming: Payload) -> Result<(), MergeError> {
         match (self, incoming) {
             (MergePolicy::Latest, incoming)
@@ -67,6 +68,7 @@ impl MergePolicy {
 
     /// Whether an idle key's value must stay in memory between pushes: a
     /// merge patch folds onto it, while `latest` never needs the old value.
+    #[inline]
     pub fn retains_value(self) -> bool {
         matches!(self, MergePolicy::JsonMergePatch)
     }

@@ -4,20 +4,33 @@
 //! its effect is durable downstream (the push that carries it was
 //! acknowledged, it was dropped as stale, or its dead letter was written).
 //! The commit position is the smallest tracked offset that is not done yet,
-//! or one past the highest tracked offset when everything is done. Offsets
-//! arrive in increasing order but may have gaps (compaction, transaction
-//! markers), so the tracker keeps `(offset, done)` pairs, not a dense bitmap.
+//! or one past the highest tracked offset when everything is done.
+//!
+//! Offsets become done in *groups*: all the events one push carries are
+//! acknowledged together. So the tracker keeps one entry per group (its
+//! first, i.e. smallest, offset and whether it is done), not one per offset:
+//! a group's later offsets are all above its first, and the position never
+//! passes an open group's first offset. Offsets arrive in increasing order but
+//! may have gaps (compaction, transaction markers), which cost nothing here.
 
 use std::collections::VecDeque;
 
 /// Tracks in-progress offsets of one partition. Pure data, no I/O.
 #[derive(Debug, Default, Clone)]
 pub struct OffsetTracker {
-    /// Tracked offsets from the oldest not-done one upwards, in order.
+    /// Groups from the oldest not-done one upwards, in offset order: first
+    /// offset and done flag.
     window: VecDeque<(i64, bool)>,
+    /// Sequence number of `window[0]` (groups are numbered as they open).
+    front: u64,
     /// One past the highest offset tracked so far.
     next: Option<i64>,
 }
+
+/// A group of offsets that become done together, opened by
+/// [`OffsetTracker::open`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group(u64);
 
 /// An offset handed to the tracker out of order (not above the last one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,37 +48,64 @@ impl OffsetTracker {
     /// Starts tracking `offset`; it holds the commit position until
     /// [`complete`](Self::complete) is called for it.
     pub fn track(&mut self, offset: i64) -> Result<(), OutOfOrder> {
-        self.advance(offset)?;
-        self.window.push_back((offset, false));
-        Ok(())
+        self.open(offset).map(drop)
     }
 
     /// Tracks an offset that is already done (a stale event, for instance).
+    #[inline]
     pub fn track_done(&mut self, offset: i64) -> Result<(), OutOfOrder> {
-        self.advance(offset)?;
-        if !self.window.is_empty() {
-            self.window.push_back((offset, true));
-        }
-        Ok(())
+        self.advance(offset)
     }
 
     /// Marks a tracked offset done. Returns false when the offset is not
-    /// outstanding (never tracked, or already done).
+    /// outstanding (never tracked, already done, or a later member of a
+    /// group rather than its first).
     pub fn complete(&mut self, offset: i64) -> bool {
         let Ok(index) = self.window.binary_search_by_key(&offset, |&(o, _)| o) else {
             return false;
         };
-        if std::mem::replace(&mut self.window[index].1, true) {
+        self.close(Group(self.front + index as u64))
+    }
+
+    /// Starts tracking `offset` as the first of a new group: it and the
+    /// offsets later [`join`](Self::join)ed to the group hold the commit
+    /// position until [`close`](Self::close) is called for it.
+    #[inline]
+    pub fn open(&mut self, offset: i64) -> Result<Group, OutOfOrder> {
+        self.advance(offset)?;
+        self.window.push_back((offset, false));
+        Ok(Group(self.front + self.window.len() as u64 - 1))
+    }
+
+    /// Tracks `offset` as a member of a group that is open: it becomes done
+    /// when that group closes. (Every open group's first offset is below it,
+    /// so it needs no entry of its own.)
+    #[inline]
+    pub fn join(&mut self, offset: i64) -> Result<(), OutOfOrder> {
+        self.advance(offset)
+    }
+
+    /// Marks every offset of the group done. Returns false when the group
+    /// was already closed.
+    #[inline]
+    pub fn close(&mut self, group: Group) -> bool {
+        let Some(index) = group.0.checked_sub(self.front) else {
             return false;
+        };
+        match self.window.get_mut(index as usize) {
+            Some((_, done)) if !*done => *done = true,
+            _ => return false,
         }
         while matches!(self.window.front(), Some(&(_, true))) {
             self.window.pop_front();
+            self.front += 1;
         }
         true
     }
 
     /// The position safe to commit: the smallest offset not yet done, or one
     /// past the highest tracked offset. `None` before anything was tracked.
+    #[inline]
     pub fn position(&self) -> Option<i64> {
         match self.window.front() {
             Some(&(offset, _)) => Some(offset),
@@ -73,12 +113,14 @@ impl OffsetTracker {
         }
     }
 
-    /// How many offsets are tracked and not done.
+    /// How many groups (single offsets tracked with [`track`](Self::track),
+    /// or groups opened with [`open`](Self::open)) are not done.
     pub fn outstanding(&self) -> usize {
         self.window.iter().filter(|(_, done)| !done).count()
     }
 
     /// Whether `offset` may be tracked next (it is above every tracked one).
+    #[inline]
     pub fn check(&self, offset: i64) -> Result<(), OutOfOrder> {
         match self.next {
             Some(next) if offset < next => Err(OutOfOrder {
@@ -89,6 +131,7 @@ impl OffsetTracker {
         }
     }
 
+    #[inline]
     fn advance(&mut self, offset: i64) -> Result<(), OutOfOrder> {
         self.check(offset)?;
         self.next = Some(offset + 1);

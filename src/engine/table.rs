@@ -16,18 +16,18 @@
 //! Case 2. The table is pure: the caller passes the clock in, performs the
 //! pushes and reports their outcome back.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 
 use bytes::Bytes;
 
 use super::merge::{MergeError, MergePolicy, Payload};
-use super::offsets::{OffsetTracker, OutOfOrder};
+use super::offsets::{Group, OffsetTracker, OutOfOrder};
 
 /// A record key. Cheap to clone (reference counted).
 pub type Key = Bytes;
 
 /// How the table stores keys: inline up to 24 bytes, so a lookup compares
-/// bytes in the hash-map bucket itself instead of chasing a pointer.
+/// bytes in the entry itself instead of chasing a pointer.
 type StoredKey = smallvec::SmallVec<[u8; 24]>;
 
 /// One input event, decoded.
@@ -44,6 +44,7 @@ pub struct Event {
 
 impl Event {
     /// The version that orders this event among its key's events.
+    #[inline]
     pub fn effective_version(&self) -> u64 {
         self.version.unwrap_or(self.offset.max(0) as u64)
     }
@@ -102,62 +103,245 @@ pub struct TableStats {
     pub failed: u64,
 }
 
-/// Events folded together and not yet acknowledged downstream.
-#[derive(Debug, Default)]
+/// Events folded together and not yet acknowledged downstream. Their offsets
+/// form one group of the offset tracker: they become done together.
+#[derive(Clone, Copy, Debug)]
 struct Batch {
     version: u64,
-    offsets: Vec<i64>,
+    /// The offsets' group; `None` exactly when the batch holds no event.
+    group: Option<Group>,
+    /// How many events; 0 for a compensation push (or no pending push).
     merged: u32,
 }
 
 impl Batch {
-    /// Folds an older batch (a failed push) into this newer one.
-    fn absorb_older(&mut self, older: Batch) {
+    const EMPTY: Batch = Batch {
+        version: 0,
+        group: None,
+        merged: 0,
+    };
+
+    /// Folds an older batch (a failed push) into this newer one. The older
+    /// batch's group has the smaller offsets, so it stands for both: this
+    /// batch's own group closes (the older one holds the position below
+    /// every offset of both until the merged batch is acknowledged).
+    fn absorb_older(&mut self, older: Batch, offsets: &mut OffsetTracker) {
         self.version = self.version.max(older.version);
-        self.offsets.extend(older.offsets);
         self.merged += older.merged;
+        if let Some(older_group) = older.group {
+            if let Some(own) = self.group.replace(older_group) {
+                offsets.close(own);
+            }
+        }
     }
 }
 
-#[derive(Debug)]
-struct Flight {
-    tn: u64,
-    batch: Batch,
-}
-
-/// What a key with a push in flight needs besides its [`KeyState`]; kept in
-/// a slab so the per-key entry of every known key stays small.
+/// What a key with a push in flight needs besides its [`Entry`]; kept in a
+/// slab so the entry of every known key stays small.
 #[derive(Debug)]
 struct Active {
-    flight: Flight,
-    /// Events that arrived during the flight, folded into the next push.
-    pending: Option<Batch>,
+    /// Start time of the push in flight.
+    tn: u64,
+    /// The events the push in flight carries.
+    flight: Batch,
+    /// Events that arrived during the flight, folded into the next push
+    /// (`merged == 0`: none).
+    pending: Batch,
+    /// The key's whole current value, not yet handed to a push. Under
+    /// `latest` a push takes it; under `json-merge-patch` it stays, since
+    /// the next patch folds onto it, and goes back to
+    /// [`Table::values`] when the key turns idle.
+    current: Option<Payload>,
 }
 
+/// Per known key: one bucket of [`Keys`], a cache line.
 #[derive(Debug, Default)]
-struct KeyState {
+#[repr(align(64))]
+struct Entry {
+    key: StoredKey,
     /// Newest version accepted for this key (pushed, in flight or pending),
     /// meaningful when `versioned`.
     newest_version: u64,
     /// Last tn handed out, so tn never goes backwards for the key.
     last_tn: u64,
-    /// The key's whole current value, not yet handed to a push. Under
-    /// `latest` the push takes it; under `json-merge-patch` it stays, since
-    /// the next patch folds onto it.
-    current: Option<Payload>,
+    /// The high half of the key's hash with the top bit set; 0 in an empty
+    /// bucket.
+    tag: u32,
     /// 1 + the index of the key's [`Active`] state in the slab; 0 when idle.
     slot: u32,
+    /// The key's number, in the order keys became known (stable, unlike the
+    /// bucket, which moves when the table grows).
+    id: u32,
     versioned: bool,
 }
 
-impl KeyState {
+// One entry per cache line.
+const _: () = assert!(std::mem::size_of::<Entry>() == 64);
+
+impl Entry {
+    #[inline]
+    fn is_stale(&self, version: u64) -> bool {
+        self.versioned && version <= self.newest_version
+    }
+
+    #[inline]
     fn newest(&self) -> Option<u64> {
         self.versioned.then_some(self.newest_version)
     }
 
+    #[inline]
     fn set_newest(&mut self, version: u64) {
         self.newest_version = version;
         self.versioned = true;
+    }
+
+    /// `tn = max(now, last_tn + 1)`, recorded as the key's last.
+    #[inline]
+    fn next_tn(&mut self, now_ns: u64) -> u64 {
+        let tn = now_ns.max(self.last_tn + 1);
+        self.last_tn = tn;
+        tn
+    }
+}
+
+/// The known keys: an open-addressing hash table with linear probing whose
+/// buckets are the entries themselves, so finding a key costs one cache
+/// line (its bucket) rather than an index slot and then the entry. Each call
+/// hashes the key once (ahash, randomly seeded); a probe compares the key
+/// only when the 32-bit tag matches. At most [`Keys::MAX_LOAD`] full; keys
+/// are never removed.
+#[derive(Debug)]
+struct Keys {
+    hasher: ahash::RandomState,
+    buckets: Vec<Entry>,
+    len: usize,
+}
+
+impl Keys {
+    const INITIAL_BUCKETS: usize = 16;
+    /// Maximum load factor, as a fraction (numerator, denominator).
+    const MAX_LOAD: (usize, usize) = (1, 2);
+
+    fn new() -> Self {
+        Self {
+            hasher: ahash::RandomState::new(),
+            buckets: empty_buckets(Self::INITIAL_BUCKETS),
+            len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn hash(&self, key: &[u8]) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(key);
+        hasher.finish()
+    }
+
+    #[inline(always)]
+    fn tag(hash: u64) -> u32 {
+        (hash >> 32) as u32 | 1 << 31
+    }
+
+    /// `Ok(bucket)` of `key`, or `Err(empty bucket)` where it would go.
+    #[inline(always)]
+    fn find(&self, key: &[u8], hash: u64) -> Result<usize, usize> {
+        let mask = self.buckets.len() - 1;
+        let tag = Self::tag(hash);
+        let mut pos = hash as usize & mask;
+        loop {
+            let entry = &self.buckets[pos];
+            if entry.tag == tag && same_key(&entry.key, key) {
+                return Ok(pos);
+            }
+            if entry.tag == 0 {
+                return Err(pos);
+            }
+            pos = (pos + 1) & mask;
+        }
+    }
+
+    /// The bucket of `key`, if known.
+    #[inline(always)]
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.find(key, self.hash(key)).ok()
+    }
+
+    /// The bucket of `key`, and whether the key is new (created idle).
+    #[inline(always)]
+    fn get_or_insert(&mut self, key: &[u8]) -> (usize, bool) {
+        let hash = self.hash(key);
+        match self.find(key, hash) {
+            Ok(pos) => (pos, false),
+            Err(pos) => (self.insert(key, hash, pos), true),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn insert(&mut self, key: &[u8], hash: u64, mut pos: usize) -> usize {
+        assert!(self.len < u32::MAX as usize, "too many keys for one table");
+        let (num, den) = Self::MAX_LOAD;
+        if (self.len + 1) * den > self.buckets.len() * num {
+            self.grow();
+            pos = self
+                .find(key, hash)
+                .expect_err("a new key is not in the table");
+        }
+        self.buckets[pos] = Entry {
+            key: StoredKey::from_slice(key),
+            tag: Self::tag(hash),
+            id: self.len as u32,
+            ..Entry::default()
+        };
+        self.len += 1;
+        pos
+    }
+
+    fn grow(&mut self) {
+        let bigger = empty_buckets(self.buckets.len() * 2);
+        let old = std::mem::replace(&mut self.buckets, bigger);
+        let mask = self.buckets.len() - 1;
+        for entry in old.into_iter().filter(|entry| entry.tag != 0) {
+            let mut pos = self.hash(&entry.key) as usize & mask;
+            while self.buckets[pos].tag != 0 {
+                pos = (pos + 1) & mask;
+            }
+            self.buckets[pos] = entry;
+        }
+    }
+}
+
+fn empty_buckets(n: usize) -> Vec<Entry> {
+    let mut v: Vec<Entry> = Vec::with_capacity(n);
+    let bytes = n * 64;
+    if bytes >= 4 << 20 {
+        let start = v.as_ptr() as usize;
+        let lo = (start + (2 << 20) - 1) & !((2 << 20) - 1);
+        let hi = (start + bytes) & !((2 << 20) - 1);
+        if hi > lo {
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.extend(std::iter::repeat_with(Entry::default).take(n));
+    v
+}
+
+/// Byte equality, without a `memcmp` call for the usual short keys.
+#[inline(always)]
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().unwrap());
+    let half = |s: &[u8], at: usize| u32::from_ne_bytes(s[at..at + 4].try_into().unwrap());
+    match n {
+        // Two overlapping loads cover the key.
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        _ => a == b,
     }
 }
 
@@ -182,32 +366,50 @@ impl Default for TableConfig {
 #[derive(Debug)]
 pub struct Table {
     config: TableConfig,
-    keys: HashMap<StoredKey, KeyState, ahash::RandomState>,
-    /// In-flight state of active keys, indexed by `KeyState::slot - 1`;
-    /// the keys in flight are the occupied slots.
-    flights: Vec<Option<Active>>,
+    keys: Keys,
+    /// The current value of each idle key, by [`Entry::id`], when the policy
+    /// retains values (`json-merge-patch`); empty otherwise. A key in flight
+    /// keeps it in its [`Active::current`].
+    values: Vec<Option<Payload>>,
+    /// In-flight state of active keys, indexed by `Entry::slot - 1`; the
+    /// keys in flight are the slots not in `free_slots`.
+    flights: Vec<Active>,
     free_slots: Vec<u32>,
     offsets: OffsetTracker,
     stats: TableStats,
-    /// Emptied offset vectors, reused so steady state does not allocate.
-    spare: Vec<Vec<i64>>,
 }
 
 impl Table {
     pub fn new(config: TableConfig) -> Self {
         Self {
             config,
-            keys: HashMap::default(),
+            keys: Keys::new(),
+            values: Vec::new(),
             flights: Vec::new(),
             free_slots: Vec::new(),
             offsets: OffsetTracker::new(),
             stats: TableStats::default(),
-            spare: Vec::new(),
         }
     }
 
     pub fn policy(&self) -> MergePolicy {
         self.config.policy
+    }
+
+    /// The bucket of `key`, created idle when the key is new.
+    #[inline(always)]
+    fn entry_of(&mut self, key: &[u8]) -> usize {
+        let (pos, new) = self.keys.get_or_insert(key);
+        if new && self.config.policy.retains_value() {
+            self.values.push(None);
+        }
+        pos
+    }
+
+    /// Where an idle key keeps its value (`json-merge-patch` only).
+    #[inline]
+    fn value_of(&mut self, pos: usize) -> &mut Option<Payload> {
+        &mut self.values[self.keys.buckets[pos].id as usize]
     }
 
     /// Takes in one event. Events of a partition must be offered in offset order.
@@ -216,53 +418,54 @@ impl Table {
         self.offsets.check(event.offset)?;
         let version = event.effective_version();
         let policy = self.config.policy;
-        let state = self
-            .keys
-            .entry(StoredKey::from_slice(&event.key))
-            .or_default();
-        if state.newest().is_some_and(|newest| version <= newest) {
+        let pos = self.entry_of(&event.key);
+        let entry = &mut self.keys.buckets[pos];
+        if entry.is_stale(version) {
             self.offsets.track_done(event.offset)?;
             self.stats.events += 1;
             self.stats.stale += 1;
             return Ok(Offer::Stale);
         }
-        policy.fold(&mut state.current, event.payload)?;
-        self.offsets.track(event.offset)?;
-        self.stats.events += 1;
-        state.set_newest(version);
 
-        if state.slot != 0 {
-            let active = self.flights[state.slot as usize - 1]
-                .as_mut()
-                .expect("an active key's slot is in use");
-            let pending = active.pending.get_or_insert_with(|| Batch {
-                offsets: self.spare.pop().unwrap_or_default(),
-                ..Batch::default()
-            });
+        if entry.slot != 0 {
+            let active = &mut self.flights[entry.slot as usize - 1];
+            policy.fold(&mut active.current, event.payload)?;
+            entry.set_newest(version);
+            let pending = &mut active.pending;
+            if pending.merged == 0 {
+                pending.group = Some(self.offsets.open(event.offset)?);
+            } else {
+                self.offsets.join(event.offset)?;
+            }
             pending.version = version;
-            pending.offsets.push(event.offset);
             pending.merged += 1;
+            self.stats.events += 1;
             self.stats.merged += 1;
             return Ok(Offer::Merged);
         }
-        let mut offsets = self.spare.pop().unwrap_or_default();
-        offsets.push(event.offset);
+
+        let mut current = if policy.retains_value() {
+            self.value_of(pos).take()
+        } else {
+            None
+        };
+        if let Err(e) = policy.fold(&mut current, event.payload) {
+            if policy.retains_value() {
+                *self.value_of(pos) = current;
+            }
+            return Err(e.into());
+        }
+        self.keys.buckets[pos].set_newest(version);
         let batch = Batch {
             version,
-            offsets,
+            group: Some(self.offsets.open(event.offset)?),
             merged: 1,
         };
+        self.stats.events += 1;
         self.stats.pushes_started += 1;
-        let push = start_idle(
-            event.key,
-            state,
-            batch,
-            now_ns,
-            policy,
-            &mut self.flights,
-            &mut self.free_slots,
-        );
-        Ok(Offer::Started(push))
+        Ok(Offer::Started(
+            self.start_idle(event.key, pos, batch, current, now_ns),
+        ))
     }
 
     /// The push `(key, tn)` was acknowledged. Returns the next push of the
@@ -273,33 +476,33 @@ impl Table {
         tn: u64,
         now_ns: u64,
     ) -> Result<Option<Push>, EngineError> {
-        let policy = self.config.policy;
-        let (state, slot, active) = take_active(&mut self.keys, &mut self.flights, key, tn)?;
-        let Active {
-            flight: Flight { mut batch, .. },
-            pending,
-        } = active;
-        for offset in batch.offsets.drain(..) {
-            self.offsets.complete(offset);
+        let (pos, slot) = self.flight_of(key, tn)?;
+        let retains = self.config.policy.retains_value();
+        let entry = &mut self.keys.buckets[pos];
+        let active = &mut self.flights[slot];
+        if let Some(group) = active.flight.group {
+            self.offsets.close(group);
         }
-        self.spare.push(batch.offsets);
         self.stats.acked += 1;
-        match pending {
-            Some(pending) => {
-                self.stats.pushes_started += 1;
-                let (push, flight) = start_flight(key.clone(), state, pending, now_ns, policy);
-                self.flights[slot] = Some(Active {
-                    flight,
-                    pending: None,
-                });
-                Ok(Some(push))
+        if active.pending.merged == 0 {
+            if retains {
+                self.values[entry.id as usize] = active.current.take();
             }
-            None => {
-                state.slot = 0;
-                self.free_slots.push(slot as u32);
-                Ok(None)
-            }
+            active.flight = Batch::EMPTY;
+            entry.slot = 0;
+            self.free_slots.push(slot as u32);
+            return Ok(None);
         }
+        let batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
+        self.stats.pushes_started += 1;
+        Ok(Some(start_flight(
+            key.clone(),
+            entry,
+            active,
+            batch,
+            now_ns,
+            retains,
+        )))
     }
 
     /// The push failed for good (after the client's own retries). Its marker
@@ -308,28 +511,20 @@ impl Table {
     /// push's events too. The caller may delay producing the returned push
     /// (backoff); the key counts as in flight.
     pub fn fail(&mut self, failed: Push, now_ns: u64) -> Result<Push, EngineError> {
-        let policy = self.config.policy;
-        let (state, slot, active) =
-            take_active(&mut self.keys, &mut self.flights, &failed.key, failed.tn)?;
-        if state.current.is_none() {
-            state.current = Some(failed.payload);
+        let (pos, slot) = self.flight_of(&failed.key, failed.tn)?;
+        let retains = self.config.policy.retains_value();
+        let entry = &mut self.keys.buckets[pos];
+        let active = &mut self.flights[slot];
+        if active.current.is_none() {
+            active.current = Some(failed.payload);
         }
-        let mut retry = match active.pending {
-            Some(pending) => pending,
-            None => Batch {
-                offsets: self.spare.pop().unwrap_or_default(),
-                ..Batch::default()
-            },
-        };
-        retry.absorb_older(active.flight.batch);
+        let mut retry = std::mem::replace(&mut active.pending, Batch::EMPTY);
+        retry.absorb_older(active.flight, &mut self.offsets);
         self.stats.failed += 1;
         self.stats.pushes_started += 1;
-        let (push, flight) = start_flight(failed.key, state, retry, now_ns, policy);
-        self.flights[slot] = Some(Active {
-            flight,
-            pending: None,
-        });
-        Ok(push)
+        Ok(start_flight(
+            failed.key, entry, active, retry, now_ns, retains,
+        ))
     }
 
     /// Compensation: re-push the stored `(version, payload)` of a key whose
@@ -343,48 +538,45 @@ impl Table {
         payload: Payload,
         now_ns: u64,
     ) -> Option<Push> {
-        let policy = self.config.policy;
-        let state = self.keys.entry(StoredKey::from_slice(key)).or_default();
-        if state.slot != 0 || state.newest().is_some_and(|newest| newest > version) {
+        let pos = self.entry_of(key);
+        let entry = &mut self.keys.buckets[pos];
+        if entry.slot != 0 || entry.newest().is_some_and(|newest| newest > version) {
             self.stats.compensations_skipped += 1;
             return None;
         }
-        state.set_newest(version);
-        if state.current.is_none() {
-            state.current = Some(payload);
+        entry.set_newest(version);
+        let mut current = if self.config.policy.retains_value() {
+            self.value_of(pos).take()
+        } else {
+            None
+        };
+        if current.is_none() {
+            current = Some(payload);
         }
         self.stats.compensations_started += 1;
         let batch = Batch {
             version,
-            offsets: self.spare.pop().unwrap_or_default(),
-            merged: 0,
+            ..Batch::EMPTY
         };
-        Some(start_idle(
-            key.clone(),
-            state,
-            batch,
-            now_ns,
-            policy,
-            &mut self.flights,
-            &mut self.free_slots,
-        ))
+        Some(self.start_idle(key.clone(), pos, batch, current, now_ns))
     }
 
     /// Seeds an idle key from durable state (its marker after a restore):
     /// replayed events not newer than `version` are then dropped as stale,
     /// and merge patches fold onto `payload`.
     pub fn seed(&mut self, key: Key, version: u64, last_tn: u64, payload: Option<Payload>) {
-        let state = self.keys.entry(StoredKey::from_slice(&key)).or_default();
-        if state.slot != 0 {
+        let pos = self.entry_of(&key);
+        let entry = &mut self.keys.buckets[pos];
+        if entry.slot != 0 {
             return;
         }
-        if state.newest().is_none_or(|newest| newest < version) {
-            state.set_newest(version);
+        entry.last_tn = entry.last_tn.max(last_tn);
+        if entry.newest().is_none_or(|newest| newest < version) {
+            entry.set_newest(version);
             if self.config.policy.retains_value() {
-                state.current = payload;
+                *self.value_of(pos) = payload;
             }
         }
-        state.last_tn = state.last_tn.max(last_tn);
     }
 
     /// Holds the commit position at `offset` for a record handled outside the
@@ -406,12 +598,14 @@ impl Table {
     /// Whether the table has any state for the key (else the caller may
     /// [`seed`](Self::seed) it from the store first).
     pub fn knows(&self, key: &[u8]) -> bool {
-        self.keys.contains_key(key)
+        self.keys.get(key).is_some()
     }
 
     /// Whether the key has a push in flight.
     pub fn in_flight(&self, key: &[u8]) -> bool {
-        self.keys.get(key).is_some_and(|s| s.slot != 0)
+        self.keys
+            .get(key)
+            .is_some_and(|pos| self.keys.buckets[pos].slot != 0)
     }
 
     /// Keys with a push in flight (each may also have a pending push).
@@ -427,90 +621,88 @@ impl Table {
 
     /// Keys the table knows (active and idle).
     pub fn known_keys(&self) -> usize {
-        self.keys.len()
+        self.keys.len
     }
 
     pub fn stats(&self) -> TableStats {
         self.stats
     }
-}
 
-/// Takes the in-flight state of `key` out of its slot when its flight is
-/// `tn` (free functions over the table's fields, so the caller can keep
-/// using the other fields while it holds the key's state).
-fn take_active<'a>(
-    keys: &'a mut HashMap<StoredKey, KeyState, ahash::RandomState>,
-    flights: &mut [Option<Active>],
-    key: &Key,
-    tn: u64,
-) -> Result<(&'a mut KeyState, usize, Active), EngineError> {
-    let state = keys
-        .get_mut(&key[..])
-        .ok_or(EngineError::UnknownPush { tn })?;
-    let slot = (state.slot as usize)
-        .checked_sub(1)
-        .ok_or(EngineError::UnknownPush { tn })?;
-    match flights[slot].take_if(|active| active.flight.tn == tn) {
-        Some(active) => Ok((state, slot, active)),
-        None => Err(EngineError::UnknownPush { tn }),
+    /// The bucket and slab slot of `key` when its flight is `tn`.
+    #[inline(always)]
+    fn flight_of(&self, key: &[u8], tn: u64) -> Result<(usize, usize), EngineError> {
+        let unknown = EngineError::UnknownPush { tn };
+        let pos = self.keys.get(key).ok_or(unknown.clone())?;
+        let slot = (self.keys.buckets[pos].slot as usize)
+            .checked_sub(1)
+            .ok_or(unknown.clone())?;
+        if self.flights[slot].tn != tn {
+            return Err(unknown);
+        }
+        Ok((pos, slot))
     }
-}
 
-/// An idle key starts a push: its in-flight state takes a free slot.
-fn start_idle(
-    key: Key,
-    state: &mut KeyState,
-    batch: Batch,
-    now_ns: u64,
-    policy: MergePolicy,
-    flights: &mut Vec<Option<Active>>,
-    free: &mut Vec<u32>,
-) -> Push {
-    let (push, flight) = start_flight(key, state, batch, now_ns, policy);
-    let active = Some(Active {
-        flight,
-        pending: None,
-    });
-    state.slot = match free.pop() {
-        Some(index) => {
-            flights[index as usize] = active;
-            index + 1
-        }
-        None => {
-            flights.push(active);
-            flights.len() as u32
-        }
-    };
-    push
+    /// An idle key starts a push of `current` (the value just folded or
+    /// stored): its in-flight state takes a free slot.
+    #[inline(always)]
+    fn start_idle(
+        &mut self,
+        key: Key,
+        pos: usize,
+        batch: Batch,
+        current: Option<Payload>,
+        now_ns: u64,
+    ) -> Push {
+        let retains = self.config.policy.retains_value();
+        let entry = &mut self.keys.buckets[pos];
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot as usize,
+            None => {
+                self.flights.push(Active {
+                    tn: 0,
+                    flight: Batch::EMPTY,
+                    pending: Batch::EMPTY,
+                    current: None,
+                });
+                self.flights.len() - 1
+            }
+        };
+        entry.slot = slot as u32 + 1;
+        let active = &mut self.flights[slot];
+        active.current = current;
+        start_flight(key, entry, active, batch, now_ns, retains)
+    }
 }
 
 /// Starts a push of the key's current value, `tn = max(now, last_tn + 1)`.
 /// A push that carries no new event is a compensation push (also when it
 /// retries a failed one).
+#[inline(always)]
 fn start_flight(
     key: Key,
-    state: &mut KeyState,
+    entry: &mut Entry,
+    active: &mut Active,
     batch: Batch,
     now_ns: u64,
-    policy: MergePolicy,
-) -> (Push, Flight) {
-    let tn = now_ns.max(state.last_tn + 1);
-    state.last_tn = tn;
+    retains: bool,
+) -> Push {
+    let tn = entry.next_tn(now_ns);
     // Every path into a flight has just folded or stored a value.
-    let payload = if policy.retains_value() {
-        state.current.clone()
+    let payload = if retains {
+        active.current.clone()
     } else {
-        state.current.take()
+        active.current.take()
     };
-    let push = Push {
+    active.tn = tn;
+    active.flight = batch;
+    Push {
         key,
         tn,
         version: batch.version,
         payload: payload.expect("a key starting a push holds its current value"),
         merged: batch.merged,
         compensation: batch.merged == 0,
-    };
-    (push, Flight { tn, batch })
+    }
 }
 
 #[cfg(test)]

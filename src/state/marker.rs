@@ -10,7 +10,7 @@
 //! which schema wrote a record and the format can evolve.
 
 use apache_avro::types::Value as Avro;
-use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+use apache_avro::{GenericSingleObjectReader, Schema};
 use bytes::Bytes;
 
 /// The schema of changelog values, compiled in from `schemas/`.
@@ -65,7 +65,8 @@ pub struct MarkerDecodeError(String);
 
 /// Encodes and decodes markers; build once, reuse.
 pub struct MarkerCodec {
-    schema: Schema,
+    /// `C3 01` and the schema's fingerprint, computed once.
+    header: Vec<u8>,
     reader: GenericSingleObjectReader,
 }
 
@@ -73,30 +74,31 @@ impl MarkerCodec {
     pub fn new() -> Self {
         let schema = Schema::parse_str(MARKER_SCHEMA)
             .expect("schemas/marker.avsc is valid (checked by tests)");
-        let reader =
-            GenericSingleObjectReader::new(schema.clone()).expect("marker schema resolves");
-        Self { schema, reader }
+        let header = apache_avro::headers::RabinFingerprintHeader::from_schema(&schema);
+        let header = apache_avro::headers::HeaderBuilder::build_header(&header);
+        let reader = GenericSingleObjectReader::new(schema).expect("marker schema resolves");
+        Self { header, reader }
     }
 
+    /// The single-object encoding of a marker, written directly (it runs
+    /// twice per push): the header, then the record's fields in schema
+    /// order as Avro longs, the union branch and the bytes. Tests check it
+    /// against apache-avro's reader.
     pub fn encode(&self, marker: &Marker) -> Vec<u8> {
-        let value = Avro::Record(vec![
-            ("t1".into(), Avro::Long(marker.t1 as i64)),
-            ("t2".into(), Avro::Long(marker.t2 as i64)),
-            ("version".into(), Avro::Long(marker.version as i64)),
-            (
-                "value".into(),
-                match &marker.value {
-                    Some(bytes) => Avro::Union(1, Box::new(Avro::Bytes(bytes.to_vec()))),
-                    None => Avro::Union(0, Box::new(Avro::Null)),
-                },
-            ),
-        ]);
-        let mut out = Vec::with_capacity(32 + marker.value.as_ref().map_or(0, |v| v.len()));
-        let mut writer = GenericSingleObjectWriter::new_with_capacity(&self.schema, 64)
-            .expect("marker schema resolves");
-        writer
-            .write_value_ref(&value, &mut out)
-            .expect("a marker always matches its own schema");
+        let value_len = marker.value.as_ref().map_or(0, |v| v.len());
+        let mut out = Vec::with_capacity(self.header.len() + 4 * 10 + value_len);
+        out.extend_from_slice(&self.header);
+        avro_long(&mut out, marker.t1 as i64);
+        avro_long(&mut out, marker.t2 as i64);
+        avro_long(&mut out, marker.version as i64);
+        match &marker.value {
+            None => avro_long(&mut out, 0), // union branch 0: null
+            Some(bytes) => {
+                avro_long(&mut out, 1); // union branch 1: bytes
+                avro_long(&mut out, bytes.len() as i64);
+                out.extend_from_slice(bytes);
+            }
+        }
         out
     }
 
@@ -137,6 +139,16 @@ impl Default for MarkerCodec {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Avro's `long`: zig-zag, then a little-endian base-128 varint.
+fn avro_long(out: &mut Vec<u8>, n: i64) {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
 }
 
 #[cfg(test)]
@@ -190,6 +202,28 @@ mod tests {
             let codec = MarkerCodec::new();
             let marker = Marker { t1, t2, version, value: value.map(Bytes::from) };
             prop_assert_eq!(codec.decode(&codec.encode(&marker)).unwrap(), marker);
+        }
+
+        #[test]
+        fn direct_encoding_equals_apache_avros(t1 in any::<u64>(), t2 in any::<u64>(), version in any::<u64>(),
+                                               value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300))) {
+            let marker = Marker { t1, t2, version, value: value.map(Bytes::from) };
+            let schema = Schema::parse_str(MARKER_SCHEMA).unwrap();
+            let record = Avro::Record(vec![
+                ("t1".into(), Avro::Long(t1 as i64)),
+                ("t2".into(), Avro::Long(t2 as i64)),
+                ("version".into(), Avro::Long(version as i64)),
+                ("value".into(), match &marker.value {
+                    Some(b) => Avro::Union(1, Box::new(Avro::Bytes(b.to_vec()))),
+                    None => Avro::Union(0, Box::new(Avro::Null)),
+                }),
+            ]);
+            let mut reference = Vec::new();
+            apache_avro::GenericSingleObjectWriter::new_with_capacity(&schema, 64)
+                .unwrap()
+                .write_value_ref(&record, &mut reference)
+                .unwrap();
+            prop_assert_eq!(MarkerCodec::new().encode(&marker), reference);
         }
 
         #[test]

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keyflight::config::Settings;
-use keyflight::kafka::{client_config, Role};
+use keyflight::kafka::{client_config, Deliveries, Role};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -46,14 +46,19 @@ pub fn run(settings: &Settings, input: &str, output: &str) -> Result<(), KafkaEr
     }
     let consumer: BaseConsumer<Announce> =
         client_config(settings, Role::Consumer).create_with_context(Announce)?;
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        client_config(settings, Role::Producer).create()?;
+    let producer: ThreadedProducer<Deliveries> =
+        client_config(settings, Role::Producer).create_with_context(Deliveries::default())?;
     consumer.subscribe(&[input])?;
 
     let mut positions: HashMap<i32, i64> = HashMap::new();
     let mut last_commit = Instant::now();
     let mut copied = 0u64;
     while !STOP.load(Ordering::Relaxed) {
+        if let Some((failed, first)) = producer.context().failures() {
+            // A copy that loses records measures nothing: stop loudly.
+            eprintln!("copy: {failed} deliveries failed, the first: {first}");
+            return Err(first);
+        }
         if last_commit.elapsed() >= settings.commit_interval {
             commit(&consumer, input, &positions, CommitMode::Async);
             last_commit = Instant::now();

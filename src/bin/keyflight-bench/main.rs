@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use keyflight::codec::InputFormat;
-use keyflight::config::Settings;
+use keyflight::config::{KafkaValue, Settings};
 use keyflight::kafka::load::{self, LoadProducer};
 use keyflight::kafka::reader::{self, Range, Start};
 use keyflight::kafka::{client_config, Role};
@@ -402,9 +402,23 @@ impl App {
         let mut settings = Settings {
             application_id: format!("bench-{name}"),
             brokers: cluster.bootstrap(),
+            log_level: "warn,keyflight::cli::run=info".into(),
+            metrics_addr: "127.0.0.1:0".into(),
             commit_interval: Duration::from_secs(1),
             ..Settings::default()
         };
+        settings.kafka.consumer.insert(
+            "fetch.wait.max.ms".into(),
+            KafkaValue::Int(fetch_wait_ms.into()),
+        );
+        if let Cluster::Mock(_) = cluster {
+            // The mock cluster keeps at most 5 MB per partition and drops
+            // older records; compressed, a million events fit in 12.
+            settings
+                .kafka
+                .producer
+                .insert("compression.type".into(), KafkaValue::Str("lz4".into()));
+        }
         settings.topics.input = format!("{name}.in");
         settings.topics.pushed = format!("{name}.pushed");
         settings.topics.dead_letter = format!("{name}.dlq");
@@ -421,17 +435,8 @@ impl App {
             partitions,
         )?;
         let config = work.join(format!("{name}.toml"));
-        let text = format!(
-            "application_id = \"{}\"\nbrokers = \"{}\"\nlog_level = \"warn,keyflight::cli::run=info\"\n\
-             metrics_addr = \"127.0.0.1:0\"\ncommit_interval = \"1s\"\n\
-             [topics]\ninput = \"{}\"\npushed = \"{}\"\ndead_letter = \"{}\"\n\
-             [kafka.consumer]\n\"fetch.wait.max.ms\" = {fetch_wait_ms}\n",
-            settings.application_id,
-            settings.brokers,
-            settings.topics.input,
-            settings.topics.pushed,
-            settings.topics.dead_letter
-        );
+        // The config file is these settings: the copy loads it too.
+        let text = toml::to_string(&settings).map_err(|e| e.to_string())?;
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         Ok(App {
             state: work.join(format!("{name}.state")),

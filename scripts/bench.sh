@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# keyflight's benchmark suite: keyflight against a bare consume→produce copy
+# on two brokers, plus the compensation scan, restore and memory figures,
+# then the engine's criterion benchmark. Results and their reading are in
+# BENCHMARKS.md.
+#
+#   scripts/bench.sh                      the full run (1 000 000 events, 100 000 keys)
+#   EVENTS=100000 KEYS=10000 MARKERS=100000 scripts/bench.sh   a shorter one
+#   BROKERS="mock" scripts/bench.sh       one broker only (tansu, mock)
+#   ENGINE=0 scripts/bench.sh             skip the criterion benchmark
+#
+# Reports go to target/bench/<broker>.json (under $CARGO_TARGET_DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/keyflight"
+mkdir -p "$cache"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+setup_system_packages
+setup_tansu
+
+events="${EVENTS:-1000000}"
+keys="${KEYS:-100000}"
+markers="${MARKERS:-1000000}"
+partitions="${PARTITIONS:-12}"
+brokers="${BROKERS:-tansu mock}"
+out="$CARGO_TARGET_DIR/bench"
+mkdir -p "$out"
+
+say "building the release binaries"
+cargo build --release --locked --bins
+bench="$CARGO_TARGET_DIR/release/keyflight-bench"
+args=(run --events "$events" --keys "$keys" --markers "$markers" --partitions "$partitions" --verify)
+
+# Tansu on a free loopback port with SQLite storage in a scratch directory.
+start_tansu() {
+    tansu_dir="$(mktemp -d)"
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    (cd "$tansu_dir" && exec "$TANSU_BIN" broker \
+        --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
+    tansu_pid=$!
+    trap 'kill $tansu_pid 2>/dev/null || true; rm -rf "$tansu_dir"' EXIT
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1 # the broker binds its port once ready; nothing else to await
+    done
+    echo "Tansu did not start; its log:" >&2
+    cat "$tansu_dir/tansu.log" >&2
+    exit 1
+}
+
+for broker in $brokers; do
+    case "$broker" in
+        tansu)
+            start_tansu
+            say "keyflight vs the bare copy on Tansu at 127.0.0.1:$port"
+            "$bench" "${args[@]}" --label tansu --brokers "127.0.0.1:$port" --json "$out/tansu.json"
+            kill "$tansu_pid"; wait "$tansu_pid" 2>/dev/null || true
+            ;;
+        mock)
+            say "keyflight vs the bare copy on librdkafka's mock cluster"
+            "$bench" "${args[@]}" --label mock --json "$out/mock.json"
+            ;;
+        *) echo "unknown broker $broker (tansu, mock)" >&2; exit 2 ;;
+    esac
+done
+
+if [ "${ENGINE:-1}" != 0 ]; then
+    say "the engine (criterion)"
+    cargo bench --locked --bench engine
+fi
+say "reports in $out"
