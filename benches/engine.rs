@@ -52,7 +52,8 @@ fn zipf_keys() -> Vec<Key> {
 struct Driver {
     table: Table,
     sequence: Vec<Key>,
-    payload: Payload,
+    /// The 30-byte value every event carries.
+    value: Bytes,
     offset: i64,
     in_flight: VecDeque<(Key, u64)>,
 }
@@ -65,9 +66,7 @@ impl Driver {
                 max_active_keys: usize::MAX,
             }),
             sequence,
-            payload: Payload::Value(Value::Bytes(Bytes::from_static(
-                br#"{"status":"active","score":42}"#,
-            ))),
+            value: Bytes::from_static(br#"{"status":"active","score":42}"#),
             offset: 0,
             in_flight: VecDeque::with_capacity(IN_FLIGHT * 2),
         }
@@ -79,7 +78,7 @@ impl Driver {
             key,
             offset: self.offset,
             version: None,
-            payload: self.payload.clone(),
+            payload: Payload::Value(Value::Bytes(self.value.clone())),
         };
         self.offset += 1;
         self.table

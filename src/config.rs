@@ -102,6 +102,10 @@ pub struct Singleflight {
     pub merge_policy: MergePolicy,
     /// Keys in flight per partition before the partition is paused.
     pub max_active_keys: usize,
+    /// Bytes of records held for a saturated partition task before the
+    /// partition is paused (its fetched records are then dropped by the
+    /// client and fetched again on resume).
+    pub max_held_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +177,7 @@ impl Default for Singleflight {
         Self {
             merge_policy: MergePolicy::Latest,
             max_active_keys: 10_000,
+            max_held_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -507,6 +512,10 @@ fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
     check(
         "singleflight.max_active_keys",
         (s.singleflight.max_active_keys == 0).then(|| "must be at least 1".into()),
+    );
+    check(
+        "singleflight.max_held_bytes",
+        (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),
     );
     check("compensation.interval", positive(s.compensation.interval));
     for (table, values, reserved) in [

@@ -473,12 +473,20 @@ async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
 }
 
 /// Backpressure: with at most 2 keys in flight per partition the table
-/// saturates, the task stops reading, its channel fills and the partition is
-/// paused and resumed over and over; nothing is lost or reordered.
+/// saturates, the task stops reading, its channel fills, the poll thread
+/// holds records until they pass `max_held_bytes` (64 KB here) and pauses
+/// the partition, and resumes it once the task took them; nothing is lost
+/// or reordered.
 #[tokio::test(flavor = "multi_thread")]
 async fn saturated_partitions_pause_and_resume_without_losing_events() {
     let broker = Broker::start();
-    let app = App::create(&broker, 1, "[singleflight]\nmax_active_keys = 2\n");
+    // Tansu holds a fetch for fetch.wait.max.ms even when it has data:
+    // shorter, the poll thread is fed faster than the saturated task drains.
+    let app = App::create(
+        &broker,
+        1,
+        "[singleflight]\nmax_active_keys = 2\nmax_held_bytes = 65536\n[kafka.consumer]\n\"fetch.wait.max.ms\" = 10\n",
+    );
     let config = std::fs::read_to_string(&app.config).unwrap();
     std::fs::write(
         &app.config,

@@ -187,7 +187,70 @@ mod tests {
         assert!(!t.complete(3), "completing twice is refused");
     }
 
+    #[test]
+    fn a_group_holds_the_position_at_its_first_offset_until_it_closes() {
+        let mut t = OffsetTracker::new();
+        let a = t.open(10).unwrap();
+        let b = t.open(11).unwrap();
+        t.join(12).unwrap(); // joins a (or b: either holds the position below it)
+        t.track_done(13).unwrap();
+        assert_eq!(
+            t.join(12),
+            Err(OutOfOrder {
+                offset: 12,
+                last: 13
+            })
+        );
+        assert!(t.close(b));
+        assert_eq!(t.position(), Some(10));
+        assert!(t.close(a));
+        assert_eq!(t.position(), Some(14));
+        assert!(!t.close(a), "closing twice is refused");
+        assert!(!t.close(b));
+    }
+
     proptest! {
+        /// Groups against a brute-force model: every offset of an open group
+        /// is outstanding; the position is the smallest outstanding offset,
+        /// or one past the highest tracked.
+        #[test]
+        fn groups_match_a_brute_force_model(
+            steps in proptest::collection::vec((0u8..4, 1i64..4, any::<prop::sample::Index>()), 1..300)
+        ) {
+            let mut t = OffsetTracker::new();
+            // Open groups: handle and member offsets.
+            let mut open: Vec<(Group, Vec<i64>)> = Vec::new();
+            let mut next = 0i64;
+            for (op, gap, pick) in steps {
+                let offset = next + gap - 1;
+                match op {
+                    0 => {
+                        open.push((t.open(offset).unwrap(), vec![offset]));
+                        next = offset + 1;
+                    }
+                    1 if !open.is_empty() => {
+                        t.join(offset).unwrap();
+                        let member = pick.index(open.len());
+                        open[member].1.push(offset);
+                        next = offset + 1;
+                    }
+                    2 if !open.is_empty() => {
+                        let (group, _) = open.remove(pick.index(open.len()));
+                        prop_assert!(t.close(group));
+                        prop_assert!(!t.close(group));
+                    }
+                    _ => {
+                        t.track_done(offset).unwrap();
+                        next = offset + 1;
+                    }
+                }
+                let expected = open.iter().flat_map(|(_, o)| o).min().copied().unwrap_or(next);
+                prop_assert_eq!(t.position(), Some(expected));
+                prop_assert_eq!(t.outstanding(), open.len());
+            }
+        }
+
+
         /// Against a brute-force model: the position is the smallest
         /// outstanding offset, or one past the highest tracked.
         #[test]

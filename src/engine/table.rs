@@ -312,20 +312,7 @@ impl Keys {
 }
 
 fn empty_buckets(n: usize) -> Vec<Entry> {
-    let mut v: Vec<Entry> = Vec::with_capacity(n);
-    let bytes = n * 64;
-    if bytes >= 4 << 20 {
-        let start = v.as_ptr() as usize;
-        let lo = (start + (2 << 20) - 1) & !((2 << 20) - 1);
-        let hi = (start + bytes) & !((2 << 20) - 1);
-        if hi > lo {
-            unsafe {
-                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    v.extend(std::iter::repeat_with(Entry::default).take(n));
-    v
+    std::iter::repeat_with(Entry::default).take(n).collect()
 }
 
 /// Byte equality, without a `memcmp` call for the usual short keys.
@@ -413,6 +400,7 @@ impl Table {
     }
 
     /// Takes in one event. Events of a partition must be offered in offset order.
+    #[inline]
     pub fn offer(&mut self, event: Event, now_ns: u64) -> Result<Offer, EngineError> {
         // Refuse an out-of-order offset before anything changes.
         self.offsets.check(event.offset)?;
@@ -444,17 +432,18 @@ impl Table {
             return Ok(Offer::Merged);
         }
 
-        let mut current = if policy.retains_value() {
-            self.value_of(pos).take()
-        } else {
-            None
-        };
-        if let Err(e) = policy.fold(&mut current, event.payload) {
-            if policy.retains_value() {
-                *self.value_of(pos) = current;
+        let (payload, current) = match policy {
+            // The event's value is the key's whole value: straight into the push.
+            MergePolicy::Latest => (event.payload, None),
+            MergePolicy::JsonMergePatch => {
+                let mut current = self.value_of(pos).take();
+                if let Err(e) = policy.fold(&mut current, event.payload) {
+                    *self.value_of(pos) = current;
+                    return Err(e.into());
+                }
+                (push_value(&mut current, true), current)
             }
-            return Err(e.into());
-        }
+        };
         self.keys.buckets[pos].set_newest(version);
         let batch = Batch {
             version,
@@ -463,13 +452,14 @@ impl Table {
         };
         self.stats.events += 1;
         self.stats.pushes_started += 1;
-        Ok(Offer::Started(
-            self.start_idle(event.key, pos, batch, current, now_ns),
-        ))
+        Ok(Offer::Started(self.start_idle(
+            event.key, pos, batch, payload, current, now_ns,
+        )))
     }
 
     /// The push `(key, tn)` was acknowledged. Returns the next push of the
     /// key when events arrived meanwhile. The key's marker closes (t2 = tn).
+    #[inline]
     pub fn complete(
         &mut self,
         key: &Key,
@@ -495,13 +485,14 @@ impl Table {
         }
         let batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
         self.stats.pushes_started += 1;
+        let payload = push_value(&mut active.current, retains);
         Ok(Some(start_flight(
             key.clone(),
             entry,
             active,
             batch,
+            payload,
             now_ns,
-            retains,
         )))
     }
 
@@ -522,8 +513,9 @@ impl Table {
         retry.absorb_older(active.flight, &mut self.offsets);
         self.stats.failed += 1;
         self.stats.pushes_started += 1;
+        let payload = push_value(&mut active.current, retains);
         Ok(start_flight(
-            failed.key, entry, active, retry, now_ns, retains,
+            failed.key, entry, active, retry, payload, now_ns,
         ))
     }
 
@@ -545,7 +537,8 @@ impl Table {
             return None;
         }
         entry.set_newest(version);
-        let mut current = if self.config.policy.retains_value() {
+        let retains = self.config.policy.retains_value();
+        let mut current = if retains {
             self.value_of(pos).take()
         } else {
             None
@@ -553,12 +546,13 @@ impl Table {
         if current.is_none() {
             current = Some(payload);
         }
+        let payload = push_value(&mut current, retains);
         self.stats.compensations_started += 1;
         let batch = Batch {
             version,
             ..Batch::EMPTY
         };
-        Some(self.start_idle(key.clone(), pos, batch, current, now_ns))
+        Some(self.start_idle(key.clone(), pos, batch, payload, current, now_ns))
     }
 
     /// Seeds an idle key from durable state (its marker after a restore):
@@ -642,18 +636,18 @@ impl Table {
         Ok((pos, slot))
     }
 
-    /// An idle key starts a push of `current` (the value just folded or
-    /// stored): its in-flight state takes a free slot.
+    /// An idle key starts a push of `payload`; `current` is what it keeps
+    /// meanwhile ([`Active::current`]). Its in-flight state takes a free slot.
     #[inline(always)]
     fn start_idle(
         &mut self,
         key: Key,
         pos: usize,
         batch: Batch,
+        payload: Payload,
         current: Option<Payload>,
         now_ns: u64,
     ) -> Push {
-        let retains = self.config.policy.retains_value();
         let entry = &mut self.keys.buckets[pos];
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,
@@ -669,37 +663,48 @@ impl Table {
         };
         entry.slot = slot as u32 + 1;
         let active = &mut self.flights[slot];
-        active.current = current;
-        start_flight(key, entry, active, batch, now_ns, retains)
+        // A free slot holds no value (the key that left it took or returned it).
+        debug_assert!(active.current.is_none());
+        if current.is_some() {
+            active.current = current;
+        }
+        start_flight(key, entry, active, batch, payload, now_ns)
     }
 }
 
-/// Starts a push of the key's current value, `tn = max(now, last_tn + 1)`.
-/// A push that carries no new event is a compensation push (also when it
-/// retries a failed one).
+/// The value a push of the key carries: its current value, taken, or cloned
+/// when the policy retains it.
+#[inline(always)]
+fn push_value(current: &mut Option<Payload>, retains: bool) -> Payload {
+    // Every path into a flight has just folded or stored a value.
+    let value = if retains {
+        current.clone()
+    } else {
+        current.take()
+    };
+    value.expect("a key starting a push holds its current value")
+}
+
+/// Starts a push of `payload`, `tn = max(now, last_tn + 1)`. A push that
+/// carries no new event is a compensation push (also when it retries a
+/// failed one).
 #[inline(always)]
 fn start_flight(
     key: Key,
     entry: &mut Entry,
     active: &mut Active,
     batch: Batch,
+    payload: Payload,
     now_ns: u64,
-    retains: bool,
 ) -> Push {
     let tn = entry.next_tn(now_ns);
-    // Every path into a flight has just folded or stored a value.
-    let payload = if retains {
-        active.current.clone()
-    } else {
-        active.current.take()
-    };
     active.tn = tn;
     active.flight = batch;
     Push {
         key,
         tn,
         version: batch.version,
-        payload: payload.expect("a key starting a push holds its current value"),
+        payload,
         merged: batch.merged,
         compensation: batch.merged == 0,
     }
@@ -931,6 +936,48 @@ mod tests {
         ));
         assert_eq!(t.complete(&key("k"), p.tn, 3).unwrap(), None);
         assert_eq!(t.stats().events, 1);
+    }
+
+    #[test]
+    fn keys_survive_the_table_growing_and_keep_their_state() {
+        let mut t = Table::new(TableConfig {
+            policy: MergePolicy::JsonMergePatch,
+            max_active_keys: usize::MAX,
+        });
+        let n = 5_000;
+        let mut pushes = Vec::new();
+        for k in 0..n {
+            let e = Event {
+                key: key(&format!("key-{k}-with-a-name-longer-than-24-bytes")),
+                offset: k,
+                version: None,
+                payload: Payload::Value(Value::Json(json!({ "k": k }))),
+            };
+            pushes.push(started(t.offer(e, 1).unwrap()));
+        }
+        assert_eq!((t.known_keys(), t.active_keys()), (n as usize, n as usize));
+        for p in &pushes[..n as usize / 2] {
+            assert_eq!(t.complete(&p.key, p.tn, 2).unwrap(), None);
+        }
+        for (k, p) in pushes.iter().enumerate() {
+            assert!(t.knows(&p.key));
+            assert_eq!(t.in_flight(&p.key), k >= n as usize / 2);
+        }
+        assert!(!t.knows(b"key-unknown"));
+        // An idle key folds its next patch onto the value it kept.
+        let e = Event {
+            key: pushes[0].key.clone(),
+            offset: n,
+            version: None,
+            payload: Payload::Value(Value::Json(json!({ "more": true }))),
+        };
+        let p = started(t.offer(e, 3).unwrap());
+        assert_eq!(
+            p.payload,
+            Payload::Value(Value::Json(json!({ "k": 0, "more": true })))
+        );
+        assert!(p.tn > pushes[0].tn);
+        assert_eq!(t.commit_position(), Some(n as i64 / 2));
     }
 
     #[test]
