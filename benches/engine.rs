@@ -37,7 +37,7 @@ fn zipf_keys() -> Vec<Key> {
     let keys: Vec<Key> = names
         .iter()
         .map(|name| {
-            let key = Bytes::from_static(arena[start..start + name.len()].as_bytes());
+            let key = Bytes::from_static(&arena.as_bytes()[start..start + name.len()]);
             start += name.len();
             key
         })

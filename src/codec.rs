@@ -199,18 +199,29 @@ impl Codec {
                 })
             }
             InputFormat::Json => {
-                let document: serde_json::Value =
-                    serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-                let version = match document.get(&self.version_field) {
+                let json = |e: serde_json::Error| DecodeError::Json(e.to_string());
+                // Under `latest` the document is pushed as it came: read the
+                // version field only, without building the document.
+                let (found, value) = match self.policy {
+                    MergePolicy::Latest => (
+                        top_level_field(bytes, &self.version_field).map_err(json)?,
+                        Value::Bytes(Bytes::copy_from_slice(bytes)),
+                    ),
+                    MergePolicy::JsonMergePatch => {
+                        let document: serde_json::Value =
+                            serde_json::from_slice(bytes).map_err(json)?;
+                        (
+                            document.get(&self.version_field).cloned(),
+                            Value::Json(document),
+                        )
+                    }
+                };
+                let version = match found {
                     None | Some(serde_json::Value::Null) => None,
                     Some(found) => Some(found.as_u64().ok_or_else(|| DecodeError::Version {
                         field: self.version_field.clone(),
                         found: truncate(&found.to_string(), 64),
                     })?),
-                };
-                let value = match self.policy {
-                    MergePolicy::Latest => Value::Bytes(Bytes::copy_from_slice(bytes)),
-                    MergePolicy::JsonMergePatch => Value::Json(document),
                 };
                 Ok(Decoded {
                     version,
@@ -361,6 +372,70 @@ fn avro_event(version: u64, document: &serde_json::Value) -> Avro {
     ])
 }
 
+/// The value of a top-level `field` of a JSON document (`None` if absent
+/// or the document is not an object), checking that the whole input is
+/// valid JSON but building nothing else.
+fn top_level_field(
+    bytes: &[u8],
+    field: &str,
+) -> Result<Option<serde_json::Value>, serde_json::Error> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    struct Field<'f>(&'f str);
+
+    impl<'de> DeserializeSeed<'de> for Field<'_> {
+        type Value = Option<serde_json::Value>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Field<'_> {
+        type Value = Option<serde_json::Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON document")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == self.0 {
+                    found = Some(map.next_value::<serde_json::Value>()?); // the last one wins, as in a map
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let found = Field(field).deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(found)
+}
+
 fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
@@ -376,6 +451,40 @@ mod tests {
 
     fn json_codec(policy: MergePolicy) -> Codec {
         Codec::new(InputFormat::Json, policy, "version")
+    }
+
+    proptest! {
+        #[test]
+        fn the_version_reader_agrees_with_a_full_parse(doc in json_document(), field in "[a-c]{1}") {
+            let text = doc.to_string();
+            let full = serde_json::from_str::<serde_json::Value>(&text)
+                .unwrap()
+                .get(&field)
+                .cloned();
+            prop_assert_eq!(top_level_field(text.as_bytes(), &field).unwrap(), full);
+        }
+
+        #[test]
+        fn the_version_reader_refuses_what_a_full_parse_refuses(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let full = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+            prop_assert_eq!(top_level_field(&bytes, "version").is_ok(), full);
+        }
+    }
+
+    fn json_document() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[a-z]{0,4}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-c]{1}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 
     fn confluent(policy: MergePolicy, id: u32) -> Codec {

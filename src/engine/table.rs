@@ -208,8 +208,9 @@ impl Entry {
 /// buckets are the entries themselves, so finding a key costs one cache
 /// line (its bucket) rather than an index slot and then the entry. Each call
 /// hashes the key once (ahash, randomly seeded); a probe compares the key
-/// only when the 32-bit tag matches. At most [`Keys::MAX_LOAD`] full; keys
-/// are never removed.
+/// only when the 32-bit tag matches. At most [`Keys::MAX_LOAD`] full, so
+/// a known key costs 128 to 256 bytes here (a `hashbrown` map of the previous
+/// 96-byte entries: 110 to 220). Keys are never removed.
 #[derive(Debug)]
 struct Keys {
     hasher: ahash::RandomState,
@@ -977,7 +978,7 @@ mod tests {
             Payload::Value(Value::Json(json!({ "k": 0, "more": true })))
         );
         assert!(p.tn > pushes[0].tn);
-        assert_eq!(t.commit_position(), Some(n as i64 / 2));
+        assert_eq!(t.commit_position(), Some(n / 2));
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub fn spawn(
 /// Outcome of a push, back from its delivery task.
 struct Delivered {
     push: Push,
+    /// The marker markT1 wrote for this push. One push per key is in flight,
+    /// so it is still the key's marker when the push is acknowledged.
+    marker: Marker,
     ok: Result<(), String>,
     /// From produce to acknowledgement (or failure).
     latency: Duration,
@@ -204,8 +207,8 @@ async fn run(
                 // marker open for compensation after the restart. No
                 // follow-up pushes while closing: their events stay
                 // uncommitted and are replayed by the next owner.
-                if let Ok(Delivered { push, ok: Ok(()), latency }) = done {
-                    task.acknowledge(push, latency, false);
+                if let Ok(Delivered { push, marker, ok: Ok(()), latency }) = done {
+                    task.acknowledge(push, marker, latency, false);
                 }
             }
             Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
@@ -338,6 +341,7 @@ impl Task {
                 .map_err(|(e, _)| e.to_string());
             Delivered {
                 push,
+                marker,
                 ok,
                 latency: produced.elapsed(),
             }
@@ -346,7 +350,7 @@ impl Task {
 
     fn delivered(&mut self, done: Delivered) {
         match done.ok {
-            Ok(()) => self.acknowledge(done.push, done.latency, true),
+            Ok(()) => self.acknowledge(done.push, done.marker, done.latency, true),
             Err(error) => {
                 self.metrics.emit(PushFailed {
                     key: &done.push.key,
@@ -361,7 +365,7 @@ impl Task {
     }
 
     /// markT2 and the table's next step for the key.
-    fn acknowledge(&mut self, push: Push, latency: Duration, continue_key: bool) {
+    fn acknowledge(&mut self, push: Push, marker: Marker, latency: Duration, continue_key: bool) {
         self.metrics.emit(PushAcknowledged {
             compensation: push.compensation,
             latency,
@@ -374,14 +378,11 @@ impl Task {
         } else {
             None
         };
-        let marker = self.store.get(&push.key).ok().flatten();
-        match marker {
+        if marker.value.is_none() && next.is_none() && continue_key {
             // A delete that stayed the key's last word: its state goes.
-            Some(m) if m.value.is_none() && m.t1 == push.tn && next.is_none() && continue_key => {
-                self.mark(&push.key, None)
-            }
-            Some(m) => self.mark(&push.key, Some(&m.acknowledged(push.tn))),
-            None => {}
+            self.mark(&push.key, None)
+        } else {
+            self.mark(&push.key, Some(&marker.acknowledged(push.tn)))
         }
         match next {
             Some(next) => self.start(next, Duration::ZERO),

@@ -10,7 +10,7 @@
 //! which schema wrote a record and the format can evolve.
 
 use apache_avro::types::Value as Avro;
-use apache_avro::{GenericSingleObjectReader, Schema};
+use apache_avro::Schema;
 use bytes::Bytes;
 
 /// The schema of changelog values, compiled in from `schemas/`.
@@ -67,7 +67,6 @@ pub struct MarkerDecodeError(String);
 pub struct MarkerCodec {
     /// `C3 01` and the schema's fingerprint, computed once.
     header: Vec<u8>,
-    reader: GenericSingleObjectReader,
 }
 
 impl MarkerCodec {
@@ -76,8 +75,7 @@ impl MarkerCodec {
             .expect("schemas/marker.avsc is valid (checked by tests)");
         let header = apache_avro::headers::RabinFingerprintHeader::from_schema(&schema);
         let header = apache_avro::headers::HeaderBuilder::build_header(&header);
-        let reader = GenericSingleObjectReader::new(schema).expect("marker schema resolves");
-        Self { header, reader }
+        Self { header }
     }
 
     /// The single-object encoding of a marker, written directly (it runs
@@ -102,37 +100,59 @@ impl MarkerCodec {
         out
     }
 
-    pub fn decode(&self, mut bytes: &[u8]) -> Result<Marker, MarkerDecodeError> {
-        let value = self
-            .reader
-            .read_value(&mut bytes)
-            .map_err(|e| MarkerDecodeError(e.to_string()))?;
-        let Avro::Record(fields) = value else {
-            return Err(MarkerDecodeError("not a record".into()));
+    /// Reads a marker written by [`MarkerCodec::encode`] (or any Avro
+    /// single-object writer of `schemas/marker.avsc`), directly: restore
+    /// reads one per changelog record and every push reads one. Anything
+    /// else is an error, never a panic.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Marker, MarkerDecodeError> {
+        let Some(mut datum) = bytes.strip_prefix(self.header.as_slice()) else {
+            return Err(MarkerDecodeError(
+                "not a marker of schemas/marker.avsc (single-object header differs)".into(),
+            ));
         };
-        let long = |name: &str| -> Result<u64, MarkerDecodeError> {
-            match fields.iter().find(|(n, _)| n == name) {
-                Some((_, Avro::Long(v))) => Ok(*v as u64),
-                _ => Err(MarkerDecodeError(format!(
-                    "field `{name}` missing or not a long"
-                ))),
+        let t1 = read_long(&mut datum, "t1")?;
+        let t2 = read_long(&mut datum, "t2")?;
+        let version = read_long(&mut datum, "version")?;
+        let value = match read_long(&mut datum, "value")? {
+            0 => None,
+            1 => {
+                let len = read_long(&mut datum, "value")?;
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|len| *len <= datum.len())
+                    .ok_or_else(|| {
+                        MarkerDecodeError(format!("field `value`: length {len} does not fit"))
+                    })?;
+                Some(Bytes::copy_from_slice(&datum[..len]))
+            }
+            branch => {
+                return Err(MarkerDecodeError(format!(
+                    "field `value`: union branch {branch} (expected 0 or 1)"
+                )))
             }
         };
-        let value = match fields.iter().find(|(n, _)| n == "value").map(|(_, v)| v) {
-            Some(Avro::Union(_, inner)) => match inner.as_ref() {
-                Avro::Bytes(b) => Some(Bytes::copy_from_slice(b)),
-                Avro::Null => None,
-                other => return Err(MarkerDecodeError(format!("field `value` holds {other:?}"))),
-            },
-            _ => return Err(MarkerDecodeError("field `value` missing".into())),
-        };
         Ok(Marker {
-            t1: long("t1")?,
-            t2: long("t2")?,
-            version: long("version")?,
+            t1: t1 as u64,
+            t2: t2 as u64,
+            version: version as u64,
             value,
         })
     }
+}
+
+/// Reads an Avro `long` (zig-zag varint, at most 10 bytes) off the front.
+fn read_long(bytes: &mut &[u8], field: &str) -> Result<i64, MarkerDecodeError> {
+    let mut z: u64 = 0;
+    for (i, byte) in bytes.iter().enumerate().take(10) {
+        z |= u64::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Ok(((z >> 1) as i64) ^ -((z & 1) as i64));
+        }
+    }
+    Err(MarkerDecodeError(format!(
+        "field `{field}`: truncated or overlong varint"
+    )))
 }
 
 impl Default for MarkerCodec {
@@ -224,6 +244,18 @@ mod tests {
                 .write_value_ref(&record, &mut reference)
                 .unwrap();
             prop_assert_eq!(MarkerCodec::new().encode(&marker), reference);
+        }
+
+        #[test]
+        fn every_truncated_marker_is_an_error(t1 in any::<u64>(), t2 in any::<u64>(), version in any::<u64>(),
+                                              value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))) {
+            // Stricter than apache-avro's reader, which reads a missing
+            // union branch at the end as null.
+            let codec = MarkerCodec::new();
+            let bytes = codec.encode(&Marker { t1, t2, version, value: value.map(Bytes::from) });
+            for cut in 0..bytes.len() {
+                prop_assert!(codec.decode(&bytes[..cut]).is_err(), "prefix of {} bytes", cut);
+            }
         }
 
         #[test]
