@@ -9,7 +9,6 @@
 //! fingerprint, the datum) of `schemas/marker.avsc`, so a reader can tell
 //! which schema wrote a record and the format can evolve.
 
-use apache_avro::types::Value as Avro;
 use apache_avro::Schema;
 use bytes::Bytes;
 
@@ -174,6 +173,7 @@ fn avro_long(out: &mut Vec<u8>, n: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apache_avro::types::Value as Avro;
     use proptest::prelude::*;
 
     #[test]
