@@ -298,8 +298,15 @@ impl Task {
 
     /// markT1, then produce the push (after `delay`, for retries).
     fn start(&mut self, push: Push, delay: Duration) {
-        let value = self.shared.codec.encode(&push.payload, push.version);
         let previous = self.store.get(&push.key).ok().flatten();
+        self.start_after(push, delay, previous)
+    }
+
+    /// [`Task::start`] where the key's current marker is known: `previous`
+    /// (after an acknowledgement, the acknowledged marker, which then needs
+    /// no write of its own: markT2 and the next markT1 become one record).
+    fn start_after(&mut self, push: Push, delay: Duration, previous: Option<Marker>) {
+        let value = self.shared.codec.encode(&push.payload, push.version);
         let marker = Marker::started(previous.as_ref(), push.tn, push.version, value.clone());
         self.mark(&push.key, Some(&marker));
 
@@ -378,15 +385,19 @@ impl Task {
         } else {
             None
         };
-        if marker.value.is_none() && next.is_none() && continue_key {
-            // A delete that stayed the key's last word: its state goes.
-            self.mark(&push.key, None)
-        } else {
-            self.mark(&push.key, Some(&marker.acknowledged(push.tn)))
-        }
+        let acknowledged = marker.acknowledged(push.tn);
         match next {
-            Some(next) => self.start(next, Duration::ZERO),
-            None => self.metrics.emit(KeysInFlight(self.table.active_keys())),
+            // markT2 and the next push's markT1 in one write: {t1: next, t2: this}.
+            Some(next) => self.start_after(next, Duration::ZERO, Some(acknowledged)),
+            None => {
+                if marker.value.is_none() && continue_key {
+                    // A delete that stayed the key's last word: its state goes.
+                    self.mark(&push.key, None)
+                } else {
+                    self.mark(&push.key, Some(&acknowledged))
+                }
+                self.metrics.emit(KeysInFlight(self.table.active_keys()))
+            }
         }
     }
 

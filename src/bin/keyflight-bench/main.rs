@@ -47,6 +47,10 @@ use serde::Serialize;
 
 use stats::Latency;
 
+/// The same allocator as `keyflight`, so the copy is compared like for like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// keyflight against a bare consume→produce copy, on one broker.
 #[derive(Parser)]
 #[command(name = "keyflight-bench", version)]
