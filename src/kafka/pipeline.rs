@@ -150,6 +150,11 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
+    fn assigned_partitions(&self) -> Vec<i32> {
+        let assigned = self.assigned.lock().expect("assignment lock");
+        assigned.keys().copied().collect()
+    }
+
     /// Stops the tasks of `partitions` (bounded by the shutdown timeout),
     /// then commits their final positions synchronously.
     fn close(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
@@ -276,14 +281,7 @@ pub fn run(
         "shutting down: finishing pushes in flight"
     );
     shared.metrics.health.stopping();
-    let partitions: Vec<i32> = consumer
-        .context()
-        .assigned
-        .lock()
-        .expect("assignment lock")
-        .keys()
-        .copied()
-        .collect();
+    let partitions = consumer.context().assigned_partitions();
     consumer.context().close(&consumer, &partitions);
     consumer.unsubscribe();
     let _ = shared.producer.flush(Duration::from_secs(5));
@@ -302,13 +300,7 @@ const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// member last committed, or, before its first commit, its fetch position.
 fn sample_lag(consumer: &BaseConsumer<Context>, topic: &str) {
     let context = consumer.context();
-    let partitions: Vec<i32> = context
-        .assigned
-        .lock()
-        .expect("assignment lock")
-        .keys()
-        .copied()
-        .collect();
+    let partitions = context.assigned_partitions();
     let committed = context.committed.lock().expect("committed lock").clone();
     let position = consumer.position().unwrap_or_default();
     for partition in partitions {

@@ -51,74 +51,82 @@ pub struct Metrics {
 pub const NORMAL: &str = "normal";
 pub const COMPENSATION: &str = "compensation";
 
+/// Registers `metric` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-            let family = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(family.clone()))
-                .expect("unique metric");
+            let family = register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            );
             family
         }
         fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-            let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(family.clone()))
-                .expect("unique metric");
+            let family = register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            );
             family
         }
         let p = &["partition"];
-        let push_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "keyflight_push_latency_seconds",
-                "Time from a push's start (markT1) to the broker's acknowledgement.",
+        let push_latency = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "keyflight_push_latency_seconds",
+                    "Time from a push's start (markT1) to the broker's acknowledgement.",
+                )
+                .buckets(exponential_buckets(0.000_5, 2.0, 16).expect("valid buckets")),
+                &["kind"],
             )
-            .buckets(exponential_buckets(0.000_5, 2.0, 16).expect("valid buckets")),
-            &["kind"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(push_latency.clone()))
-            .expect("unique metric");
-        let compensation_scan = Histogram::with_opts(
-            HistogramOpts::new(
-                "keyflight_compensation_scan_duration_seconds",
-                "Duration of one partition's compensation scan of its open markers.",
+            .expect("valid metric"),
+        );
+        let compensation_scan = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "keyflight_compensation_scan_duration_seconds",
+                    "Duration of one partition's compensation scan of its open markers.",
+                )
+                .buckets(exponential_buckets(0.000_05, 4.0, 10).expect("valid buckets")),
             )
-            .buckets(exponential_buckets(0.000_05, 4.0, 10).expect("valid buckets")),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(compensation_scan.clone()))
-            .expect("unique metric");
-        let restore_duration = prometheus::GaugeVec::new(
-            Opts::new(
-                "keyflight_restore_duration_seconds",
-                "Duration of the partition's last restore from the changelog.",
-            ),
-            p,
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(restore_duration.clone()))
-            .expect("unique metric");
-        let assigned_partitions = IntGauge::new(
-            "keyflight_assigned_partitions",
-            "Input partitions assigned to this member.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(assigned_partitions.clone()))
-            .expect("unique metric");
-        let ready = IntGauge::new(
-            "keyflight_ready",
-            "1 when every assigned partition is restored and consuming (as /readyz).",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ready.clone()))
-            .expect("unique metric");
+            .expect("valid metric"),
+        );
+        let restore_duration = register(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "keyflight_restore_duration_seconds",
+                    "Duration of the partition's last restore from the changelog.",
+                ),
+                p,
+            )
+            .expect("valid metric"),
+        );
+        let assigned_partitions = register(
+            &registry,
+            IntGauge::new(
+                "keyflight_assigned_partitions",
+                "Input partitions assigned to this member.",
+            )
+            .expect("valid metric"),
+        );
+        let ready = register(
+            &registry,
+            IntGauge::new(
+                "keyflight_ready",
+                "1 when every assigned partition is restored and consuming (as /readyz).",
+            )
+            .expect("valid metric"),
+        );
         let build = IntGaugeVec::new(
             Opts::new("keyflight_build_info", "Always 1; the running version."),
             &["version"],
