@@ -10,10 +10,11 @@
 //!
 //! The changelog topic is the durable log, so RocksDB's WAL is off. The
 //! checkpoint file records the changelog offset the store is complete up to;
-//! it is written only after a flush (on commit, revoke and shutdown) and
-//! removed when the store opens, so a crash leaves no checkpoint and the next
-//! open starts from an empty store and restores the whole changelog, as
-//! Kafka Streams does.
+//! it is written only after a flush (on revoke and shutdown, and with a
+//! commit at most every 30 s) and removed when the store opens. A crash
+//! before the first checkpoint of a run leaves none, and the next open starts
+//! from an empty store and restores the whole changelog, as Kafka Streams
+//! does; later, the next open replays the changelog from the last checkpoint.
 
 pub mod marker;
 

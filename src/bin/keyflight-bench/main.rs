@@ -560,7 +560,8 @@ impl Child {
             if Instant::now() > deadline {
                 return Err(format!("not within {limit:?}; child log:\n{}", self.log()));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Checks cost the broker requests (Tansu is single-threaded): 4/s.
+            std::thread::sleep(Duration::from_millis(250));
         }
     }
 
@@ -633,8 +634,11 @@ fn read_consumer(app: &App) -> Result<rdkafka::consumer::BaseConsumer> {
 }
 
 fn records(app: &App, topic: &str) -> Result<u64> {
-    let consumer = read_consumer(app)?;
-    let ranges = reader::ranges(&consumer, topic, Start::Beginning).map_err(|e| e.to_string())?;
+    records_with(&read_consumer(app)?, topic)
+}
+
+fn records_with(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Result<u64> {
+    let ranges = reader::ranges(consumer, topic, Start::Beginning).map_err(|e| e.to_string())?;
     Ok(reader::size(&ranges))
 }
 
@@ -706,9 +710,11 @@ fn versions(app: &App, topic: &str) -> Result<Vec<(String, u64, i64)>> {
 
 fn drain_copy(app: &App, events: u64) -> Result<Drain> {
     let mut copy = app.copy(&app.state.with_extension("copy.log"))?;
-    let topic = app.copied.clone();
+    let reader = read_consumer(app)?;
     copy.wait(drain_limit(events), |_| {
-        records(app, &topic).ok().filter(|n| *n >= events)
+        records_with(&reader, &app.copied)
+            .ok()
+            .filter(|n| *n >= events)
     })?;
     let rss = copy.peak_rss_mb();
     copy.stop()?;
@@ -787,9 +793,10 @@ fn latency(env: &Env, system: System, spec: LoadSpec, rate: f64) -> Result<(f64,
         }
     };
     let achieved = produce(&app, spec, Some(rate))?;
+    let reader = read_consumer(&app)?;
     match system {
         System::Copy => child.wait(drain_limit(events), |_| {
-            records(&app, &output)
+            records_with(&reader, &output)
                 .ok()
                 .filter(|n| *n >= events)
                 .map(drop)
