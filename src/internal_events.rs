@@ -193,7 +193,6 @@ impl MemberEvent for PartitionsAssigned<'_> {
             info!(partition, "partition assigned");
         }
         m.health.assigned(self.0);
-        m.assigned_partitions.add(self.0.len() as i64);
     }
 }
 
@@ -204,7 +203,6 @@ impl MemberEvent for PartitionsRevoked<'_> {
     fn emit(self, m: &Metrics) {
         info!(partitions = ?self.0, "partitions revoked");
         m.health.revoking(self.0);
-        m.assigned_partitions.sub(self.0.len() as i64);
         for partition in self.0 {
             m.forget_partition(*partition);
         }

@@ -35,12 +35,7 @@ fn bench(brokers: Option<&str>) -> Value {
         command.args(["--brokers", brokers]);
     }
     let out = command.env_remove("RUST_LOG").output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     for line in [
         "bare copy",
         "keyflight",

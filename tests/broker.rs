@@ -203,12 +203,7 @@ async fn topics_create_creates_then_is_idempotent() {
         "topics",
         "create",
     ]);
-    let stdout = String::from_utf8_lossy(&second.stdout);
-    assert!(
-        second.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    let stdout = support::succeeded(&second);
     assert_eq!(stdout.matches("exists").count(), 4, "{stdout}");
     assert_eq!(partitions(&broker), found, "nothing changed");
 }

@@ -127,12 +127,7 @@ async fn load_produces_the_count_with_growing_versions_per_key() {
         "3",
         "--scenarios",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert!(stdout.contains("load: 3000 events over"), "{stdout}");
     assert!(stdout.contains("scenarios: 110 events"), "{stdout}");
 
@@ -189,12 +184,7 @@ fn tail_prints_records_with_keyflight_headers() {
     assert!(out.status.success());
     app.await_verified(Duration::from_secs(60), || processor.log());
     let out = app.cli(&["tail", "--from-beginning", "--count", "2"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     for line in lines {
@@ -228,12 +218,7 @@ fn demo_runs_to_a_passing_verify() {
         .args(["demo", "--events", "5000", "--keys", "300"])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     for needle in [
         "verify: PASS",
         "events in",

@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    await_final_state, create_topic, http_get, produce, produce_bytes, read_all, wait_until, App,
-    Broker, Scrape, TestEvent,
+    await_final_state, create_topic, http_get, produce, produce_bytes, wait_until, App, Broker,
+    Scrape, TestEvent,
 };
 
 fn scrape(addr: &str) -> Scrape {
@@ -35,15 +35,7 @@ async fn metrics_and_readiness_follow_a_run_with_compensation() {
             value: Some(format!("{{\"k\":{k}}}")),
         })
         .collect();
-    let mut crashed = app.start(&app.state_dir("a"));
-    produce(&broker, &app.input, &crashed_events).await;
-    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
-        let markers = read_all(&broker, &app.changelog).len();
-        (markers >= crashed_events.len() && crashed.log().contains("push failed"))
-            .then_some(())
-            .ok_or_else(|| format!("{markers} markers:\n{}", crashed.log()))
-    });
-    crashed.kill_and_outlive_session();
+    app.crash_with_open_markers(&broker, &crashed_events).await;
     create_topic(&broker, &app.pushed, 2).await;
 
     // Readiness: not ready (no assignment, then restoring), then ready.

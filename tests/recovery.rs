@@ -326,12 +326,7 @@ async fn replay_to_earliest_with_and_without_reset_state() {
 
     // The dry run prints the plan and changes nothing.
     let plan = app.cli(&["replay", "--to-earliest", "--force"]);
-    let stdout = String::from_utf8_lossy(&plan.stdout);
-    assert!(
-        plan.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&plan.stderr)
-    );
+    let stdout = support::succeeded(&plan);
     assert!(stdout.contains(&format!("{} -> 0", high[0])), "{stdout}");
     assert!(stdout.contains("dry run"), "{stdout}");
     assert_eq!(committed_and_high(&broker, &app.id, &app.input, 2).0, high);
@@ -371,12 +366,7 @@ async fn replay_to_earliest_with_and_without_reset_state() {
         "--execute",
         "--force",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert!(stdout.contains("forgot 60 marker(s)"), "{stdout}");
     let processor2 = app.start(&state);
     let report = app.await_verified(Duration::from_secs(60), || processor2.log());
@@ -402,24 +392,14 @@ async fn replay_to_earliest_with_and_without_reset_state() {
     // a time after every record: Tansu 0.6 answers that ListOffsets query
     // with offset 0 where Kafka answers -1, the end.)
     let out = app.cli(&["verify", "--since", "10m"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert!(
         stdout.contains("verify: PASS — 60 keys checked"),
         "{stdout}"
     );
     drop(processor2);
     let out = app.cli(&["replay", "--to-datetime", "1h", "--force"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert_eq!(stdout.matches(" -> 0\n").count(), 2, "{stdout}");
     println!("replay: {}", summary(&report));
 }
@@ -446,12 +426,7 @@ async fn state_inspect_and_rebuild() {
         "--key",
         "key-03",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert!(
         stdout.contains("key=\"key-03\"")
             && stdout.contains("version=3")
@@ -468,12 +443,7 @@ async fn state_inspect_and_rebuild() {
     let wiped = Instant::now();
     std::fs::remove_dir_all(state.join(&app.id)).unwrap();
     let out = app.cli(&["state", "rebuild", "--state-dir", state_arg, "--force"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::succeeded(&out);
     assert!(stdout.contains("10 markers, 0 open"), "{stdout}");
     let out = app.cli(&["state", "inspect", "--state-dir", state_arg, "--limit", "0"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -63,18 +63,16 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-            let family = register(
-                &registry,
+            register(
+                registry,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            );
-            family
+            )
         }
         fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-            let family = register(
-                &registry,
+            register(
+                registry,
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            );
-            family
+            )
         }
         let p = &["partition"];
         let push_latency = register(
@@ -267,8 +265,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        // Both derived from the assignment at each scrape, like /readyz.
         self.ready
             .set(i64::from(self.health.readiness().is_ready()));
+        self.assigned_partitions
+            .set(self.health.partitions() as i64);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -371,6 +372,11 @@ impl Health {
                 *phase = Phase::Consuming;
             }
         })
+    }
+
+    /// Partitions currently assigned (restoring or consuming).
+    pub fn partitions(&self) -> usize {
+        self.with(|s| s.partitions.len())
     }
 
     pub fn stopping(&self) {

@@ -5,6 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// The metrics address a `keyflight run` logged (its text-format
+/// `serving /metrics ... addr=HOST:PORT` line), for tools that start it with
+/// port 0.
+pub fn served_addr(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
 /// A plain HTTP/1.0 GET: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};

@@ -201,9 +201,8 @@ impl App {
         std::fs::write(
             &config,
             format!(
-                "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
-                 log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n[topics]\ninput = \"{input}\"\npushed = \"{pushed}\"\ndead_letter = \"{dlq}\"\n",
-                broker.bootstrap
+                "{}[topics]\ninput = \"{input}\"\npushed = \"{pushed}\"\ndead_letter = \"{dlq}\"\n",
+                base_config(&id, &broker.bootstrap, extra)
             ),
         )
         .unwrap();
@@ -270,6 +269,28 @@ impl App {
         self
     }
 
+    /// With the output missing ([`App::with_missing_output`]): runs a
+    /// processor on state dir `a` until every key of `events` has its markT1
+    /// in the changelog and pushes are failing, then kills it and outlives
+    /// its session. Leaves one open marker per key.
+    pub async fn crash_with_open_markers(&self, broker: &Broker, events: &[TestEvent]) {
+        let keys: std::collections::BTreeSet<&String> = events.iter().map(|e| &e.key).collect();
+        let mut crashed = self.start(&self.state_dir("a"));
+        produce(broker, &self.input, events).await;
+        wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            let marked: std::collections::BTreeSet<String> = read_all(broker, &self.changelog)
+                .into_iter()
+                .map(|r| r.key)
+                .collect();
+            if marked.len() == keys.len() && crashed.log().contains("push failed") {
+                Ok(())
+            } else {
+                Err(format!("markers not in the changelog:\n{}", crashed.log()))
+            }
+        });
+        crashed.kill_and_outlive_session();
+    }
+
     pub fn state_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -319,6 +340,26 @@ impl App {
 /// rebalance in seconds rather than librdkafka's default 45 s and 5 min.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 pub const FAST_GROUP: &str = "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\"max.poll.interval.ms\" = \"20000\"\n";
+
+/// A test app's config: fast commits and shutdown, quiet librdkafka, a free
+/// metrics port, then `extra` (which may open tables of its own).
+fn base_config(id: &str, bootstrap: &str, extra: &str) -> String {
+    format!(
+        "application_id = \"{id}\"\nbrokers = \"{bootstrap}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
+         log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n"
+    )
+}
+
+/// The stdout of a command that must have exited 0; its output otherwise.
+pub fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 /// A running `keyflight run`; killed on drop unless stopped.
 pub struct Processor {
@@ -391,33 +432,11 @@ impl Processor {
     /// The address the processor serves /metrics on, once it has logged it.
     pub fn metrics_addr(&self, limit: Duration) -> String {
         wait_until(limit, Duration::from_millis(5), || {
-            let log = strip_ansi(&self.log());
-            log.lines()
-                .find(|l| l.contains("serving /metrics"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::to_string)
+            let log = self.log();
+            keyflight::metrics::scrape::served_addr(&log)
                 .ok_or_else(|| format!("no metrics address in the log:\n{log}"))
         })
     }
-}
-
-/// Text without terminal colour sequences (`ESC [ ... m`).
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[allow(unused_imports)] // not every test binary scrapes
@@ -674,11 +693,7 @@ impl App {
         let config = dir.path().join("keyflight.toml");
         std::fs::write(
             &config,
-            format!(
-                "application_id = \"{id}\"\nbrokers = \"{}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
-                 log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n",
-                cluster.bootstrap_servers()
-            ),
+            base_config(&id, &cluster.bootstrap_servers(), extra),
         )
         .unwrap();
         App {

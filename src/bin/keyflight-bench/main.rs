@@ -576,12 +576,7 @@ impl Child {
     /// The address keyflight logged for its metrics endpoint.
     fn metrics_addr(&mut self) -> Result<String> {
         self.wait(Duration::from_secs(60), |c| {
-            c.log()
-                .lines()
-                .find(|l| l.contains("serving /metrics"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|r| r.split_whitespace().next())
-                .map(str::to_string)
+            keyflight::metrics::scrape::served_addr(&c.log())
         })
     }
 
