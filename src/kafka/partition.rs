@@ -11,14 +11,26 @@
 //!
 //! Commits follow the table's coverage and wait for the changelog records
 //! written before them, so the next owner restores markers at least as new
-//! as the offsets it starts from.
+//! as the offsets it starts from. The task never blocks on that wait: a
+//! commit is held until the acknowledgements reach the write it was asked
+//! after, while records keep flowing.
+//!
+//! Records are handed to the producer when they are written, not in a task
+//! of their own: the changelog keeps the order of a key's markers (its
+//! compaction keeps the last one), and a delivery costs no tokio task.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -53,9 +65,46 @@ pub struct Shared {
 
 /// How the poll thread reaches a task.
 pub struct TaskHandle {
-    pub records: mpsc::Sender<OwnedMessage>,
+    /// Unbounded: the poll thread bounds it by pausing the partition (see
+    /// [`Backlog`]), so handing a record over never waits.
+    pub records: mpsc::UnboundedSender<OwnedMessage>,
+    pub backlog: Arc<Backlog>,
     /// Asks the task to stop; it answers with its final commit position.
     pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
+}
+
+/// Records handed to a task and not yet taken by it, counted on both sides
+/// of the channel: the poll thread pauses the partition when they pass a
+/// bound and resumes it once the task has taken half of them.
+#[derive(Default)]
+pub struct Backlog {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    pub fn handed(&self, record: &OwnedMessage) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(record_bytes(record), Ordering::Relaxed);
+    }
+
+    fn taken(&self, record: &OwnedMessage) {
+        self.records.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(record_bytes(record), Ordering::Relaxed);
+    }
+
+    /// (records, key and value bytes) waiting for the task.
+    pub fn size(&self) -> (usize, usize) {
+        (
+            self.records.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What a record weighs in a [`Backlog`]: its key and value bytes.
+pub fn record_bytes(record: &OwnedMessage) -> usize {
+    record.key().map_or(0, <[u8]>::len) + record.payload().map_or(0, <[u8]>::len)
 }
 
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
@@ -63,8 +112,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 /// Delay before a failed push or dead letter is tried again.
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
-/// Records buffered between the poll thread and a task.
-pub const CHANNEL_CAPACITY: usize = 1024;
 
 pub fn spawn(
     shared: Arc<Shared>,
@@ -72,13 +119,18 @@ pub fn spawn(
     topic: String,
     partition: i32,
 ) -> TaskHandle {
-    let (records_tx, records) = mpsc::channel(CHANNEL_CAPACITY);
+    let (records_tx, records) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
     let (close_tx, close) = oneshot::channel();
+    let feed = Feed {
+        records,
+        backlog: backlog.clone(),
+    };
     let span = tracing::info_span!("partition", topic = %topic, partition);
     runtime.spawn(
         async move {
             let failures = shared.failures.clone();
-            if let Err(error) = run(shared, topic.clone(), partition, records, close).await {
+            if let Err(error) = run(shared, topic.clone(), partition, feed, close).await {
                 tracing::error!("partition task failed: {error}");
                 let _ = failures.send(format!("partition {topic}[{partition}]: {error}"));
             }
@@ -87,8 +139,15 @@ pub fn spawn(
     );
     TaskHandle {
         records: records_tx,
+        backlog,
         close: close_tx,
     }
+}
+
+/// The task's end of its [`TaskHandle`].
+struct Feed {
+    records: mpsc::UnboundedReceiver<OwnedMessage>,
+    backlog: Arc<Backlog>,
 }
 
 /// Outcome of a push, back from its delivery task.
@@ -102,19 +161,44 @@ struct Delivered {
     latency: Duration,
 }
 
+/// A push on its way: produced (or waiting out a retry's backoff) and
+/// resolving to its outcome.
+type PushInFlight = Pin<Box<dyn Future<Output = Delivered> + Send>>;
+
+/// A changelog record handed to the producer, not yet acknowledged.
+struct ChangelogWrite {
+    /// Position among the task's changelog writes (1, 2, ...).
+    seq: u64,
+    key: Bytes,
+    /// The delivery, or why the producer refused the record.
+    delivery: Result<DeliveryFuture, String>,
+}
+
+/// A commit asked for before the changelog caught up with it.
+#[derive(Clone, Copy)]
+struct HeldCommit {
+    position: i64,
+    /// The newest changelog write made before the commit was asked for:
+    /// the markers behind `position` are durable once it is acknowledged.
+    after_write: u64,
+}
+
 struct Task {
     shared: Arc<Shared>,
     topic: String,
     partition: i32,
     table: Table,
     store: Store,
-    pushes: JoinSet<Delivered>,
+    pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
-    /// Changelog writes not yet known acknowledged: the offset, or the key
-    /// whose write failed.
-    changelog_writes: JoinSet<Result<i64, (Bytes, String)>>,
+    /// Changelog writes not yet acknowledged, oldest first. They all go to
+    /// this task's changelog partition, so they are acknowledged in order.
+    changelog_writes: VecDeque<ChangelogWrite>,
+    /// `seq` of the newest changelog write.
+    changelog_seq: u64,
     /// One past the newest acknowledged changelog offset (for checkpoints).
     changelog_next: i64,
+    held_commit: Option<HeldCommit>,
     committed: Option<i64>,
     /// When the store was last checkpointed (see [`CHECKPOINT_EVERY`]).
     checkpointed: Instant,
@@ -125,7 +209,7 @@ async fn run(
     shared: Arc<Shared>,
     topic: String,
     partition: i32,
-    mut records: mpsc::Receiver<OwnedMessage>,
+    mut feed: Feed,
     mut close: oneshot::Receiver<std::sync::mpsc::Sender<Option<i64>>>,
 ) -> Result<(), String> {
     let settings = &shared.settings;
@@ -169,10 +253,12 @@ async fn run(
             max_active_keys: settings.singleflight.max_active_keys,
         }),
         store,
-        pushes: JoinSet::new(),
+        pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
-        changelog_writes: JoinSet::new(),
+        changelog_writes: VecDeque::new(),
+        changelog_seq: 0,
         changelog_next: restored.next_offset,
+        held_commit: None,
         committed: None,
         checkpointed: Instant::now(),
         metrics,
@@ -188,32 +274,36 @@ async fn run(
         tokio::select! {
             biased;
             reply = &mut close => break reply.ok(),
-            Some(done) = task.pushes.join_next(), if !task.pushes.is_empty() => {
-                if let Ok(done) = done { task.delivered(done); }
+            Some(done) = task.pushes.next(), if !task.pushes.is_empty() => task.delivered(done),
+            acked = front_acknowledged(&mut task.changelog_writes), if !task.changelog_writes.is_empty() => {
+                task.changelog_acknowledged(acked);
             }
             Some(done) = task.dead_letters.join_next(), if !task.dead_letters.is_empty() => {
                 if let Ok(offset) = done { task.table.release(offset); }
             }
-            _ = commit_tick.tick() => task.commit().await,
+            _ = commit_tick.tick() => task.commit(),
             _ = compensation_tick.tick() => task.compensate(),
-            record = records.recv(), if !task.table.is_saturated() => match record {
-                Some(record) => task.record(record),
+            record = feed.records.recv(), if !task.table.is_saturated() => match record {
+                Some(record) => {
+                    feed.backlog.taken(&record);
+                    task.record(record);
+                }
                 None => break None,
             },
         }
     };
     // Closing (revoke or shutdown): stop taking events, let pushes in flight
     // finish (bounded), commit what is covered, checkpoint.
-    records.close();
+    feed.records.close();
     let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
     while !task.pushes.is_empty() || !task.dead_letters.is_empty() {
         tokio::select! {
-            Some(done) = task.pushes.join_next(), if !task.pushes.is_empty() => {
+            Some(done) = task.pushes.next(), if !task.pushes.is_empty() => {
                 // markT2 only for a push that landed; a failed one keeps its
                 // marker open for compensation after the restart. No
                 // follow-up pushes while closing: their events stay
                 // uncommitted and are replayed by the next owner.
-                if let Ok(Delivered { push, marker, ok: Ok(()), latency }) = done {
+                if let Delivered { push, marker, ok: Ok(()), latency } = done {
                     task.acknowledge(push, marker, latency, false);
                 }
             }
@@ -226,7 +316,7 @@ async fn run(
             }
         }
     }
-    task.pushes.abort_all();
+    task.pushes.clear();
     let position = task
         .flush_changelog()
         .await
@@ -317,48 +407,44 @@ impl Task {
         self.mark(&push.key, Some(&marker));
 
         self.metrics.emit(KeysInFlight(self.table.active_keys()));
-        let producer = self.shared.producer.clone();
-        let topic = self.shared.settings.topics.pushed.clone();
-        self.pushes.spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
+        let topic = &self.shared.settings.topics.pushed;
+        let in_flight: PushInFlight = if delay.is_zero() {
             let produced = Instant::now();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "keyflight-version",
-                    value: Some(&push.version.to_string()),
-                })
-                .insert(Header {
-                    key: "keyflight-tn",
-                    value: Some(&push.tn.to_string()),
-                })
-                .insert(Header {
-                    key: "keyflight-merged",
-                    value: Some(&push.merged.to_string()),
-                })
-                .insert(Header {
-                    key: "keyflight-compensation",
-                    value: Some(if push.compensation { "true" } else { "false" }),
-                });
-            let mut record = FutureRecord::to(&topic)
-                .key(push.key.as_ref())
-                .headers(headers);
-            if let Some(value) = value.as_deref() {
-                record = record.payload(value);
-            }
-            let ok = producer
-                .send(record, Timeout::Never)
-                .await
-                .map(drop)
-                .map_err(|(e, _)| e.to_string());
-            Delivered {
-                push,
-                marker,
-                ok,
-                latency: produced.elapsed(),
-            }
-        });
+            let sent = produce_now(
+                &self.shared.producer,
+                push_record(topic, &push, value.as_deref()),
+            );
+            Box::pin(async move {
+                let ok = match sent {
+                    Ok(delivery) => acknowledged(delivery.await).map(drop),
+                    Err(e) => Err(e),
+                };
+                Delivered {
+                    push,
+                    marker,
+                    ok,
+                    latency: produced.elapsed(),
+                }
+            })
+        } else {
+            let (producer, topic) = (self.shared.producer.clone(), topic.clone());
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let produced = Instant::now();
+                let ok = producer
+                    .send(push_record(&topic, &push, value.as_deref()), Timeout::Never)
+                    .await
+                    .map(drop)
+                    .map_err(|(e, _)| e.to_string());
+                Delivered {
+                    push,
+                    marker,
+                    ok,
+                    latency: produced.elapsed(),
+                }
+            })
+        };
+        self.pushes.push(in_flight);
     }
 
     fn delivered(&mut self, done: Delivered) {
@@ -422,22 +508,63 @@ impl Task {
         self.send_changelog(key.clone(), encoded);
     }
 
-    /// Produces one changelog record (`None`: a tombstone) in the background.
+    /// Produces one changelog record (`None`: a tombstone); its
+    /// acknowledgement is awaited by the task's loop.
     fn send_changelog(&mut self, key: Bytes, encoded: Option<Vec<u8>>) {
-        let producer = self.shared.producer.clone();
-        let topic = self.shared.changelog.clone();
-        let partition = self.partition;
-        self.changelog_writes.spawn(async move {
-            let mut record = FutureRecord::to(&topic)
-                .key(key.as_ref())
-                .partition(partition);
-            if let Some(encoded) = encoded.as_deref() {
-                record = record.payload(encoded);
-            }
-            let sent = producer.send(record, Timeout::Never).await;
-            sent.map(|d| d.offset)
-                .map_err(|(e, _)| (key, e.to_string()))
+        let mut record = FutureRecord::to(&self.shared.changelog)
+            .key(key.as_ref())
+            .partition(self.partition);
+        if let Some(encoded) = encoded.as_deref() {
+            record = record.payload(encoded);
+        }
+        let delivery = produce_now(&self.shared.producer, record);
+        self.changelog_seq += 1;
+        self.changelog_writes.push_back(ChangelogWrite {
+            seq: self.changelog_seq,
+            key,
+            delivery,
         });
+    }
+
+    /// The oldest changelog write was acknowledged (or failed). A key whose
+    /// write failed is written again from the store's *current* marker
+    /// (re-sending the failed bytes could let an older marker win
+    /// compaction over a newer one); a commit held behind the failed write
+    /// now waits for the rewrite. Returns false for a failure.
+    fn changelog_acknowledged(&mut self, acked: Result<i64, String>) -> bool {
+        let Some(write) = self.changelog_writes.pop_front() else {
+            return true;
+        };
+        match acked {
+            Ok(offset) => {
+                self.metrics.emit(ChangelogWritten(1));
+                self.changelog_next = self.changelog_next.max(offset + 1);
+                self.release_held_commit();
+                true
+            }
+            Err(e) => {
+                warn!(
+                    partition = self.partition,
+                    "changelog write failed, will write the key again: {e}"
+                );
+                match self.store.get(&write.key) {
+                    Ok(marker) => {
+                        let encoded = marker.map(|m| self.store.encode(&m));
+                        self.send_changelog(write.key, encoded);
+                        if let Some(held) = &mut self.held_commit {
+                            if held.after_write >= write.seq {
+                                held.after_write = self.changelog_seq;
+                            }
+                        }
+                    }
+                    Err(e) => warn!(
+                        partition = self.partition,
+                        "cannot re-read a marker to rewrite it: {e}"
+                    ),
+                }
+                false
+            }
+        }
     }
 
     /// Produces a record unchanged to the dead-letter topic, holding its
@@ -530,62 +657,52 @@ impl Task {
         });
     }
 
-    /// Waits for every changelog write so far; false if one failed. A key
-    /// whose write failed is written again from the store's *current* marker
-    /// (re-sending the failed bytes could let an older marker win
-    /// compaction over a newer one), and is awaited by the next flush.
+    /// Waits for every changelog write so far (used when closing); false
+    /// if one failed. Rewrites of failed keys are left in flight.
     async fn flush_changelog(&mut self) -> bool {
-        let mut failed = Vec::new();
-        let mut written = 0;
-        while let Some(done) = self.changelog_writes.join_next().await {
-            match done {
-                Ok(Ok(offset)) => {
-                    written += 1;
-                    self.changelog_next = self.changelog_next.max(offset + 1);
-                }
-                Ok(Err((key, e))) => {
-                    warn!(
-                        partition = self.partition,
-                        "changelog write failed, will write the key again: {e}"
-                    );
-                    failed.push(key);
-                }
-                Err(e) => warn!(
-                    partition = self.partition,
-                    "changelog write task failed: {e}"
-                ),
-            }
-        }
-        self.metrics.emit(ChangelogWritten(written));
-        let ok = failed.is_empty();
-        for key in failed {
-            match self.store.get(&key) {
-                Ok(marker) => {
-                    let encoded = marker.map(|m| self.store.encode(&m));
-                    self.send_changelog(key, encoded);
-                }
-                Err(e) => warn!(
-                    partition = self.partition,
-                    "cannot re-read a marker to rewrite it: {e}"
-                ),
-            }
+        let mut ok = true;
+        let mut remaining = self.changelog_writes.len();
+        while remaining > 0 {
+            let acked = front_acknowledged(&mut self.changelog_writes).await;
+            ok &= self.changelog_acknowledged(acked);
+            remaining -= 1;
         }
         ok
     }
 
-    /// Commits the covered position once the changelog has caught up with it.
-    async fn commit(&mut self) {
+    /// Commits the covered position once the changelog has caught up with
+    /// it: at once if every write is acknowledged, else held until the
+    /// writes made so far are (see [`Task::release_held_commit`]).
+    fn commit(&mut self) {
         let Some(position) = self.table.commit_position() else {
             return;
         };
         if self.committed == Some(position) {
             return;
         }
-        if !self.flush_changelog().await {
-            return; // hold the offsets: markers behind them are not durable
+        self.held_commit = Some(HeldCommit {
+            position,
+            after_write: self.changelog_seq,
+        });
+        self.release_held_commit();
+    }
+
+    /// Sends the held commit if the changelog write it waits for is
+    /// acknowledged.
+    fn release_held_commit(&mut self) {
+        let Some(held) = self.held_commit else {
+            return;
+        };
+        if self
+            .changelog_writes
+            .front()
+            .is_some_and(|oldest| oldest.seq <= held.after_write)
+        {
+            return; // markers behind the offsets are not durable yet
         }
-        if self.shared.commits.send((self.partition, position)).is_ok() {
-            self.committed = Some(position);
+        self.held_commit = None;
+        if self.shared.commits.send((self.partition, held.position)).is_ok() {
+            self.committed = Some(held.position);
         }
         // A checkpoint flushes the store's memtables, synchronously: not at
         // every commit (the benchmark's p99 latency showed the stalls), but
@@ -597,4 +714,76 @@ impl Task {
             }
         }
     }
+}
+
+/// The outcome of the oldest changelog write: its offset, or why it failed.
+/// Cancel-safe: the write stays at the front until the caller pops it.
+async fn front_acknowledged(writes: &mut VecDeque<ChangelogWrite>) -> Result<i64, String> {
+    match writes.front_mut().map(|w| &mut w.delivery) {
+        Some(Ok(delivery)) => acknowledged(delivery.await),
+        Some(Err(refused)) => Err(refused.clone()),
+        None => std::future::pending().await,
+    }
+}
+
+/// A delivery's offset, or its error.
+fn acknowledged(
+    delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, impl Sized>,
+) -> Result<i64, String> {
+    match delivery {
+        Ok(Ok(delivered)) => Ok(delivered.offset),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("the producer dropped the delivery report".into()),
+    }
+}
+
+/// Hands a record to the producer now, so records leave in the order they
+/// are written. A full producer queue is waited out here: that is the
+/// backpressure of a broker slower than the input.
+fn produce_now(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, String> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A push as a record: the merged value, keyflight's metadata in headers.
+fn push_record<'a>(
+    topic: &'a str,
+    push: &'a Push,
+    value: Option<&'a [u8]>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let headers = OwnedHeaders::new_with_capacity(4)
+        .insert(Header {
+            key: "keyflight-version",
+            value: Some(&push.version.to_string()),
+        })
+        .insert(Header {
+            key: "keyflight-tn",
+            value: Some(&push.tn.to_string()),
+        })
+        .insert(Header {
+            key: "keyflight-merged",
+            value: Some(&push.merged.to_string()),
+        })
+        .insert(Header {
+            key: "keyflight-compensation",
+            value: Some(if push.compensation { "true" } else { "false" }),
+        });
+    let mut record = FutureRecord::to(topic)
+        .key(push.key.as_ref())
+        .headers(headers);
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    record
 }

@@ -8,16 +8,20 @@
 //! the commits those tasks ask for.
 //!
 //! Backpressure is one mechanism: a task whose table is saturated stops
-//! reading its bounded channel; when the channel is full the poll thread
-//! holds records for the task, and pauses the partition once it holds more
-//! than [`PAUSE_RECORDS`] or `singleflight.max_held_bytes`; it resumes the partition once
-//! the task has taken them all. Memory stays bounded whatever the input
-//! rate. Pausing is not done at the first full channel: librdkafka drops a
-//! paused partition's prefetched records and fetches them again on resume,
-//! and a pause per channel's worth of records cut throughput by 3.6× in the
-//! benchmark.
+//! taking records from its channel; the poll thread counts what it has
+//! handed over and not yet taken (the task's [`partition::Backlog`]) and pauses the
+//! partition once that passes [`PAUSE_RECORDS`] or
+//! `singleflight.max_held_bytes`; it resumes the partition once the task
+//! has taken half of it. Memory stays bounded whatever the input rate.
+//!
+//! Why not a bounded channel: pausing at every full channel made librdkafka
+//! drop and fetch again a paused partition's prefetched records (3.6×
+//! slower in the benchmark), and holding records in the poll thread to
+//! avoid that meant refilling the channel only between polls: 1 024
+//! records per 100 ms poll, about 10 000 events/s for a partition that had
+//! fallen behind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +31,6 @@ use rdkafka::error::{IsError, KafkaError, KafkaResult};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, info, warn};
 
 use super::partition::{self, Shared, TaskHandle};
@@ -53,34 +56,25 @@ pub enum RunError {
     Partition(String),
 }
 
-/// Records held for a task before its partition is paused (bytes: the
+/// Records waiting for a task before its partition is paused (bytes: the
 /// `singleflight.max_held_bytes` setting).
 pub const PAUSE_RECORDS: usize = 32 * 1024;
 
-/// A partition's task and what the poll thread holds for it.
+/// A partition's task, as the poll thread sees it.
 struct Assigned {
     handle: TaskHandle,
-    /// Records the task's channel had no room for, oldest first.
-    overflow: VecDeque<OwnedMessage>,
-    /// Key and value bytes in `overflow`.
-    overflow_bytes: usize,
-    /// Paused since `overflow` crossed a bound; resumed once it is empty.
+    /// Paused since its backlog passed a bound.
     paused: bool,
 }
 
-impl Assigned {
-    fn hold(&mut self, message: OwnedMessage) {
-        self.overflow_bytes += record_bytes(&message);
-        self.overflow.push_back(message);
-    }
-
-    fn over_bound(&self, max_bytes: usize) -> bool {
-        self.overflow.len() >= PAUSE_RECORDS || self.overflow_bytes >= max_bytes
-    }
+/// Whether a backlog of (records, bytes) is past a bound.
+fn over_bound((records, bytes): (usize, usize), max_bytes: usize) -> bool {
+    records >= PAUSE_RECORDS || bytes >= max_bytes
 }
 
-fn record_bytes(message: &OwnedMessage) -> usize {
-    message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len)
+/// Whether a paused partition's backlog is down to half its bounds.
+fn resumable((records, bytes): (usize, usize), max_bytes: usize) -> bool {
+    records <= PAUSE_RECORDS / 2 && bytes <= max_bytes / 2
 }
 
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
@@ -123,8 +117,6 @@ impl ConsumerContext for Context {
                                 element.topic().to_string(),
                                 element.partition(),
                             ),
-                            overflow: VecDeque::new(),
-                            overflow_bytes: 0,
                             paused: false,
                         });
                 }
@@ -268,8 +260,11 @@ pub fn run(
             sample_lag(&consumer, &input);
             lag_sampled = Instant::now();
         }
-        drain_overflow(&consumer, &input);
-        match consumer.poll(Duration::from_millis(100)) {
+        // While a partition is paused, poll briefly, to resume it as soon
+        // as its task has room.
+        let any_paused = resume_ready(&consumer, &input);
+        let timeout = if any_paused { 5 } else { 100 };
+        match consumer.poll(Duration::from_millis(timeout)) {
             Some(Ok(message)) => route(&consumer, message.detach(), &input),
             Some(Err(e)) => warn!("consumer error: {e}"),
             None => {}
@@ -400,36 +395,27 @@ fn commit_async(consumer: &BaseConsumer<Context>, offsets: &TopicPartitionList) 
     }
 }
 
-/// Hands a record to its partition's task, or holds it (pausing the
-/// partition once too much is held).
+/// Hands a record to its partition's task; pauses the partition if the
+/// task's backlog is past a bound.
 fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
     let partition = message.partition();
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
     let Some(task) = assigned.get_mut(&partition) else {
         return; // revoked meanwhile: the next owner reads it from the committed offset
     };
-    if !task.overflow.is_empty() {
-        // Keep the order behind what is held.
-        task.hold(message);
-    } else {
-        match task.handle.records.try_send(message) {
-            Ok(()) | Err(TrySendError::Closed(_)) => return,
-            Err(TrySendError::Full(message)) => task.hold(message),
-        }
+    task.handle.backlog.handed(&message);
+    if task.handle.records.send(message).is_err() {
+        return; // the task is closing; its events stay uncommitted
     }
-    let max_bytes = consumer
-        .context()
-        .shared
-        .settings
-        .singleflight
-        .max_held_bytes;
-    if !task.paused && task.over_bound(max_bytes) {
+    let max_bytes = max_held_bytes(consumer);
+    let backlog = task.handle.backlog.size();
+    if !task.paused && over_bound(backlog, max_bytes) {
         match consumer.pause(&one_partition(topic, partition)) {
             Ok(()) => {
                 task.paused = true;
                 debug!(
                     partition,
-                    held = task.overflow.len(),
+                    held = backlog.0,
                     "partition paused: its task is saturated"
                 );
             }
@@ -438,35 +424,33 @@ fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
     }
 }
 
-/// Moves held records into tasks with room again; resumes drained partitions.
-fn drain_overflow(consumer: &BaseConsumer<Context>, topic: &str) {
+fn max_held_bytes(consumer: &BaseConsumer<Context>) -> usize {
+    consumer.context().shared.settings.singleflight.max_held_bytes
+}
+
+/// Resumes paused partitions whose tasks have taken half their backlog;
+/// true if some partition stays paused.
+fn resume_ready(consumer: &BaseConsumer<Context>, topic: &str) -> bool {
+    let max_bytes = max_held_bytes(consumer);
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    for (partition, task) in assigned.iter_mut().filter(|(_, t)| !t.overflow.is_empty()) {
-        while let Some(message) = task.overflow.pop_front() {
-            let bytes = record_bytes(&message);
-            match task.handle.records.try_send(message) {
-                Ok(()) => task.overflow_bytes -= bytes,
-                Err(TrySendError::Full(message)) => {
-                    task.overflow.push_front(message);
-                    break;
-                }
-                Err(TrySendError::Closed(_)) => {
-                    task.overflow.clear();
-                    task.overflow_bytes = 0;
-                    break;
-                }
-            }
+    let mut still_paused = false;
+    for (partition, task) in assigned.iter_mut().filter(|(_, t)| t.paused) {
+        if !resumable(task.handle.backlog.size(), max_bytes) {
+            still_paused = true;
+            continue;
         }
-        if task.paused && task.overflow.is_empty() {
-            match consumer.resume(&one_partition(topic, *partition)) {
-                Ok(()) => {
-                    task.paused = false;
-                    debug!(partition, "partition resumed");
-                }
-                Err(e) => warn!(partition, "resume failed: {e}"),
+        match consumer.resume(&one_partition(topic, *partition)) {
+            Ok(()) => {
+                task.paused = false;
+                debug!(partition, "partition resumed");
+            }
+            Err(e) => {
+                still_paused = true;
+                warn!(partition, "resume failed: {e}");
             }
         }
     }
+    still_paused
 }
 
 fn one_partition(topic: &str, partition: i32) -> TopicPartitionList {
