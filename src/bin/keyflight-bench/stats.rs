@@ -21,19 +21,31 @@ pub struct Latency {
     pub max_ms: i64,
 }
 
-/// Event→output latency: for every output record, its timestamp minus the
-/// timestamp of the input event it carries (`(key, version)`). Outputs
-/// whose event is unknown are skipped (and counted by the caller).
+/// Event→output latency of every input event: from its timestamp to the
+/// timestamp of the first output of its key that carries its version or a
+/// later one (a merged event is delivered by the push that carries a newer
+/// version). Inputs and outputs are `(key, version, timestamp ms)`. Events
+/// with no such output are left out; the caller compares `samples` with
+/// the events sent.
 pub fn latencies(
-    inputs: &HashMap<(String, u64), i64>,
+    inputs: &[(String, u64, i64)],
     outputs: &[(String, u64, i64)],
 ) -> Option<Latency> {
-    let mut samples: Vec<i64> = outputs
+    let mut by_key: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
+    for (key, version, ts) in outputs {
+        by_key.entry(key).or_default().push((*version, *ts));
+    }
+    for pushes in by_key.values_mut() {
+        pushes.sort_unstable();
+    }
+    let mut samples: Vec<i64> = inputs
         .iter()
-        .filter_map(|(key, version, out_ts)| {
-            inputs
-                .get(&(key.clone(), *version))
-                .map(|in_ts| (out_ts - in_ts).max(0))
+        .filter_map(|(key, version, in_ts)| {
+            let pushes = by_key.get(key.as_str())?;
+            // Sorted by (version, timestamp): the earliest of the lowest
+            // version at or above the event's.
+            let (_, out_ts) = pushes.get(pushes.partition_point(|(v, _)| v < version))?;
+            Some((out_ts - in_ts).max(0))
         })
         .collect();
     samples.sort_unstable();
@@ -66,22 +78,27 @@ mod tests {
     }
 
     #[test]
-    fn latency_matches_outputs_to_their_events() {
-        let inputs: HashMap<(String, u64), i64> = [
-            (("a".to_string(), 1), 1_000),
-            (("a".to_string(), 2), 1_010),
-            (("b".to_string(), 1), 1_000),
-        ]
-        .into_iter()
-        .collect();
+    fn every_event_waits_for_the_first_output_carrying_it() {
+        let event = |k: &str, v, ts| (k.to_string(), v, ts);
+        let inputs = vec![
+            event("a", 1, 1_000),
+            event("a", 2, 1_010), // merged with a@3: delivered by the a@3 push
+            event("a", 3, 1_011),
+            event("b", 1, 1_000),
+            event("c", 1, 1_000), // never delivered: left out
+        ];
         let outputs = vec![
-            ("a".to_string(), 2, 1_013), // carries a@2: 3 ms
-            ("b".to_string(), 1, 1_001), // 1 ms
-            ("c".to_string(), 1, 5_000), // unknown: skipped
+            event("a", 1, 1_004),
+            event("a", 3, 1_020),
+            event("b", 1, 1_001),
+            event("b", 1, 1_009), // a later copy of b@1 does not count
+            event("z", 1, 5_000), // no event: ignored
         ];
         let l = latencies(&inputs, &outputs).unwrap();
-        assert_eq!(l.samples, 2);
-        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (1, 3, 3));
+        assert_eq!(l.samples, 4);
+        let mut all = vec![4, 10, 9, 1];
+        all.sort_unstable();
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (all[1], all[3], 10));
         assert!(latencies(&inputs, &[]).is_none());
     }
 
