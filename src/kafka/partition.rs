@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::Message;
@@ -67,7 +67,7 @@ pub struct Shared {
 pub struct TaskHandle {
     /// Unbounded: the poll thread bounds it by pausing the partition (see
     /// [`Backlog`]), so handing a record over never waits.
-    pub records: mpsc::UnboundedSender<OwnedMessage>,
+    pub records: mpsc::UnboundedSender<InputRecord>,
     pub backlog: Arc<Backlog>,
     /// Asks the task to stop; it answers with its final commit position.
     pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
@@ -83,14 +83,14 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    pub fn handed(&self, record: &OwnedMessage) {
+    pub fn handed(&self, record: &InputRecord) {
         self.records.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(record_bytes(record), Ordering::Relaxed);
+        self.bytes.fetch_add(record.bytes(), Ordering::Relaxed);
     }
 
-    fn taken(&self, record: &OwnedMessage) {
+    fn taken(&self, record: &InputRecord) {
         self.records.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(record_bytes(record), Ordering::Relaxed);
+        self.bytes.fetch_sub(record.bytes(), Ordering::Relaxed);
     }
 
     /// (records, key and value bytes) waiting for the task.
@@ -102,9 +102,27 @@ impl Backlog {
     }
 }
 
-/// What a record weighs in a [`Backlog`]: its key and value bytes.
-pub fn record_bytes(record: &OwnedMessage) -> usize {
-    record.key().map_or(0, <[u8]>::len) + record.payload().map_or(0, <[u8]>::len)
+/// An input record as its task needs it: no topic name or headers to copy
+/// (rust-rdkafka's `OwnedMessage` copies both), key and value shared.
+pub struct InputRecord {
+    pub offset: i64,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+}
+
+impl InputRecord {
+    pub fn of(message: &impl Message) -> InputRecord {
+        InputRecord {
+            offset: message.offset(),
+            key: message.key().map(Bytes::copy_from_slice),
+            payload: message.payload().map(Bytes::copy_from_slice),
+        }
+    }
+
+    /// What it weighs in a [`Backlog`]: its key and value bytes.
+    pub fn bytes(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len) + self.payload.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
@@ -146,7 +164,7 @@ pub fn spawn(
 
 /// The task's end of its [`TaskHandle`].
 struct Feed {
-    records: mpsc::UnboundedReceiver<OwnedMessage>,
+    records: mpsc::UnboundedReceiver<InputRecord>,
     backlog: Arc<Backlog>,
 }
 
@@ -342,18 +360,18 @@ fn now_ns() -> u64 {
 }
 
 impl Task {
-    fn record(&mut self, record: OwnedMessage) {
+    fn record(&mut self, record: InputRecord) {
         self.metrics.emit(RecordReceived);
-        let offset = record.offset();
+        let offset = record.offset;
         let decoded = match self
             .shared
             .codec
-            .decode_record(record.key(), record.payload())
+            .decode_record(record.key.as_deref(), record.payload.as_deref())
         {
             Ok(decoded) => decoded,
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
         };
-        let key = Bytes::copy_from_slice(record.key().unwrap_or_default());
+        let key = record.key.clone().unwrap_or_default();
         if !self.table.knows(&key) {
             self.seed(&key);
         }
@@ -569,8 +587,8 @@ impl Task {
 
     /// Produces a record unchanged to the dead-letter topic, holding its
     /// offset until the dead letter is acknowledged (retrying, never dropping).
-    fn dead_letter(&mut self, record: OwnedMessage, reason: &'static str, detail: String) {
-        let offset = record.offset();
+    fn dead_letter(&mut self, record: InputRecord, reason: &'static str, detail: String) {
+        let offset = record.offset;
         if let Err(e) = self.table.hold(offset) {
             return warn!(
                 partition = self.partition,
@@ -610,10 +628,10 @@ impl Task {
                         value: Some(&offset.to_string()),
                     });
                 let mut out = FutureRecord::to(&topic).headers(headers);
-                if let Some(key) = record.key() {
+                if let Some(key) = record.key.as_deref() {
                     out = out.key(key);
                 }
-                if let Some(value) = record.payload() {
+                if let Some(value) = record.payload.as_deref() {
                     out = out.payload(value);
                 }
                 match producer.send(out, Timeout::Never).await {

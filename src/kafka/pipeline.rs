@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{IsError, KafkaError, KafkaResult};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::partition::{self, Shared, TaskHandle};
+use super::partition::{self, InputRecord, Shared, TaskHandle};
 use super::{client_config, Role};
 use crate::codec::Codec;
 use crate::config::Settings;
@@ -264,11 +264,22 @@ pub fn run(
         // as its task has room.
         let any_paused = resume_ready(&consumer, &input);
         let timeout = if any_paused { 5 } else { 100 };
-        match consumer.poll(Duration::from_millis(timeout)) {
-            Some(Ok(message)) => route(&consumer, message.detach(), &input),
-            Some(Err(e)) => warn!("consumer error: {e}"),
-            None => {}
+        // Records come in batches (a fetch's worth): take what is ready
+        // and route it under one lock, then do the housekeeping above again.
+        let mut batch = Vec::new();
+        let mut wait = Duration::from_millis(timeout);
+        while batch.len() < ROUTE_BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(message)) => batch.push(message),
+                Some(Err(e)) => {
+                    warn!("consumer error: {e}");
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
         }
+        route(&consumer, &batch, &input);
     }
 
     info!(
@@ -286,6 +297,9 @@ pub fn run(
         None => Ok(()),
     }
 }
+
+/// Records routed per lock of the assignment, at most.
+const ROUTE_BATCH: usize = 512;
 
 /// How often the consumer lag gauge is refreshed.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -395,31 +409,37 @@ fn commit_async(consumer: &BaseConsumer<Context>, offsets: &TopicPartitionList) 
     }
 }
 
-/// Hands a record to its partition's task; pauses the partition if the
+/// Hands records to their partitions' tasks; pauses a partition whose
 /// task's backlog is past a bound.
-fn route(consumer: &BaseConsumer<Context>, message: OwnedMessage, topic: &str) {
-    let partition = message.partition();
-    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    let Some(task) = assigned.get_mut(&partition) else {
-        return; // revoked meanwhile: the next owner reads it from the committed offset
-    };
-    task.handle.backlog.handed(&message);
-    if task.handle.records.send(message).is_err() {
-        return; // the task is closing; its events stay uncommitted
+fn route(consumer: &BaseConsumer<Context>, batch: &[BorrowedMessage<'_>], topic: &str) {
+    if batch.is_empty() {
+        return;
     }
     let max_bytes = max_held_bytes(consumer);
-    let backlog = task.handle.backlog.size();
-    if !task.paused && over_bound(backlog, max_bytes) {
-        match consumer.pause(&one_partition(topic, partition)) {
-            Ok(()) => {
-                task.paused = true;
-                debug!(
-                    partition,
-                    held = backlog.0,
-                    "partition paused: its task is saturated"
-                );
+    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
+    for message in batch {
+        let partition = message.partition();
+        let Some(task) = assigned.get_mut(&partition) else {
+            continue; // revoked meanwhile: the next owner reads it from the committed offset
+        };
+        let record = InputRecord::of(message);
+        task.handle.backlog.handed(&record);
+        if task.handle.records.send(record).is_err() {
+            continue; // the task is closing; its events stay uncommitted
+        }
+        let backlog = task.handle.backlog.size();
+        if !task.paused && over_bound(backlog, max_bytes) {
+            match consumer.pause(&one_partition(topic, partition)) {
+                Ok(()) => {
+                    task.paused = true;
+                    debug!(
+                        partition,
+                        held = backlog.0,
+                        "partition paused: its task is saturated"
+                    );
+                }
+                Err(e) => warn!(partition, "pause failed: {e}"),
             }
-            Err(e) => warn!(partition, "pause failed: {e}"),
         }
     }
 }
