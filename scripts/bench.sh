@@ -8,6 +8,7 @@
 #   EVENTS=100000 KEYS=10000 MARKERS=100000 scripts/bench.sh   a shorter one
 #   BROKERS="mock" scripts/bench.sh       one broker only (tansu, mock)
 #   ENGINE=0 scripts/bench.sh             skip the criterion benchmark
+#   BENCH_ARGS="--latency-rate 100000" scripts/bench.sh   more driver options
 #
 # Reports go to target/bench/<broker>.json (under $CARGO_TARGET_DIR).
 set -euo pipefail
@@ -34,6 +35,10 @@ say "building the release binaries"
 cargo build --release --locked --bins
 bench="$CARGO_TARGET_DIR/release/keyflight-bench"
 args=(run --events "$events" --keys "$keys" --markers "$markers" --partitions "$partitions" --verify)
+# More options for every run, e.g. BENCH_ARGS="--latency-rate 100000"
+# (keyflight-bench run --help lists them).
+read -ra extra <<< "${BENCH_ARGS:-}"
+args+=("${extra[@]}")
 
 # Tansu on a free loopback port with SQLite storage in a scratch directory.
 start_tansu() {

@@ -88,6 +88,10 @@ struct RunArgs {
     /// Seconds of load in the latency phase (at half the copy's rate)
     #[arg(long, default_value_t = 20.0)]
     latency_seconds: f64,
+    /// Events/s in the latency phase instead of half the copy's rate (to
+    /// see the latency at a rate keyflight sustains)
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Seconds at the start of the latency phase left out of its figures:
     /// the consumers' first fetches (offset lookups, fetch sessions) made
     /// the first half second's events wait 300–600 ms in both systems
@@ -269,7 +273,9 @@ fn run(args: RunArgs) -> Result<()> {
     ));
 
     // 3. Latency at half the copy's maximum rate.
-    let rate = report.copy.events_per_s / 2.0;
+    let rate = args
+        .latency_rate
+        .unwrap_or(report.copy.events_per_s / 2.0);
     let events = ((rate * args.latency_seconds) as u64).clamp(1_000, args.events);
     report.latency.target_rate = rate;
     report.latency.warmup_seconds = args.warmup_seconds;
