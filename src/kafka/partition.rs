@@ -372,9 +372,9 @@ impl Task {
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
         };
         let key = record.key.clone().unwrap_or_default();
-        if !self.table.knows(&key) {
-            self.seed(&key);
-        }
+        // An unknown key's marker is read once: to seed it, and as the
+        // previous marker of the push it may start.
+        let stored = (!self.table.knows(&key)).then(|| self.seed(&key));
         let event = Event {
             key,
             offset,
@@ -382,7 +382,10 @@ impl Task {
             payload: decoded.payload,
         };
         match self.table.offer(event, now_ns()) {
-            Ok(Offer::Started(push)) => self.start(push, Duration::ZERO),
+            Ok(Offer::Started(push)) => match stored {
+                Some(previous) => self.start_after(push, Duration::ZERO, previous),
+                None => self.start(push, Duration::ZERO),
+            },
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
             Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
             Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
@@ -391,7 +394,8 @@ impl Task {
 
     /// Starts the table's entry for a key from its stored marker, so replayed
     /// events are not pushed again and patches fold onto the stored value.
-    fn seed(&mut self, key: &Bytes) {
+    /// Returns the marker.
+    fn seed(&mut self, key: &Bytes) -> Option<Marker> {
         match self.store.get(key) {
             Ok(Some(marker)) => {
                 let payload = self.shared.codec.stored(marker.value.as_ref());
@@ -401,12 +405,16 @@ impl Task {
                     marker.t1.max(marker.t2),
                     Some(payload),
                 );
+                Some(marker)
             }
-            Ok(None) => {}
-            Err(e) => warn!(
-                partition = self.partition,
-                "reading the marker failed, key starts unseeded: {e}"
-            ),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(
+                    partition = self.partition,
+                    "reading the marker failed, key starts unseeded: {e}"
+                );
+                None
+            }
         }
     }
 

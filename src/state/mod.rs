@@ -84,6 +84,9 @@ fn family_options(write_buffer: usize) -> Options {
     let cache = CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(32 << 20));
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
+    // Most reads are of keys a partition has not seen yet: a bloom filter
+    // answers those without reading a block.
+    table.set_bloom_filter(10.0, false);
     let mut options = Options::default();
     options.set_write_buffer_size(write_buffer);
     options.set_max_write_buffer_number(2);
