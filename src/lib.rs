@@ -26,7 +26,8 @@
 //! * [`state`] — per-partition RocksDB store of markers `{t1, t2, version,
 //!   value}` with an index of open markers and Kafka Streams' checkpoint
 //!   rule (no clean checkpoint, full restore), encoded for the compacted
-//!   changelog topic with `schemas/marker.avsc`.
+//!   changelog topic with `schemas/marker.avsc`. Writes are held in memory,
+//!   the newest per key, and reach RocksDB in batches and at checkpoints.
 //! * [`kafka`] — everything that talks to a broker: client configuration
 //!   from [`config::Settings`] (librdkafka pass-through for security and
 //!   tuning), the admin operations behind `topics create`, and the consumer
