@@ -727,7 +727,12 @@ impl Task {
             return; // markers behind the offsets are not durable yet
         }
         self.held_commit = None;
-        if self.shared.commits.send((self.partition, held.position)).is_ok() {
+        if self
+            .shared
+            .commits
+            .send((self.partition, held.position))
+            .is_ok()
+        {
             self.committed = Some(held.position);
         }
         // A checkpoint flushes the store's memtables, synchronously: not at

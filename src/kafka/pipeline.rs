@@ -445,7 +445,12 @@ fn route(consumer: &BaseConsumer<Context>, batch: &[BorrowedMessage<'_>], topic:
 }
 
 fn max_held_bytes(consumer: &BaseConsumer<Context>) -> usize {
-    consumer.context().shared.settings.singleflight.max_held_bytes
+    consumer
+        .context()
+        .shared
+        .settings
+        .singleflight
+        .max_held_bytes
 }
 
 /// Resumes paused partitions whose tasks have taken half their backlog;

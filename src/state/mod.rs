@@ -71,7 +71,8 @@ const WRITE_BUFFERS: usize = 64 << 20;
 
 fn write_buffers() -> &'static rocksdb::WriteBufferManager {
     static MANAGER: std::sync::OnceLock<rocksdb::WriteBufferManager> = std::sync::OnceLock::new();
-    MANAGER.get_or_init(|| rocksdb::WriteBufferManager::new_write_buffer_manager(WRITE_BUFFERS, false))
+    MANAGER
+        .get_or_init(|| rocksdb::WriteBufferManager::new_write_buffer_manager(WRITE_BUFFERS, false))
 }
 
 /// Memory per store is bounded, because a process holds one per assigned
@@ -563,7 +564,9 @@ mod tests {
         // A key still open when the limit is reached lands in both families.
         store.put(b"open", &marker(7, 0, b"O")).unwrap();
         for i in 0..PENDING_LIMIT - 2 {
-            store.put(format!("x{i}").as_bytes(), &marker(1, 1, b"X")).unwrap();
+            store
+                .put(format!("x{i}").as_bytes(), &marker(1, 1, b"X"))
+                .unwrap();
         }
         assert_eq!(on_disk(&store, MARKERS).len(), PENDING_LIMIT);
         assert_eq!(on_disk(&store, OPEN), [b"open".to_vec()]);

@@ -27,10 +27,7 @@ pub struct Latency {
 /// version). Inputs and outputs are `(key, version, timestamp ms)`. Events
 /// with no such output are left out; the caller compares `samples` with
 /// the events sent.
-pub fn latencies(
-    inputs: &[(String, u64, i64)],
-    outputs: &[(String, u64, i64)],
-) -> Option<Latency> {
+pub fn latencies(inputs: &[(String, u64, i64)], outputs: &[(String, u64, i64)]) -> Option<Latency> {
     let mut by_key: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
     for (key, version, ts) in outputs {
         by_key.entry(key).or_default().push((*version, *ts));
