@@ -36,8 +36,9 @@ pub enum Role {
 }
 
 /// librdkafka configuration for one client: keyflight's required settings
-/// and defaults, then `[kafka.common]`, then the role's own table (validation has already
-/// refused user values for the properties keyflight must own).
+/// and defaults, then `[kafka.common]`, then the role's own table
+/// (validation has already refused user values for the properties keyflight
+/// must own).
 pub fn client_config(settings: &Settings, role: Role) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);

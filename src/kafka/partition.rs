@@ -168,7 +168,7 @@ struct Feed {
     backlog: Arc<Backlog>,
 }
 
-/// Outcome of a push, back from its delivery task.
+/// Outcome of a push, once its delivery is known.
 struct Delivered {
     push: Push,
     /// The marker markT1 wrote for this push. One push per key is in flight,
@@ -440,34 +440,14 @@ impl Task {
                 &self.shared.producer,
                 push_record(topic, &push, value.as_deref()),
             );
-            Box::pin(async move {
-                let ok = match sent {
-                    Ok(delivery) => acknowledged(delivery.await).map(drop),
-                    Err(e) => Err(e),
-                };
-                Delivered {
-                    push,
-                    marker,
-                    ok,
-                    latency: produced.elapsed(),
-                }
-            })
+            Box::pin(delivery(push, marker, sent, produced))
         } else {
             let (producer, topic) = (self.shared.producer.clone(), topic.clone());
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 let produced = Instant::now();
-                let ok = producer
-                    .send(push_record(&topic, &push, value.as_deref()), Timeout::Never)
-                    .await
-                    .map(drop)
-                    .map_err(|(e, _)| e.to_string());
-                Delivered {
-                    push,
-                    marker,
-                    ok,
-                    latency: produced.elapsed(),
-                }
+                let sent = produce_now(&producer, push_record(&topic, &push, value.as_deref()));
+                delivery(push, marker, sent, produced).await
             })
         };
         self.pushes.push(in_flight);
@@ -687,11 +667,9 @@ impl Task {
     /// if one failed. Rewrites of failed keys are left in flight.
     async fn flush_changelog(&mut self) -> bool {
         let mut ok = true;
-        let mut remaining = self.changelog_writes.len();
-        while remaining > 0 {
+        for _ in 0..self.changelog_writes.len() {
             let acked = front_acknowledged(&mut self.changelog_writes).await;
             ok &= self.changelog_acknowledged(acked);
-            remaining -= 1;
         }
         ok
     }
@@ -754,6 +732,25 @@ async fn front_acknowledged(writes: &mut VecDeque<ChangelogWrite>) -> Result<i64
         Some(Ok(delivery)) => acknowledged(delivery.await),
         Some(Err(refused)) => Err(refused.clone()),
         None => std::future::pending().await,
+    }
+}
+
+/// Awaits a produced push's delivery.
+async fn delivery(
+    push: Push,
+    marker: Marker,
+    sent: Result<DeliveryFuture, String>,
+    produced: Instant,
+) -> Delivered {
+    let ok = match sent {
+        Ok(delivery) => acknowledged(delivery.await).map(drop),
+        Err(refused) => Err(refused),
+    };
+    Delivered {
+        push,
+        marker,
+        ok,
+        latency: produced.elapsed(),
     }
 }
 

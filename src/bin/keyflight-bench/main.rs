@@ -272,7 +272,7 @@ fn run(args: RunArgs) -> Result<()> {
         report.keyflight.verify
     ));
 
-    // 3. Latency at half the copy's maximum rate.
+    // 3. Latency at half the copy's maximum rate (or --latency-rate).
     let rate = args.latency_rate.unwrap_or(report.copy.events_per_s / 2.0);
     let events = ((rate * args.latency_seconds) as u64).clamp(1_000, args.events);
     report.latency.target_rate = rate;
