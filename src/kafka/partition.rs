@@ -65,9 +65,11 @@ pub struct Shared {
 
 /// How the poll thread reaches a task.
 pub struct TaskHandle {
-    /// Unbounded: the poll thread bounds it by pausing the partition (see
-    /// [`Backlog`]), so handing a record over never waits.
-    pub records: mpsc::UnboundedSender<InputRecord>,
+    /// Records in the order of their offsets, in batches (one channel
+    /// operation and one wake-up per batch, not per record). Unbounded: the
+    /// poll thread bounds it by pausing the partition (see [`Backlog`]), so
+    /// handing records over never waits.
+    pub records: mpsc::UnboundedSender<Vec<InputRecord>>,
     pub backlog: Arc<Backlog>,
     /// Asks the task to stop; it answers with its final commit position.
     pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
@@ -83,14 +85,14 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    pub fn handed(&self, record: &InputRecord) {
-        self.records.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(record.bytes(), Ordering::Relaxed);
+    pub fn handed(&self, batch: &[InputRecord]) {
+        self.records.fetch_add(batch.len(), Ordering::Relaxed);
+        self.bytes.fetch_add(weight(batch), Ordering::Relaxed);
     }
 
-    fn taken(&self, record: &InputRecord) {
-        self.records.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(record.bytes(), Ordering::Relaxed);
+    fn taken(&self, batch: &[InputRecord]) {
+        self.records.fetch_sub(batch.len(), Ordering::Relaxed);
+        self.bytes.fetch_sub(weight(batch), Ordering::Relaxed);
     }
 
     /// (records, key and value bytes) waiting for the task.
@@ -100,6 +102,10 @@ impl Backlog {
             self.bytes.load(Ordering::Relaxed),
         )
     }
+}
+
+fn weight(batch: &[InputRecord]) -> usize {
+    batch.iter().map(InputRecord::bytes).sum()
 }
 
 /// An input record as its task needs it: no topic name or headers to copy
@@ -164,7 +170,7 @@ pub fn spawn(
 
 /// The task's end of its [`TaskHandle`].
 struct Feed {
-    records: mpsc::UnboundedReceiver<InputRecord>,
+    records: mpsc::UnboundedReceiver<Vec<InputRecord>>,
     backlog: Arc<Backlog>,
 }
 
@@ -207,6 +213,9 @@ struct Task {
     partition: i32,
     table: Table,
     store: Store,
+    /// Records taken from the feed and not yet processed: a batch is taken
+    /// whole, and processed while the table is not saturated.
+    inbox: std::vec::IntoIter<InputRecord>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
     /// Changelog writes not yet acknowledged, oldest first. They all go to
@@ -271,6 +280,7 @@ async fn run(
             max_active_keys: settings.singleflight.max_active_keys,
         }),
         store,
+        inbox: Vec::new().into_iter(),
         pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
         changelog_writes: VecDeque::new(),
@@ -301,14 +311,15 @@ async fn run(
             }
             _ = commit_tick.tick() => task.commit(),
             _ = compensation_tick.tick() => task.compensate(),
-            record = feed.records.recv(), if !task.table.is_saturated() => match record {
-                Some(record) => {
-                    feed.backlog.taken(&record);
-                    task.record(record);
+            batch = feed.records.recv(), if task.inbox.as_slice().is_empty() && !task.table.is_saturated() => match batch {
+                Some(batch) => {
+                    feed.backlog.taken(&batch);
+                    task.inbox = batch.into_iter();
                 }
                 None => break None,
             },
         }
+        task.process_inbox();
     };
     // Closing (revoke or shutdown): stop taking events, let pushes in flight
     // finish (bounded), commit what is covered, checkpoint.
@@ -360,6 +371,17 @@ fn now_ns() -> u64 {
 }
 
 impl Task {
+    /// Processes the inbox's records until it is empty or the table is
+    /// saturated (the rest waits for acknowledgements to free keys).
+    fn process_inbox(&mut self) {
+        while !self.table.is_saturated() {
+            let Some(record) = self.inbox.next() else {
+                return;
+            };
+            self.record(record);
+        }
+    }
+
     fn record(&mut self, record: InputRecord) {
         self.metrics.emit(RecordReceived);
         let offset = record.offset;

@@ -417,14 +417,16 @@ fn route(consumer: &BaseConsumer<Context>, batch: &[BorrowedMessage<'_>], topic:
     }
     let max_bytes = max_held_bytes(consumer);
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    for message in batch {
-        let partition = message.partition();
+    // A fetch's records come one partition at a time: each run of records
+    // of one partition goes to its task as one batch.
+    for run in batch.chunk_by(|a, b| a.partition() == b.partition()) {
+        let partition = run[0].partition();
         let Some(task) = assigned.get_mut(&partition) else {
             continue; // revoked meanwhile: the next owner reads it from the committed offset
         };
-        let record = InputRecord::of(message);
-        task.handle.backlog.handed(&record);
-        if task.handle.records.send(record).is_err() {
+        let records: Vec<InputRecord> = run.iter().map(InputRecord::of).collect();
+        task.handle.backlog.handed(&records);
+        if task.handle.records.send(records).is_err() {
             continue; // the task is closing; its events stay uncommitted
         }
         let backlog = task.handle.backlog.size();

@@ -187,6 +187,11 @@ struct Drain {
     outputs_per_s: f64,
     collapse: f64,
     peak_rss_mb: f64,
+    /// Changelog records written per event (keyflight; 0 for the copy).
+    changelog_per_event: f64,
+    /// The process's CPU time (user + system, start to stop) per event
+    /// consumed: its cost, steadier than a rate on this noisy machine.
+    cpu_us_per_event: f64,
     verify: Option<bool>,
 }
 
@@ -264,11 +269,14 @@ fn run(args: RunArgs) -> Result<()> {
     report.keyflight = drain_keyflight(&app, args.events, args.verify)?;
     report.throughput_ratio = report.keyflight.events_per_s / report.copy.events_per_s;
     say(&format!(
-        "backlog: copy {:.0} events/s, keyflight {:.0} events/s ({:.2}), collapse {:.2}, verify {:?}",
+        "backlog: copy {:.0} events/s ({:.2} us CPU each), keyflight {:.0} events/s ({:.2} us CPU each) ({:.2}), collapse {:.2}, changelog records per event {:.2}, verify {:?}",
         report.copy.events_per_s,
+        report.copy.cpu_us_per_event,
         report.keyflight.events_per_s,
+        report.keyflight.cpu_us_per_event,
         report.throughput_ratio,
         report.keyflight.collapse,
+        report.keyflight.changelog_per_event,
         report.keyflight.verify
     ));
 
@@ -622,6 +630,24 @@ impl Child {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// CPU time used so far (user + system), in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th of the line, in clock ticks.
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        ticks as f64 / per_second as f64
+    }
+
     /// SIGTERM, then a clean exit within a minute.
     fn stop(mut self) -> Result<()> {
         // SAFETY: signalling our own child.
@@ -751,6 +777,7 @@ fn drain_copy(app: &App, events: u64) -> Result<Drain> {
             .filter(|n| *n >= events)
     })?;
     let rss = copy.peak_rss_mb();
+    let cpu = copy.cpu_seconds();
     copy.stop()?;
     let (first, last) = window(app, &app.copied)?;
     Ok(Drain {
@@ -759,6 +786,8 @@ fn drain_copy(app: &App, events: u64) -> Result<Drain> {
         outputs_per_s: stats::rate(events, first, last),
         collapse: 1.0,
         peak_rss_mb: rss,
+        cpu_us_per_event: cpu * 1e6 / events as f64,
+        changelog_per_event: 0.0,
         verify: None,
     })
 }
@@ -770,8 +799,10 @@ fn drain_keyflight(app: &App, events: u64, verify: bool) -> Result<Drain> {
         drained(&addr, events).then_some(())
     })?;
     let rss = kf.peak_rss_mb();
+    let cpu = kf.cpu_seconds();
     kf.stop()?;
     let pushes = records(app, &app.settings.topics.pushed)?;
+    let changelog = records(app, &app.settings.changelog_topic())?;
     let (first, last) = window(app, &app.settings.topics.pushed)?;
     let verified = verify
         .then(|| {
@@ -789,6 +820,8 @@ fn drain_keyflight(app: &App, events: u64, verify: bool) -> Result<Drain> {
         outputs_per_s: stats::rate(pushes, first, last),
         collapse: events as f64 / pushes.max(1) as f64,
         peak_rss_mb: rss,
+        cpu_us_per_event: cpu * 1e6 / events as f64,
+        changelog_per_event: changelog as f64 / events as f64,
         verify: verified,
     })
 }
@@ -988,8 +1021,8 @@ fn print_report(r: &Report) {
         out,
         "\n== keyflight-bench: {} ({}), {} partitions, {} events over {} keys ==\n\
          load (producer)              {:>12.0} events/s\n\
-         bare copy                    {:>12.0} events/s   peak RSS {:.0} MB\n\
-         keyflight                    {:>12.0} events/s   peak RSS {:.0} MB   {:.0} pushes/s   collapse {:.2}{}\n\
+         bare copy                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event\n\
+         keyflight                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event   {:.0} pushes/s   collapse {:.2}{}\n\
          throughput keyflight/copy    {:>12.2}           (target >= 0.80)\n\
          latency at {:.0}/s           copy: {}\n\
          \x20                            keyflight: {}\n\
@@ -1005,8 +1038,10 @@ fn print_report(r: &Report) {
         r.load_events_per_s,
         r.copy.events_per_s,
         r.copy.peak_rss_mb,
+        r.copy.cpu_us_per_event,
         r.keyflight.events_per_s,
         r.keyflight.peak_rss_mb,
+        r.keyflight.cpu_us_per_event,
         r.keyflight.outputs_per_s,
         r.keyflight.collapse,
         match r.keyflight.verify {
