@@ -14,6 +14,10 @@
 //! `singleflight.max_held_bytes`; it resumes the partition once the task
 //! has taken half of it. Memory stays bounded whatever the input rate.
 //!
+//! Records are taken from a fetch queue of keyflight's own, many per call
+//! ([`FetchQueue`]); the consumer queue keeps the events (rebalances, commit
+//! results, errors) that rust-rdkafka's `poll` serves.
+//!
 //! Why not a bounded channel: pausing at every full channel made librdkafka
 //! drop and fetch again a paused partition's prefetched records (3.6×
 //! slower in the benchmark), and holding records in the poll thread to
@@ -22,14 +26,16 @@
 //! fallen behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{IsError, KafkaError, KafkaResult};
-use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::Producer;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
@@ -84,15 +90,27 @@ struct Context {
     assigned: Mutex<HashMap<i32, Assigned>>,
     /// The offsets this member last committed, per partition (for the lag).
     committed: Mutex<HashMap<i32, i64>>,
+    fetch: FetchQueue,
 }
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            self.close(consumer, &partitions);
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                self.close(consumer, &partitions);
+            }
+            // Before the assignment starts fetching, so that no record of
+            // these partitions reaches the consumer queue.
+            Rebalance::Assign(list) => {
+                for element in list.elements() {
+                    self.fetch
+                        .forward(consumer, element.topic(), element.partition());
+                }
+            }
+            Rebalance::Error(_) => {}
         }
     }
 
@@ -141,7 +159,125 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The assigned partitions' records, forwarded from their librdkafka
+/// queues to one queue of keyflight's own and taken up to [`ROUTE_BATCH`]
+/// per call (`rd_kafka_consume_batch_queue`, which rust-rdkafka does not
+/// wrap). rust-rdkafka's `poll` returns one record per call, each with a
+/// queue lock and clock reads of its own: that was a quarter of the poll
+/// thread's time.
+///
+/// librdkafka clears a partition's forwarding when it stops fetching it (a
+/// revoke), and a stop that completes after a new assignment's forward
+/// would leave the partition's records in its own queue, unread: so the
+/// poll thread forwards every assigned partition again every
+/// [`REFORWARD_INTERVAL`] (records left meanwhile move along, in order).
+struct FetchQueue(AtomicPtr<rd::rd_kafka_queue_t>);
+
+impl FetchQueue {
+    /// Creates the queue of `consumer`'s client.
+    fn open(&self, consumer: &BaseConsumer<Context>) {
+        // SAFETY: the client pointer is valid while `consumer` lives; the
+        // queue is destroyed in `close`, before the consumer.
+        let queue = unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) };
+        self.0.store(queue, Ordering::Release);
+    }
+
+    /// Destroys the queue; records still in it are not committed, so the
+    /// next owner reads them again. Call before the consumer is dropped.
+    fn close(&self) {
+        let queue = self.0.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !queue.is_null() {
+            // SAFETY: created by `open`, destroyed once (swapped out above).
+            unsafe { rd::rd_kafka_queue_destroy(queue) };
+        }
+    }
+
+    /// Sends `partition`'s records to this queue.
+    fn forward<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str, partition: i32) {
+        let queue = self.0.load(Ordering::Acquire);
+        let Ok(topic) = CString::new(topic) else {
+            return;
+        };
+        if queue.is_null() {
+            return;
+        }
+        // SAFETY: the client and `queue` are alive (see `open`); the
+        // partition queue handle is ours and released right after, which
+        // keeps the forwarding.
+        unsafe {
+            let rk = consumer.client().native_ptr();
+            let from = rd::rd_kafka_queue_get_partition(rk, topic.as_ptr(), partition);
+            if from.is_null() {
+                // Its records stay on the consumer queue, which `poll` serves.
+                return warn!(partition, "cannot forward the partition's records");
+            }
+            rd::rd_kafka_queue_forward(from, queue);
+            rd::rd_kafka_queue_destroy(from);
+        }
+    }
+
+    /// Up to `ROUTE_BATCH` records, waiting up to `timeout` for the first:
+    /// (partition, record) in the order they were fetched.
+    fn take(&self, timeout: Duration) -> Vec<(i32, InputRecord)> {
+        let queue = self.0.load(Ordering::Acquire);
+        if queue.is_null() {
+            return Vec::new();
+        }
+        let mut messages = [std::ptr::null_mut::<rd::rd_kafka_message_t>(); ROUTE_BATCH];
+        // SAFETY: `queue` is alive (see `open`); librdkafka fills at most
+        // ROUTE_BATCH pointers, each destroyed below after it is copied.
+        let taken = unsafe {
+            rd::rd_kafka_consume_batch_queue(
+                queue,
+                timeout.as_millis() as i32,
+                messages.as_mut_ptr(),
+                ROUTE_BATCH,
+            )
+        };
+        let taken = usize::try_from(taken).unwrap_or(0).min(ROUTE_BATCH);
+        let mut records = Vec::with_capacity(taken);
+        for &message in &messages[..taken] {
+            // SAFETY: a message librdkafka handed over, valid until destroyed.
+            unsafe {
+                let m = &*message;
+                if m.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                    let bytes = |ptr: *mut libc::c_void, len: usize| {
+                        (!ptr.is_null()).then(|| {
+                            bytes::Bytes::copy_from_slice(std::slice::from_raw_parts(
+                                ptr as *const u8,
+                                len,
+                            ))
+                        })
+                    };
+                    records.push((
+                        m.partition,
+                        InputRecord {
+                            offset: m.offset,
+                            key: bytes(m.key, m.key_len),
+                            payload: bytes(m.payload, m.len),
+                        },
+                    ));
+                } else {
+                    let code: RDKafkaErrorCode = m.err.into();
+                    warn!(partition = m.partition, "consumer error: {code}");
+                }
+                rd::rd_kafka_message_destroy(message);
+            }
+        }
+        records
+    }
+}
+
 impl Context {
+    /// Forwards every assigned partition to the fetch queue again (see
+    /// [`FetchQueue`]).
+    fn reforward(&self, consumer: &BaseConsumer<Context>) {
+        let topic = &self.shared.settings.topics.input;
+        for partition in self.assigned_partitions() {
+            self.fetch.forward(consumer, topic, partition);
+        }
+    }
+
     fn assigned_partitions(&self) -> Vec<i32> {
         let assigned = self.assigned.lock().expect("assignment lock");
         assigned.keys().copied().collect()
@@ -232,6 +368,7 @@ pub fn run(
         runtime,
         assigned: Mutex::new(HashMap::new()),
         committed: Mutex::new(HashMap::new()),
+        fetch: FetchQueue(AtomicPtr::new(std::ptr::null_mut())),
     };
     let consumer: BaseConsumer<Context> = client_config(&shared.settings, Role::Consumer)
         .create_with_context(context)
@@ -239,6 +376,7 @@ pub fn run(
             role: "consumer",
             source,
         })?;
+    consumer.context().fetch.open(&consumer);
     let input = shared.settings.topics.input.clone();
     consumer
         .subscribe(&[&input])
@@ -250,6 +388,7 @@ pub fn run(
 
     let mut failure = None;
     let mut lag_sampled = Instant::now();
+    let mut reforwarded = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if let Ok(message) = failed.try_recv() {
             failure = Some(message);
@@ -260,26 +399,29 @@ pub fn run(
             sample_lag(&consumer, &input);
             lag_sampled = Instant::now();
         }
-        // While a partition is paused, poll briefly, to resume it as soon
-        // as its task has room.
-        let any_paused = resume_ready(&consumer, &input);
-        let timeout = if any_paused { 5 } else { 100 };
-        // Records come in batches (a fetch's worth): take what is ready
-        // and route it under one lock, then do the housekeeping above again.
-        let mut batch = Vec::new();
-        let mut wait = Duration::from_millis(timeout);
-        while batch.len() < ROUTE_BATCH {
-            match consumer.poll(wait) {
-                Some(Ok(message)) => batch.push(message),
-                Some(Err(e)) => {
-                    warn!("consumer error: {e}");
-                    break;
-                }
+        if reforwarded.elapsed() >= REFORWARD_INTERVAL {
+            consumer.context().reforward(&consumer);
+            reforwarded = Instant::now();
+        }
+        // Events (rebalances, commit results, errors) first. Records reach
+        // the consumer queue only if a partition could not be forwarded.
+        let mut stray = Vec::new();
+        while stray.len() < ROUTE_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(message)) => stray.push((message.partition(), InputRecord::of(&message))),
+                Some(Err(e)) => warn!("consumer error: {e}"),
                 None => break,
             }
-            wait = Duration::ZERO;
         }
-        route(&consumer, &batch, &input);
+        route(&consumer, stray, &input);
+        // While a partition is paused, wait briefly, to resume it as soon
+        // as its task has room.
+        let any_paused = resume_ready(&consumer, &input);
+        let timeout = Duration::from_millis(if any_paused { 5 } else { 100 });
+        // Records come in batches (a fetch's worth): take what is ready and
+        // route it under one lock, then do the housekeeping above again.
+        let batch = consumer.context().fetch.take(timeout);
+        route(&consumer, batch, &input);
     }
 
     info!(
@@ -290,6 +432,7 @@ pub fn run(
     let partitions = consumer.context().assigned_partitions();
     consumer.context().close(&consumer, &partitions);
     consumer.unsubscribe();
+    consumer.context().fetch.close();
     let _ = shared.producer.flush(Duration::from_secs(5));
     info!("stopped");
     match failure {
@@ -298,8 +441,13 @@ pub fn run(
     }
 }
 
-/// Records routed per lock of the assignment, at most.
+/// Records taken from the fetch queue per call and routed per lock of the
+/// assignment, at most.
 const ROUTE_BATCH: usize = 512;
+
+/// How often the assigned partitions are forwarded to the fetch queue again
+/// (see [`FetchQueue`]).
+const REFORWARD_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the consumer lag gauge is refreshed.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -411,7 +559,7 @@ fn commit_async(consumer: &BaseConsumer<Context>, offsets: &TopicPartitionList) 
 
 /// Hands records to their partitions' tasks; pauses a partition whose
 /// task's backlog is past a bound.
-fn route(consumer: &BaseConsumer<Context>, batch: &[BorrowedMessage<'_>], topic: &str) {
+fn route(consumer: &BaseConsumer<Context>, batch: Vec<(i32, InputRecord)>, topic: &str) {
     if batch.is_empty() {
         return;
     }
@@ -419,12 +567,15 @@ fn route(consumer: &BaseConsumer<Context>, batch: &[BorrowedMessage<'_>], topic:
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
     // A fetch's records come one partition at a time: each run of records
     // of one partition goes to its task as one batch.
-    for run in batch.chunk_by(|a, b| a.partition() == b.partition()) {
-        let partition = run[0].partition();
+    let mut batch = batch.into_iter().peekable();
+    while let Some((partition, first)) = batch.next() {
+        let mut records = vec![first];
+        while let Some((_, record)) = batch.next_if(|(p, _)| *p == partition) {
+            records.push(record);
+        }
         let Some(task) = assigned.get_mut(&partition) else {
             continue; // revoked meanwhile: the next owner reads it from the committed offset
         };
-        let records: Vec<InputRecord> = run.iter().map(InputRecord::of).collect();
         task.handle.backlog.handed(&records);
         if task.handle.records.send(records).is_err() {
             continue; // the task is closing; its events stay uncommitted
