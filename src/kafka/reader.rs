@@ -173,6 +173,11 @@ pub fn read(
                     open.remove(&message.partition());
                 }
             }
+            // A lost connection is reported through poll, and librdkafka
+            // reconnects by itself: go on (the stall bound still applies).
+            Some(Err(source)) if is_transient(&source) => {
+                tracing::warn!(topic, "reading goes on after a broker error: {source}");
+            }
             Some(Err(source)) => return Err(kafka(topic, source)),
             None if last_progress.elapsed() > STALL => {
                 return Err(ReadError::Stalled {
@@ -186,6 +191,21 @@ pub fn read(
     }
     consumer.unassign().map_err(|source| kafka(topic, source))?;
     Ok(read)
+}
+
+/// Errors about broker connections, which librdkafka retries by itself.
+fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::AllBrokersDown
+                | Code::BrokerTransportFailure
+                | Code::Resolve
+                | Code::OperationTimedOut
+                | Code::RequestTimedOut
+        )
+    )
 }
 
 /// Records in `ranges` (an upper bound on a compacted topic).
@@ -242,4 +262,26 @@ pub fn group_lag(settings: &Settings, topic: &str) -> Result<i64, ReadError> {
         .zip(committed)
         .map(|(range, at)| (range.end - at.unwrap_or(range.start)).max(0))
         .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn connection_errors_are_transient_and_partition_errors_are_not() {
+        let consumption = KafkaError::MessageConsumption;
+        assert!(is_transient(&consumption(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(is_transient(&consumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_transient(&consumption(
+            RDKafkaErrorCode::OffsetOutOfRange
+        )));
+        assert!(!is_transient(&consumption(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+    }
 }
