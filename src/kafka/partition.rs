@@ -2,8 +2,8 @@
 //! table → push → mark, with compensation and commits on timers.
 //!
 //! Order of effects per push (the article's markT1 / push / markT2):
-//! 1. markT1: the store and the changelog get `t1 = tn` with the push's
-//!    version and value;
+//! 1. markT1: the store gets `t1 = tn` with the push's version and value,
+//!    and the changelog gets it within [`CHANGELOG_EVERY`];
 //! 2. the push is produced to the output topic;
 //! 3. on acknowledgement, markT2 (`t2 = tn`) and the table moves on: the next
 //!    merged push of the key starts, or the key goes idle (a delete's state
@@ -15,11 +15,19 @@
 //! commit is held until the acknowledgements reach the write it was asked
 //! after, while records keep flowing.
 //!
+//! The changelog gets a key's newest marker, not every marker: a key's
+//! writes within [`CHANGELOG_EVERY`] become one record (a hot key's
+//! markT1, markT2, next markT1 ... were a record each). Durability is
+//! unchanged: a commit, a checkpoint and closing first hand every held
+//! marker to the producer, and a commit waits for their acknowledgements,
+//! so the next owner still restores markers at least as new as the offsets
+//! it starts from; a crash replays from the last commit as before.
+//!
 //! Records are handed to the producer when they are written, not in a task
 //! of their own: the changelog keeps the order of a key's markers (its
 //! compaction keeps the last one), and a delivery costs no tokio task.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,6 +139,10 @@ impl InputRecord {
     }
 }
 
+/// How long a key's marker may wait in memory for a newer one before it is
+/// written to the changelog (see the module docs).
+const CHANGELOG_EVERY: Duration = Duration::from_millis(100);
+
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
@@ -218,6 +230,9 @@ struct Task {
     inbox: std::vec::IntoIter<InputRecord>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
+    /// Markers written to the store and not yet to the changelog, the
+    /// newest per key, encoded (`None`: a tombstone).
+    unlogged: HashMap<Bytes, Option<Vec<u8>>>,
     /// Changelog writes not yet acknowledged, oldest first. They all go to
     /// this task's changelog partition, so they are acknowledged in order.
     changelog_writes: VecDeque<ChangelogWrite>,
@@ -283,6 +298,7 @@ async fn run(
         inbox: Vec::new().into_iter(),
         pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
+        unlogged: HashMap::new(),
         changelog_writes: VecDeque::new(),
         changelog_seq: 0,
         changelog_next: restored.next_offset,
@@ -296,6 +312,7 @@ async fn run(
     };
     let mut commit_tick = tokio::time::interval(settings.commit_interval);
     let mut compensation_tick = tokio::time::interval(settings.compensation.interval);
+    let mut changelog_tick = tokio::time::interval(CHANGELOG_EVERY);
     compensation_tick.tick().await; // the first tick is immediate; skip it
 
     let reply = loop {
@@ -310,6 +327,7 @@ async fn run(
                 if let Ok(offset) = done { task.table.release(offset); }
             }
             _ = commit_tick.tick() => task.commit(),
+            _ = changelog_tick.tick() => task.log_markers(),
             _ = compensation_tick.tick() => task.compensate(),
             batch = feed.records.recv(), if task.inbox.as_slice().is_empty() && !task.table.is_saturated() => match batch {
                 Some(batch) => {
@@ -346,6 +364,7 @@ async fn run(
         }
     }
     task.pushes.clear();
+    task.log_markers();
     let position = task
         .flush_changelog()
         .await
@@ -521,7 +540,8 @@ impl Task {
         }
     }
 
-    /// Writes a marker (or removes it) in the store and the changelog.
+    /// Writes a marker (or removes it) in the store, and holds it for the
+    /// changelog (see [`Task::log_markers`]).
     fn mark(&mut self, key: &Bytes, marker: Option<&Marker>) {
         let encoded = match marker {
             Some(marker) => match self.store.put(key, marker) {
@@ -533,7 +553,14 @@ impl Task {
                 Err(e) => return warn!(partition = self.partition, "store delete failed: {e}"),
             },
         };
-        self.send_changelog(key.clone(), encoded);
+        self.unlogged.insert(key.clone(), encoded);
+    }
+
+    /// Hands the held markers to the producer, one record per key.
+    fn log_markers(&mut self) {
+        for (key, encoded) in std::mem::take(&mut self.unlogged) {
+            self.send_changelog(key, encoded);
+        }
     }
 
     /// Produces one changelog record (`None`: a tombstone); its
@@ -706,6 +733,9 @@ impl Task {
         if self.committed == Some(position) {
             return;
         }
+        // The markers behind `position` may still be held: write them now,
+        // and hold the commit until they are acknowledged.
+        self.log_markers();
         self.held_commit = Some(HeldCommit {
             position,
             after_write: self.changelog_seq,
@@ -740,6 +770,9 @@ impl Task {
         // often enough that a restart after a crash replays little.
         if self.checkpointed.elapsed() >= CHECKPOINT_EVERY {
             self.checkpointed = Instant::now();
+            // Every marker in the checkpoint is at least on its way to the
+            // changelog, as when markers were written one by one.
+            self.log_markers();
             if let Err(e) = self.store.checkpoint(self.changelog_next) {
                 warn!(partition = self.partition, "checkpoint failed: {e}");
             }
