@@ -376,7 +376,6 @@ pub fn run(
             role: "consumer",
             source,
         })?;
-    consumer.context().fetch.open(&consumer);
     let input = shared.settings.topics.input.clone();
     consumer
         .subscribe(&[&input])
@@ -384,6 +383,9 @@ pub fn run(
             topic: input.clone(),
             source,
         })?;
+    // Before the first poll, whose rebalance forwards to it; closed below,
+    // before the consumer goes.
+    consumer.context().fetch.open(&consumer);
     info!(topic = %input, group = %shared.settings.application_id, "consuming");
 
     let mut failure = None;
