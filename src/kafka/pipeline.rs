@@ -167,10 +167,12 @@ impl ConsumerContext for Context {
 /// thread's time.
 ///
 /// librdkafka clears a partition's forwarding when it stops fetching it (a
-/// revoke), and a stop that completes after a new assignment's forward
-/// would leave the partition's records in its own queue, unread: so the
-/// poll thread forwards every assigned partition again every
-/// [`REFORWARD_INTERVAL`] (records left meanwhile move along, in order).
+/// revoke). It finishes stops before it starts an assignment, so a new
+/// assignment's forward should stand; should a stop ever land after it,
+/// the partition's records would sit in its own queue, unread. The poll
+/// thread therefore forwards every assigned partition again every
+/// [`REFORWARD_INTERVAL`] (records left meanwhile move along, in order): a
+/// cheap guard against a silent stall.
 struct FetchQueue(AtomicPtr<rd::rd_kafka_queue_t>);
 
 impl FetchQueue {
@@ -224,15 +226,29 @@ impl FetchQueue {
             return Vec::new();
         }
         let mut messages = [std::ptr::null_mut::<rd::rd_kafka_message_t>(); ROUTE_BATCH];
+        // librdkafka waits out the timeout until the whole batch is there,
+        // so: wait for one record, then take what else is ready at once.
         // SAFETY: `queue` is alive (see `open`); librdkafka fills at most
-        // ROUTE_BATCH pointers, each destroyed below after it is copied.
+        // the given number of pointers, each destroyed below after it is
+        // copied.
         let taken = unsafe {
-            rd::rd_kafka_consume_batch_queue(
+            let first = rd::rd_kafka_consume_batch_queue(
                 queue,
                 timeout.as_millis() as i32,
                 messages.as_mut_ptr(),
-                ROUTE_BATCH,
-            )
+                1,
+            );
+            if first == 1 {
+                let more = rd::rd_kafka_consume_batch_queue(
+                    queue,
+                    0,
+                    messages.as_mut_ptr().add(1),
+                    ROUTE_BATCH - 1,
+                );
+                1 + more.max(0)
+            } else {
+                first
+            }
         };
         let taken = usize::try_from(taken).unwrap_or(0).min(ROUTE_BATCH);
         let mut records = Vec::with_capacity(taken);
@@ -406,9 +422,11 @@ pub fn run(
             reforwarded = Instant::now();
         }
         // Events (rebalances, commit results, errors) first. Records reach
-        // the consumer queue only if a partition could not be forwarded.
+        // the consumer queue only if a partition could not be forwarded;
+        // they are older than any of theirs in the fetch queue, so all of
+        // them go first.
         let mut stray = Vec::new();
-        while stray.len() < ROUTE_BATCH {
+        loop {
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(message)) => stray.push((message.partition(), InputRecord::of(&message))),
                 Some(Err(e)) => warn!("consumer error: {e}"),
