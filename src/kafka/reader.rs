@@ -179,14 +179,14 @@ pub fn read(
                 tracing::warn!(topic, "reading goes on after a broker error: {source}");
             }
             Some(Err(source)) => return Err(kafka(topic, source)),
-            None if last_progress.elapsed() > STALL => {
-                return Err(ReadError::Stalled {
-                    topic: topic.to_string(),
-                    stall: STALL,
-                    remaining: open.len() as i64,
-                })
-            }
             None => {}
+        }
+        if !open.is_empty() && last_progress.elapsed() > STALL {
+            return Err(ReadError::Stalled {
+                topic: topic.to_string(),
+                stall: STALL,
+                remaining: open.len() as i64,
+            });
         }
     }
     consumer.unassign().map_err(|source| kafka(topic, source))?;
@@ -195,10 +195,11 @@ pub fn read(
 
 /// Errors about broker connections, which librdkafka retries by itself.
 fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(
-        error.rdkafka_error_code(),
-        Some(
+        error,
+        KafkaError::MessageConsumption(
             Code::AllBrokersDown
                 | Code::BrokerTransportFailure
                 | Code::Resolve
@@ -282,6 +283,10 @@ mod tests {
         )));
         assert!(!is_transient(&consumption(
             RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        // A fatal error is not retried, whatever its code.
+        assert!(!is_transient(&KafkaError::MessageConsumptionFatal(
+            RDKafkaErrorCode::AllBrokersDown
         )));
     }
 }
