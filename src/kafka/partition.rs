@@ -231,8 +231,9 @@ struct Task {
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
     /// Markers written to the store and not yet to the changelog, the
-    /// newest per key, encoded (`None`: a tombstone).
-    unlogged: HashMap<Bytes, Option<Vec<u8>>>,
+    /// newest per key (`None`: a tombstone). Encoded only when logged: most
+    /// are replaced before.
+    unlogged: HashMap<Bytes, Option<Marker>>,
     /// Changelog writes not yet acknowledged, oldest first. They all go to
     /// this task's changelog partition, so they are acknowledged in order.
     changelog_writes: VecDeque<ChangelogWrite>,
@@ -543,29 +544,27 @@ impl Task {
     /// Writes a marker (or removes it) in the store, and holds it for the
     /// changelog (see [`Task::log_markers`]).
     fn mark(&mut self, key: &Bytes, marker: Option<&Marker>) {
-        let encoded = match marker {
-            Some(marker) => match self.store.put(key, marker) {
-                Ok(encoded) => Some(encoded),
-                Err(e) => return warn!(partition = self.partition, "store write failed: {e}"),
-            },
-            None => match self.store.delete(key) {
-                Ok(()) => None,
-                Err(e) => return warn!(partition = self.partition, "store delete failed: {e}"),
-            },
+        let written = match marker {
+            Some(marker) => self.store.put(key, marker).map_err(|e| ("write", e)),
+            None => self.store.delete(key).map_err(|e| ("delete", e)),
         };
-        self.unlogged.insert(key.clone(), encoded);
+        if let Err((what, e)) = written {
+            return warn!(partition = self.partition, "store {what} failed: {e}");
+        }
+        self.unlogged.insert(key.clone(), marker.cloned());
     }
 
     /// Hands the held markers to the producer, one record per key.
     fn log_markers(&mut self) {
-        for (key, encoded) in std::mem::take(&mut self.unlogged) {
-            self.send_changelog(key, encoded);
+        for (key, marker) in std::mem::take(&mut self.unlogged) {
+            self.send_changelog(key, marker.as_ref());
         }
     }
 
     /// Produces one changelog record (`None`: a tombstone); its
     /// acknowledgement is awaited by the task's loop.
-    fn send_changelog(&mut self, key: Bytes, encoded: Option<Vec<u8>>) {
+    fn send_changelog(&mut self, key: Bytes, marker: Option<&Marker>) {
+        let encoded = marker.map(|m| self.store.encode(m));
         let mut record = FutureRecord::to(&self.shared.changelog)
             .key(key.as_ref())
             .partition(self.partition);
@@ -604,8 +603,7 @@ impl Task {
                 );
                 match self.store.get(&write.key) {
                     Ok(marker) => {
-                        let encoded = marker.map(|m| self.store.encode(&m));
-                        self.send_changelog(write.key, encoded);
+                        self.send_changelog(write.key, marker.as_ref());
                         if let Some(held) = &mut self.held_commit {
                             if held.after_write >= write.seq {
                                 held.after_write = self.changelog_seq;

@@ -276,11 +276,9 @@ impl Store {
         bytes.map(|b| self.decode(key, &b)).transpose()
     }
 
-    /// Writes a marker and keeps the open index in step; returns the encoded
-    /// marker, which is what goes to the changelog.
-    pub fn put(&self, key: &[u8], marker: &Marker) -> Result<Vec<u8>, StateError> {
-        self.write(key, Some(marker.clone()))?;
-        Ok(self.codec.encode(marker))
+    /// Writes a marker and keeps the open index in step.
+    pub fn put(&self, key: &[u8], marker: &Marker) -> Result<(), StateError> {
+        self.write(key, Some(marker.clone()))
     }
 
     /// The changelog encoding of a marker.
