@@ -126,10 +126,15 @@ pub struct InputRecord {
 
 impl InputRecord {
     pub fn of(message: &impl Message) -> InputRecord {
+        InputRecord::copied(message.offset(), message.key(), message.payload())
+    }
+
+    /// A record whose key and value are copied from the consumer's buffers.
+    pub fn copied(offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) -> InputRecord {
         InputRecord {
-            offset: message.offset(),
-            key: message.key().map(Bytes::copy_from_slice),
-            payload: message.payload().map(Bytes::copy_from_slice),
+            offset,
+            key: key.map(Bytes::copy_from_slice),
+            payload: payload.map(Bytes::copy_from_slice),
         }
     }
 

@@ -257,21 +257,16 @@ impl FetchQueue {
             unsafe {
                 let m = &*message;
                 if m.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    let bytes = |ptr: *mut libc::c_void, len: usize| {
-                        (!ptr.is_null()).then(|| {
-                            bytes::Bytes::copy_from_slice(std::slice::from_raw_parts(
-                                ptr as *const u8,
-                                len,
-                            ))
-                        })
+                    let slice = |ptr: *mut libc::c_void, len: usize| {
+                        (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
                     };
                     records.push((
                         m.partition,
-                        InputRecord {
-                            offset: m.offset,
-                            key: bytes(m.key, m.key_len),
-                            payload: bytes(m.payload, m.len),
-                        },
+                        InputRecord::copied(
+                            m.offset,
+                            slice(m.key, m.key_len),
+                            slice(m.payload, m.len),
+                        ),
                     ));
                 } else {
                     let code: RDKafkaErrorCode = m.err.into();
