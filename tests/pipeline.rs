@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keyflight::state::{Marker, Store};
-use support::{await_final_state, produce, read_all, wait_until, App, Broker, TestEvent};
+use support::{
+    await_final_state, http_get, produce, read_all, wait_until, App, Broker, Scrape, TestEvent,
+};
 
 /// `bursts` rounds; in each, every key gets `per_burst` events back to back.
 fn bursty_events(keys: usize, bursts: usize, per_burst: usize, round: usize) -> Vec<TestEvent> {
@@ -287,12 +289,21 @@ async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
         value: Some(format!("{{\"event\":\"{name}\"}}")),
     };
 
-    produce(
-        &broker,
-        &app.input,
-        &[event("A"), event("B"), event("C"), event("D")],
-    )
-    .await;
+    // B, C, D must arrive while A's push is in flight, not in A's poll
+    // batch (a batch's burst is one push): they go once the gauge shows it.
+    produce(&broker, &app.input, &[event("A")]).await;
+    let addr = processor.metrics_addr(Duration::from_secs(30));
+    wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        let (_, body) = http_get(&addr, "/metrics").map_err(|e| e.to_string())?;
+        match Scrape::parse(&body).sum("keyflight_keys_in_flight", &[]) {
+            n if n >= 1.0 => Ok(()),
+            _ => Err(format!(
+                "A's push is not in flight yet:\n{}",
+                processor.log()
+            )),
+        }
+    });
+    produce(&broker, &app.input, &[event("B"), event("C"), event("D")]).await;
     // A'' is visible: D' has started; E arrives while D's push is in flight.
     wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
         if read_all(&broker, &app.pushed).is_empty() {

@@ -149,6 +149,22 @@ fn ideal_case_collapses_the_burst_into_one_push() {
     assert_eq!(engine.completed[1].version, 4);
 }
 
+/// A burst read in one poll batch (one instant) is one push: the push the
+/// first event started is produced after the batch, carrying its newest
+/// event. Later batches' events wait behind it as usual.
+#[test]
+fn a_burst_read_in_one_batch_is_one_push() {
+    let inputs = events(&[('A', 0), ('B', 0), ('C', 0), ('D', 0), ('E', 1), ('F', 2)]);
+    let engine = run_scripted(&mut Engine::batched(MergePolicy::Latest), &inputs, &[]);
+    assert_eq!(pushed_events(&engine), ["D", "F"]);
+    assert_eq!(engine.started, 2);
+    assert_eq!(engine.final_position, Some(6));
+    // Unbatched, the first push carries A, already stale when it lands,
+    // and B, C, D wait a whole push for the next.
+    let unbatched = run_scripted(&mut Engine::new(MergePolicy::Latest), &inputs, &[]);
+    assert_eq!(pushed_events(&unbatched), ["A", "F"]);
+}
+
 /// With merge patches, collapsing loses no field: the merged push of B, C, D
 /// carries all their fields.
 #[test]

@@ -8,6 +8,7 @@
 //! InFlight ──ack, pending = Some(p)──▶ InFlight{push(p), pending: None}
 //! InFlight ──ack, pending = None──▶ Idle
 //! InFlight ──failure──▶ InFlight{push(failed ∪ pending), pending: None}
+//! InFlight, not yet produced ──catch_up──▶ InFlight{push(flight ∪ pending), pending: None}
 //! ```
 //!
 //! A key never has two pushes in flight, so a stale push can never land after
@@ -497,6 +498,33 @@ impl Table {
         )))
     }
 
+    /// A push started but not yet produced takes in the events that merged
+    /// behind it meanwhile (a caller that starts a batch's pushes after the
+    /// whole batch is offered). Returns the push carrying them all under the
+    /// same tn, so a burst read in one batch becomes one push rather than a
+    /// push of its first event and a second one of the rest. Unchanged when
+    /// nothing merged, or when the push is not the key's flight.
+    pub fn catch_up(&mut self, push: Push) -> Push {
+        let Ok((_, slot)) = self.flight_of(&push.key, push.tn) else {
+            return push;
+        };
+        let retains = self.config.policy.retains_value();
+        let active = &mut self.flights[slot];
+        if active.pending.merged == 0 {
+            return push;
+        }
+        let mut batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
+        batch.absorb_older(active.flight, &mut self.offsets);
+        active.flight = batch;
+        Push {
+            payload: push_value(&mut active.current, retains),
+            version: batch.version,
+            merged: batch.merged,
+            compensation: false,
+            ..push
+        }
+    }
+
     /// The push failed for good (after the client's own retries). Its marker
     /// stays open; the key is pushed again at once with its newest value (the
     /// failed push's own, unless newer events arrived), covering the failed
@@ -774,6 +802,65 @@ mod tests {
             (s.events, s.merged, s.pushes_started, s.acked),
             (4, 3, 2, 2)
         );
+    }
+
+    #[test]
+    fn a_push_not_yet_produced_catches_up_with_what_merged_behind_it() {
+        let mut t = table();
+        let a = started(t.offer(ev("k", 0, "A"), 100).unwrap());
+        let other = started(t.offer(ev("o", 1, "O"), 100).unwrap());
+        assert_eq!(t.offer(ev("k", 2, "B"), 100).unwrap(), Offer::Merged);
+        assert_eq!(t.offer(ev("k", 3, "C"), 100).unwrap(), Offer::Merged);
+        let tn = a.tn;
+        let c = t.catch_up(a);
+        assert_eq!(
+            (c.tn, c.version, c.merged, c.compensation),
+            (tn, 3, 3, false)
+        );
+        assert_eq!(c.payload, bytes("C"));
+        // Nothing merged behind `o`: its push is unchanged.
+        assert_eq!(t.catch_up(other.clone()), other);
+        assert_eq!(t.commit_position(), Some(0));
+        t.complete(&key("o"), other.tn, 101).unwrap();
+        assert_eq!(t.commit_position(), Some(0), "k's offsets 0, 2, 3 are open");
+        assert_eq!(
+            t.complete(&key("k"), tn, 102).unwrap(),
+            None,
+            "nothing is left pending"
+        );
+        assert_eq!(t.commit_position(), Some(4));
+        let s = t.stats();
+        assert_eq!((s.events, s.merged, s.pushes_started), (4, 2, 2));
+        assert_eq!(
+            t.catch_up(c.clone()),
+            c,
+            "a push no longer in flight comes back unchanged"
+        );
+    }
+
+    #[test]
+    fn a_merge_patch_push_catches_up_with_every_field() {
+        let mut t = Table::new(TableConfig {
+            policy: MergePolicy::JsonMergePatch,
+            max_active_keys: 10,
+        });
+        let patch = |offset, v: serde_json::Value| Event {
+            key: key("k"),
+            offset,
+            version: None,
+            payload: Payload::Value(Value::Json(v)),
+        };
+        let a = started(t.offer(patch(0, json!({"a": 1})), 1).unwrap());
+        t.offer(patch(1, json!({"b": 2})), 1).unwrap();
+        let c = t.catch_up(a);
+        assert_eq!(
+            c.payload,
+            Payload::Value(Value::Json(json!({"a": 1, "b": 2})))
+        );
+        t.complete(&key("k"), c.tn, 2).unwrap();
+        // The value stays for the next patch.
+        let d = started(t.offer(patch(2, json!({"a": null})), 3).unwrap());
+        assert_eq!(d.payload, Payload::Value(Value::Json(json!({"b": 2}))));
     }
 
     #[test]

@@ -233,6 +233,10 @@ struct Task {
     /// Records taken from the feed and not yet processed: a batch is taken
     /// whole, and processed while the table is not saturated.
     inbox: std::vec::IntoIter<InputRecord>,
+    /// Pushes the inbox's events started, produced once the inbox has been
+    /// offered (see [`Task::process_inbox`]), each with the key's marker
+    /// when it was read to seed the key.
+    starting: Vec<(Push, Option<Option<Marker>>)>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
     /// Markers written to the store and not yet to the changelog, the
@@ -302,6 +306,7 @@ async fn run(
         }),
         store,
         inbox: Vec::new().into_iter(),
+        starting: Vec::new(),
         pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
         unlogged: HashMap::new(),
@@ -397,14 +402,27 @@ fn now_ns() -> u64 {
 
 impl Task {
     /// Processes the inbox's records until it is empty or the table is
-    /// saturated (the rest waits for acknowledgements to free keys).
+    /// saturated (the rest waits for acknowledgements to free keys), then
+    /// produces the pushes they started. A push starts only after the
+    /// records in hand are offered, so it carries the newest of them: a
+    /// burst of a key read in one batch is one push, not a push of its
+    /// first event that the rest then wait behind.
     fn process_inbox(&mut self) {
         while !self.table.is_saturated() {
             let Some(record) = self.inbox.next() else {
-                return;
+                break;
             };
             self.record(record);
         }
+        let mut starting = std::mem::take(&mut self.starting);
+        for (push, stored) in starting.drain(..) {
+            let push = self.table.catch_up(push);
+            match stored {
+                Some(previous) => self.start_after(push, Duration::ZERO, previous),
+                None => self.start(push, Duration::ZERO),
+            }
+        }
+        self.starting = starting;
     }
 
     fn record(&mut self, record: InputRecord) {
@@ -429,10 +447,7 @@ impl Task {
             payload: decoded.payload,
         };
         match self.table.offer(event, now_ns()) {
-            Ok(Offer::Started(push)) => match stored {
-                Some(previous) => self.start_after(push, Duration::ZERO, previous),
-                None => self.start(push, Duration::ZERO),
-            },
+            Ok(Offer::Started(push)) => self.starting.push((push, stored)),
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
             Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
             Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),

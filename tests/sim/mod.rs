@@ -51,6 +51,11 @@ pub struct Started {
 pub trait System {
     fn event(&mut self, offset: i64, input: &Input, now: u64) -> Vec<Started>;
     fn done(&mut self, push: &Started, ok: bool, now: u64) -> Vec<Started>;
+    /// The arrivals of one instant have all been offered, with nothing in
+    /// between (what keyflight reads in one poll batch).
+    fn end_of_batch(&mut self, _now: u64) -> Vec<Started> {
+        Vec::new()
+    }
     fn compensate(&mut self, _key: u32, _version: u64, _value: Doc, _now: u64) -> Vec<Started> {
         Vec::new()
     }
@@ -180,7 +185,14 @@ pub fn run(
         let started = match actions[index].take().expect("each action runs once") {
             Action::Arrive(i) => {
                 coverage.arrived(i);
-                system.event(i as i64, &inputs[i], now)
+                let mut started = system.event(i as i64, &inputs[i], now);
+                let batch_goes_on = queue.peek().is_some_and(|Reverse((at, _, next))| {
+                    *at == now && matches!(actions[*next], Some(Action::Arrive(_)))
+                });
+                if !batch_goes_on {
+                    started.extend(system.end_of_batch(now));
+                }
+                started
             }
             Action::Finish(push, ok) => {
                 if in_flight.get(&push.key) == Some(&push.id) {
@@ -350,6 +362,11 @@ pub fn merge_patch(target: serde_json::Value, patch: &serde_json::Value) -> serd
 /// keyflight's engine.
 pub struct Engine {
     pub table: Table,
+    /// Produce the pushes a batch of arrivals started only at the end of the
+    /// batch, caught up with what merged behind them (as keyflight's
+    /// partition task does), rather than at each arrival.
+    pub batched: bool,
+    starting: Vec<Push>,
 }
 
 impl Engine {
@@ -359,6 +376,15 @@ impl Engine {
                 policy,
                 max_active_keys: usize::MAX,
             }),
+            batched: false,
+            starting: Vec::new(),
+        }
+    }
+
+    pub fn batched(policy: MergePolicy) -> Self {
+        Self {
+            batched: true,
+            ..Self::new(policy)
         }
     }
 }
@@ -402,9 +428,23 @@ impl System for Engine {
             .offer(event, now)
             .expect("the simulation offers valid events")
         {
+            Offer::Started(push) if self.batched => {
+                self.starting.push(push);
+                Vec::new()
+            }
             Offer::Started(push) => vec![started(input.key, push)],
             Offer::Merged | Offer::Stale => Vec::new(),
         }
+    }
+
+    fn end_of_batch(&mut self, _now: u64) -> Vec<Started> {
+        std::mem::take(&mut self.starting)
+            .into_iter()
+            .map(|push| {
+                let key = u32::from_be_bytes(push.key[..].try_into().expect("a u32 key"));
+                started(key, self.table.catch_up(push))
+            })
+            .collect()
     }
 
     fn done(&mut self, push: &Started, ok: bool, now: u64) -> Vec<Started> {
@@ -600,7 +640,9 @@ pub fn check_engine_schedule(seed: u64) -> Vec<String> {
         rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15),
         fail_rate: schedule.fail_rate,
     };
+    // Odd seeds produce each batch's pushes at its end, as keyflight does.
     let mut engine = Engine::new(schedule.policy);
+    engine.batched = seed % 2 == 1;
     let out = run(
         &mut engine,
         &schedule.inputs,
