@@ -233,9 +233,11 @@ struct Task {
     /// Records taken from the feed and not yet processed: a batch is taken
     /// whole, and processed while the table is not saturated.
     inbox: std::vec::IntoIter<InputRecord>,
-    /// Pushes the inbox's events started, produced once the inbox has been
-    /// offered (see [`Task::process_inbox`]), each with the key's marker
-    /// when it was read to seed the key.
+    /// Pushes started in this turn of the task's loop (by the inbox's
+    /// events, or by an acknowledgement with events pending), produced at
+    /// its end by [`Task::process_inbox`], so each carries everything the
+    /// turn merged behind it. Each comes with the key's marker when it is
+    /// already known (read to seed the key, or just acknowledged).
     starting: Vec<(Push, Option<Option<Marker>>)>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
@@ -348,6 +350,14 @@ async fn run(
                 None => break None,
             },
         }
+        // Records that are already waiting join this turn, so the pushes it
+        // starts (an acknowledgement's next push too) carry them.
+        if task.inbox.as_slice().is_empty() && !task.table.is_saturated() {
+            if let Ok(batch) = feed.records.try_recv() {
+                feed.backlog.taken(&batch);
+                task.inbox = batch.into_iter();
+            }
+        }
         task.process_inbox();
     };
     // Closing (revoke or shutdown): stop taking events, let pushes in flight
@@ -403,8 +413,8 @@ fn now_ns() -> u64 {
 impl Task {
     /// Processes the inbox's records until it is empty or the table is
     /// saturated (the rest waits for acknowledgements to free keys), then
-    /// produces the pushes they started. A push starts only after the
-    /// records in hand are offered, so it carries the newest of them: a
+    /// produces the pushes started this turn. A push is produced only after
+    /// the records in hand are offered, so it carries the newest of them: a
     /// burst of a key read in one batch is one push, not a push of its
     /// first event that the rest then wait behind.
     fn process_inbox(&mut self) {
@@ -547,8 +557,9 @@ impl Task {
         };
         let acknowledged = marker.acknowledged(push.tn);
         match next {
-            // markT2 and the next push's markT1 in one write: {t1: next, t2: this}.
-            Some(next) => self.start_after(next, Duration::ZERO, Some(acknowledged)),
+            // markT2 and the next push's markT1 in one write: {t1: next, t2:
+            // this}, at the end of the turn (see `starting`).
+            Some(next) => self.starting.push((next, Some(Some(acknowledged)))),
             None => {
                 if marker.value.is_none() && continue_key {
                     // A delete that stayed the key's last word: its state goes.

@@ -51,8 +51,10 @@ pub struct Started {
 pub trait System {
     fn event(&mut self, offset: i64, input: &Input, now: u64) -> Vec<Started>;
     fn done(&mut self, push: &Started, ok: bool, now: u64) -> Vec<Started>;
-    /// The arrivals of one instant have all been offered, with nothing in
-    /// between (what keyflight reads in one poll batch).
+    /// A turn ended: an action and the arrivals of the same instant right
+    /// behind it (what keyflight's partition task handles in one turn of
+    /// its loop: an acknowledgement or a poll batch, and a batch already
+    /// waiting).
     fn end_of_batch(&mut self, _now: u64) -> Vec<Started> {
         Vec::new()
     }
@@ -182,17 +184,10 @@ pub fn run(
     let mut marker: HashMap<u32, (u64, Doc)> = HashMap::new();
 
     while let Some(Reverse((now, _, index))) = queue.pop() {
-        let started = match actions[index].take().expect("each action runs once") {
+        let mut started = match actions[index].take().expect("each action runs once") {
             Action::Arrive(i) => {
                 coverage.arrived(i);
-                let mut started = system.event(i as i64, &inputs[i], now);
-                let batch_goes_on = queue.peek().is_some_and(|Reverse((at, _, next))| {
-                    *at == now && matches!(actions[*next], Some(Action::Arrive(_)))
-                });
-                if !batch_goes_on {
-                    started.extend(system.end_of_batch(now));
-                }
-                started
+                system.event(i as i64, &inputs[i], now)
             }
             Action::Finish(push, ok) => {
                 if in_flight.get(&push.key) == Some(&push.id) {
@@ -211,6 +206,14 @@ pub fn run(
                 None => Vec::new(),
             },
         };
+        // A turn of keyflight's partition task: this action and the
+        // arrivals of the same instant right behind it.
+        let turn_goes_on = queue.peek().is_some_and(|Reverse((at, _, next))| {
+            *at == now && matches!(actions[*next], Some(Action::Arrive(_)))
+        });
+        if !turn_goes_on {
+            started.extend(system.end_of_batch(now));
+        }
         for push in started {
             if check {
                 if let Some(other) = in_flight.get(&push.key) {
@@ -362,9 +365,10 @@ pub fn merge_patch(target: serde_json::Value, patch: &serde_json::Value) -> serd
 /// keyflight's engine.
 pub struct Engine {
     pub table: Table,
-    /// Produce the pushes a batch of arrivals started only at the end of the
-    /// batch, caught up with what merged behind them (as keyflight's
-    /// partition task does), rather than at each arrival.
+    /// Produce the pushes a turn started (by arrivals or by an
+    /// acknowledgement) only at the end of the turn, caught up with what
+    /// merged behind them (as keyflight's partition task does), rather than
+    /// at once.
     pub batched: bool,
     starting: Vec<Push>,
 }
@@ -454,6 +458,10 @@ impl System for Engine {
                 .table
                 .complete(&key, push.id, now)
                 .expect("completion of a push in flight");
+            if self.batched {
+                self.starting.extend(next);
+                return Vec::new();
+            }
             next.into_iter().map(|p| started(push.key, p)).collect()
         } else {
             let failed = Push {
