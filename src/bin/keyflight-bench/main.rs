@@ -11,7 +11,8 @@
 //!    pushes/s, collapse, peak RSS;
 //! 3. at half the copy's maximum rate, produces a fresh stream into each
 //!    system while it runs: event→output latency p50/p99 from the event's
-//!    timestamp to the output record's;
+//!    timestamp to the output record's, in rounds (copy and keyflight each
+//!    once per round) whose added latencies give a median;
 //! 4. times the compensation scan (100 open markers among M) against a full
 //!    scan of all markers, in this process;
 //! 5. restores M markers from a changelog in a fresh `keyflight run`:
@@ -92,6 +93,12 @@ struct RunArgs {
     /// see the latency at a rate keyflight sustains)
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// Rounds of the latency phase, each running the copy and keyflight once
+    /// (which goes first alternates). The report gives every round and the
+    /// median of the rounds' added latencies: on this 2-core machine one
+    /// round's added p99 moved by tens of milliseconds either way
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    latency_rounds: u32,
     /// Seconds at the start of the latency phase left out of its figures:
     /// the consumers' first fetches (offset lookups, fetch sessions) made
     /// the first half second's events wait 300–600 ms in both systems
@@ -199,17 +206,31 @@ struct Drain {
 struct LatencyPhase {
     target_rate: f64,
     warmup_seconds: f64,
-    copy_events: u64,
-    /// Events after the warm-up: the population of the percentiles.
-    copy_measured: usize,
-    copy_rate: f64,
-    copy: Option<Latency>,
-    keyflight_events: u64,
-    keyflight_measured: usize,
-    keyflight_rate: f64,
-    keyflight: Option<Latency>,
+    /// Events produced into each system in each round.
+    events: u64,
+    rounds: Vec<LatencyRound>,
+    /// Medians over the rounds of each round's keyflight − copy figure.
+    added_p50_ms: Option<f64>,
+    added_p99_ms: Option<f64>,
+}
+
+/// One round of the latency phase: the copy and keyflight, one after the other.
+#[derive(Serialize)]
+struct LatencyRound {
+    copy_first: bool,
+    copy: SystemLatency,
+    keyflight: SystemLatency,
     added_p50_ms: Option<i64>,
     added_p99_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct SystemLatency {
+    /// The rate the driver achieved, events/s.
+    rate: f64,
+    /// Events after the warm-up: the population of the percentiles.
+    measured: usize,
+    latency: Option<Latency>,
 }
 
 #[derive(Serialize, Default)]
@@ -285,29 +306,48 @@ fn run(args: RunArgs) -> Result<()> {
     let events = ((rate * args.latency_seconds) as u64).clamp(1_000, args.events);
     report.latency.target_rate = rate;
     report.latency.warmup_seconds = args.warmup_seconds;
+    report.latency.events = events;
     let warmup = Duration::from_secs_f64(args.warmup_seconds);
-    say(&format!(
-        "latency: {events} events at {rate:.0}/s through the copy"
-    ));
-    let (copy_rate, copy_measured, copy_latency) =
-        latency(&env, System::Copy, spec(events), rate, warmup)?;
-    say(&format!(
-        "latency: {events} events at {rate:.0}/s through keyflight"
-    ));
-    let (kf_rate, kf_measured, kf_latency) =
-        latency(&env, System::Keyflight, spec(events), rate, warmup)?;
-    report.latency.copy_events = events;
-    report.latency.copy_measured = copy_measured;
-    report.latency.copy_rate = copy_rate;
-    report.latency.copy = copy_latency;
-    report.latency.keyflight_events = events;
-    report.latency.keyflight_measured = kf_measured;
-    report.latency.keyflight_rate = kf_rate;
-    report.latency.keyflight = kf_latency;
-    if let (Some(c), Some(k)) = (copy_latency, kf_latency) {
-        report.latency.added_p50_ms = Some(k.p50_ms - c.p50_ms);
-        report.latency.added_p99_ms = Some(k.p99_ms - c.p99_ms);
+    for round in 0..args.latency_rounds {
+        // Alternating who goes first cancels a drift of the machine over
+        // the phase.
+        let copy_first = round % 2 == 0;
+        let measure = |system| {
+            say(&format!(
+                "latency, round {} of {}: {events} events at {rate:.0}/s through {}",
+                round + 1,
+                args.latency_rounds,
+                match system {
+                    System::Copy => "the copy",
+                    System::Keyflight => "keyflight",
+                }
+            ));
+            latency(&env, system, round + 1, spec(events), rate, warmup)
+        };
+        let (copy, keyflight) = if copy_first {
+            let copy = measure(System::Copy)?;
+            (copy, measure(System::Keyflight)?)
+        } else {
+            let keyflight = measure(System::Keyflight)?;
+            (measure(System::Copy)?, keyflight)
+        };
+        let added = |figure: fn(&Latency) -> i64| {
+            Some(figure(keyflight.latency.as_ref()?) - figure(copy.latency.as_ref()?))
+        };
+        report.latency.rounds.push(LatencyRound {
+            copy_first,
+            added_p50_ms: added(|l| l.p50_ms),
+            added_p99_ms: added(|l| l.p99_ms),
+            copy,
+            keyflight,
+        });
     }
+    let median_of = |figure: fn(&LatencyRound) -> Option<i64>| {
+        let values: Option<Vec<i64>> = report.latency.rounds.iter().map(figure).collect();
+        stats::median(&values?)
+    };
+    report.latency.added_p50_ms = median_of(|r| r.added_p50_ms);
+    report.latency.added_p99_ms = median_of(|r| r.added_p99_ms);
 
     // 4. The compensation scan.
     say(&format!(
@@ -832,21 +872,22 @@ enum System {
     Keyflight,
 }
 
-/// Runs `system` on fresh topics, produces `spec` at `rate` while it runs,
-/// and returns the achieved rate, how many events were produced after
-/// `warmup`, and their event→output latencies.
+/// Runs `system` on fresh topics (for `round`), produces `spec` at `rate`
+/// while it runs, and returns the achieved rate, how many events were
+/// produced after `warmup`, and their event→output latencies.
 fn latency(
     env: &Env,
     system: System,
+    round: u32,
     spec: LoadSpec,
     rate: f64,
     warmup: Duration,
-) -> Result<(f64, usize, Option<Latency>)> {
+) -> Result<SystemLatency> {
     let name = match system {
-        System::Copy => "lat-copy",
-        System::Keyflight => "lat-keyflight",
+        System::Copy => format!("lat-copy-{round}"),
+        System::Keyflight => format!("lat-keyflight-{round}"),
     };
-    let app = App::create(env, name)?;
+    let app = App::create(env, &name)?;
     let events = spec.events;
     let log = app.state.with_extension("log");
     let (mut child, output) = match system {
@@ -887,7 +928,11 @@ fn latency(
     let start = inputs.iter().map(|(_, _, ts)| *ts).min().unwrap_or(0);
     inputs.retain(|(_, _, ts)| *ts >= start + warmup.as_millis() as i64);
     let outputs = versions(&app, &output)?;
-    Ok((achieved, inputs.len(), stats::latencies(&inputs, &outputs)))
+    Ok(SystemLatency {
+        rate: achieved,
+        measured: inputs.len(),
+        latency: stats::latencies(&inputs, &outputs),
+    })
 }
 
 /// Times the compensation scan (open index) against a full scan.
@@ -1011,12 +1056,31 @@ fn print_report(r: &Report) {
     let mut out = std::io::stdout().lock();
     let lat = |l: &Option<Latency>| {
         l.map_or("n/a".to_string(), |l| {
-            format!(
-                "p50 {} ms, p99 {} ms ({} events after the warm-up)",
-                l.p50_ms, l.p99_ms, l.samples
-            )
+            format!("p50 {:>3} ms, p99 {:>4} ms", l.p50_ms, l.p99_ms)
         })
     };
+    let ms = |v: Option<i64>| v.map_or("n/a".into(), |v| v.to_string());
+    let rounds: String = r
+        .latency
+        .rounds
+        .iter()
+        .enumerate()
+        .map(|(i, round)| {
+            format!(
+                "\n  round {:<2} {:<17} copy {}   keyflight {}   added p50 {} ms, p99 {} ms",
+                i + 1,
+                if round.copy_first {
+                    "(copy first)"
+                } else {
+                    "(keyflight first)"
+                },
+                lat(&round.copy.latency),
+                lat(&round.keyflight.latency),
+                ms(round.added_p50_ms),
+                ms(round.added_p99_ms),
+            )
+        })
+        .collect();
     let _ = writeln!(
         out,
         "\n== keyflight-bench: {} ({}), {} partitions, {} events over {} keys ==\n\
@@ -1024,9 +1088,8 @@ fn print_report(r: &Report) {
          bare copy                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event\n\
          keyflight                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event   {:.0} pushes/s   collapse {:.2}{}\n\
          throughput keyflight/copy    {:>12.2}           (target >= 0.80)\n\
-         latency at {:.0}/s           copy: {}\n\
-         \x20                            keyflight: {}\n\
-         added latency                p50 {} ms, p99 {} ms   (target p99 <= 5 ms)\n\
+         latency at {:.0}/s, {} events per system and round (the first {} s left out){}\n\
+         added latency                p50 {} ms, p99 {} ms (median of the rounds)   (target p99 <= 5 ms)\n\
          compensation scan            {:.3} ms with {} open of {} (full scan {:.0} ms)   (target <= 5 ms)\n\
          restore                      {} markers in {:.2} s = {:.0} records/s (start to ready {:.1} s)   (target <= 10 s)\n\
          peak RSS with {} keys   {:.0} MB   (target <= 300 MB)",
@@ -1051,8 +1114,9 @@ fn print_report(r: &Report) {
         },
         r.throughput_ratio,
         r.latency.target_rate,
-        lat(&r.latency.copy),
-        lat(&r.latency.keyflight),
+        r.latency.events,
+        r.latency.warmup_seconds,
+        rounds,
         r.latency.added_p50_ms.map_or("n/a".into(), |v| v.to_string()),
         r.latency.added_p99_ms.map_or("n/a".into(), |v| v.to_string()),
         r.scan.open_scan_ms,

@@ -12,6 +12,19 @@ pub fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// The median of `values` (the mean of the middle two for an even count);
+/// `None` if empty.
+pub fn median(values: &[i64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2] as f64),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) as f64 / 2.0),
+    }
+}
+
 /// Latency distribution in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Latency {
@@ -96,6 +109,14 @@ mod tests {
         // Latencies 4, 10, 9 and 1 ms: nearest-rank p50 4, p99 10.
         assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (4, 10, 10));
         assert!(latencies(&inputs, &[]).is_none());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[7]), Some(7.0));
+        assert_eq!(median(&[30, -5, 12]), Some(12.0));
+        assert_eq!(median(&[4, 1, 3, 10]), Some(3.5));
     }
 
     #[test]
