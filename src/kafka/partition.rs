@@ -235,7 +235,7 @@ struct Task {
     inbox: std::vec::IntoIter<InputRecord>,
     /// Pushes started in this turn of the task's loop (by the inbox's
     /// events, or by an acknowledgement with events pending), produced at
-    /// its end by [`Task::process_inbox`], so each carries everything the
+    /// its end by [`Task::finish_turn`], so each carries everything the
     /// turn merged behind it. Each comes with the key's marker when it is
     /// already known (read to seed the key, or just acknowledged).
     starting: Vec<(Push, Option<Option<Marker>>)>,
@@ -358,7 +358,7 @@ async fn run(
                 task.inbox = batch.into_iter();
             }
         }
-        task.process_inbox();
+        task.finish_turn();
     };
     // Closing (revoke or shutdown): stop taking events, let pushes in flight
     // finish (bounded), commit what is covered, checkpoint.
@@ -411,13 +411,14 @@ fn now_ns() -> u64 {
 }
 
 impl Task {
-    /// Processes the inbox's records until it is empty or the table is
-    /// saturated (the rest waits for acknowledgements to free keys), then
-    /// produces the pushes started this turn. A push is produced only after
+    /// Ends a turn of the task's loop: processes the inbox's records until
+    /// it is empty or the table is saturated (the rest waits for
+    /// acknowledgements to free keys), then produces the pushes started
+    /// this turn. A push is produced only after
     /// the records in hand are offered, so it carries the newest of them: a
     /// burst of a key read in one batch is one push, not a push of its
     /// first event that the rest then wait behind.
-    fn process_inbox(&mut self) {
+    fn finish_turn(&mut self) {
         while !self.table.is_saturated() {
             let Some(record) = self.inbox.next() else {
                 break;
