@@ -85,6 +85,14 @@ pub struct Decoded {
     pub payload: Payload,
 }
 
+impl Decoded {
+    /// A null value: the key's delete.
+    const TOMBSTONE: Decoded = Decoded {
+        version: None,
+        payload: Payload::Tombstone,
+    };
+}
+
 /// Decodes values of one input format for one merge policy.
 pub struct Codec {
     format: InputFormat,
@@ -163,34 +171,61 @@ impl Codec {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> Result<Decoded, DecodeError> {
+        self.refuse(key, value.map(<[u8]>::len))?;
+        self.decode(value)
+    }
+
+    /// [`Codec::decode_record`] of a value already held in `Bytes`: a
+    /// payload kept as it came shares it rather than copying it.
+    pub fn decode_record_bytes(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&Bytes>,
+    ) -> Result<Decoded, DecodeError> {
+        self.refuse(key, value.map(Bytes::len))?;
+        match value {
+            None => Ok(Decoded::TOMBSTONE),
+            Some(bytes) => self.decode_value(bytes, || bytes.clone()),
+        }
+    }
+
+    /// The record-level rules: a key, and a value within the size bound.
+    fn refuse(&self, key: Option<&[u8]>, value_size: Option<usize>) -> Result<(), DecodeError> {
         if key.is_none() {
             return Err(DecodeError::NullKey);
         }
-        if let Some(size) = value.map(<[u8]>::len).filter(|&n| n > self.max_value_bytes) {
+        if let Some(size) = value_size.filter(|&n| n > self.max_value_bytes) {
             return Err(DecodeError::TooLarge {
                 size,
                 max: self.max_value_bytes,
             });
         }
-        self.decode(value)
+        Ok(())
     }
 
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-        let Some(bytes) = value else {
-            return Ok(Decoded {
-                version: None,
-                payload: Payload::Tombstone,
-            });
-        };
+        match value {
+            None => Ok(Decoded::TOMBSTONE),
+            Some(bytes) => self.decode_value(bytes, || Bytes::copy_from_slice(bytes)),
+        }
+    }
+
+    /// Decodes a value; `kept` gives it as `Bytes` where the payload is
+    /// the value as it came.
+    fn decode_value(
+        &self,
+        bytes: &[u8],
+        kept: impl FnOnce() -> Bytes,
+    ) -> Result<Decoded, DecodeError> {
         match self.format {
             InputFormat::Raw => Ok(Decoded {
                 version: None,
-                payload: Payload::Value(Value::Bytes(Bytes::copy_from_slice(bytes))),
+                payload: Payload::Value(Value::Bytes(kept())),
             }),
             InputFormat::Avro => {
                 let (version, fields) = avro_fields(self.read_avro(bytes)?)?;
                 let value = match self.policy {
-                    MergePolicy::Latest => Value::Bytes(Bytes::copy_from_slice(bytes)),
+                    MergePolicy::Latest => Value::Bytes(kept()),
                     MergePolicy::JsonMergePatch => Value::Json(serde_json::Value::Object(fields)),
                 };
                 Ok(Decoded {
@@ -205,7 +240,7 @@ impl Codec {
                 let (found, value) = match self.policy {
                     MergePolicy::Latest => (
                         top_level_field(bytes, &self.version_field).map_err(json)?,
-                        Value::Bytes(Bytes::copy_from_slice(bytes)),
+                        Value::Bytes(kept()),
                     ),
                     MergePolicy::JsonMergePatch => {
                         let document: serde_json::Value =
@@ -451,6 +486,35 @@ mod tests {
 
     fn json_codec(policy: MergePolicy) -> Codec {
         Codec::new(InputFormat::Json, policy, "version")
+    }
+
+    #[test]
+    fn a_value_in_bytes_is_shared_not_copied_and_decodes_alike() {
+        let value = Bytes::from_static(br#"{"version": 7, "a": 1}"#);
+        for format in [InputFormat::Json, InputFormat::Raw] {
+            let codec = Codec::new(format, MergePolicy::Latest, "version");
+            let shared = codec.decode_record_bytes(Some(b"k"), Some(&value)).unwrap();
+            let copied = codec.decode_record(Some(b"k"), Some(&value)).unwrap();
+            assert_eq!(shared, copied);
+            let Payload::Value(Value::Bytes(payload)) = shared.payload else {
+                panic!("latest keeps the value as it came");
+            };
+            assert_eq!(payload.as_ptr(), value.as_ptr(), "{format:?}: shared");
+        }
+        let codec = json_codec(MergePolicy::Latest).with_max_value_bytes(4);
+        let refused = |r: Result<Decoded, DecodeError>| r.unwrap_err().reason();
+        assert_eq!(
+            refused(codec.decode_record_bytes(Some(b"k"), Some(&value))),
+            refused(codec.decode_record(Some(b"k"), Some(&value)))
+        );
+        assert_eq!(
+            refused(codec.decode_record_bytes(None, None)),
+            refused(codec.decode_record(None, None))
+        );
+        assert_eq!(
+            codec.decode_record_bytes(Some(b"k"), None).unwrap().payload,
+            Payload::Tombstone
+        );
     }
 
     proptest! {

@@ -104,6 +104,7 @@ fn check(report: &Value) {
             round[system]["latency"]["samples"], round[system]["measured"],
             "every event is matched to the output that delivers it: {report:#}"
         );
+        assert!(round[system]["cpu_us_per_event"].as_f64() > Some(0.0), "{report:#}");
     }
     // The median of two rounds is their mean.
     let added: Vec<f64> = rounds

@@ -442,7 +442,7 @@ impl Task {
         let decoded = match self
             .shared
             .codec
-            .decode_record(record.key.as_deref(), record.payload.as_deref())
+            .decode_record_bytes(record.key.as_deref(), record.payload.as_ref())
         {
             Ok(decoded) => decoded,
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),

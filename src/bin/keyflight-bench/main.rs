@@ -228,6 +228,9 @@ struct LatencyRound {
 struct SystemLatency {
     /// The rate the driver achieved, events/s.
     rate: f64,
+    /// The system's CPU time (user + system) from the first event to the
+    /// last output, per event.
+    cpu_us_per_event: f64,
     /// Events after the warm-up: the population of the percentiles.
     measured: usize,
     latency: Option<Latency>,
@@ -907,6 +910,7 @@ fn latency(
             (child, app.settings.topics.pushed.clone())
         }
     };
+    let idle_cpu = child.cpu_seconds();
     let achieved = produce(&app, spec, Some(rate))?;
     let reader = read_consumer(&app)?;
     match system {
@@ -923,6 +927,7 @@ fn latency(
             })?
         }
     };
+    let cpu = child.cpu_seconds() - idle_cpu;
     child.stop()?;
     let mut inputs = versions(&app, &app.settings.topics.input)?;
     let start = inputs.iter().map(|(_, _, ts)| *ts).min().unwrap_or(0);
@@ -930,6 +935,7 @@ fn latency(
     let outputs = versions(&app, &output)?;
     Ok(SystemLatency {
         rate: achieved,
+        cpu_us_per_event: cpu * 1e6 / events as f64,
         measured: inputs.len(),
         latency: stats::latencies(&inputs, &outputs),
     })
@@ -1054,9 +1060,12 @@ fn restore(env: &Env, markers: u64) -> Result<Restore> {
 
 fn print_report(r: &Report) {
     let mut out = std::io::stdout().lock();
-    let lat = |l: &Option<Latency>| {
-        l.map_or("n/a".to_string(), |l| {
-            format!("p50 {:>3} ms, p99 {:>4} ms", l.p50_ms, l.p99_ms)
+    let lat = |s: &SystemLatency| {
+        s.latency.map_or("n/a".to_string(), |l| {
+            format!(
+                "p50 {:>3} ms, p99 {:>4} ms, CPU {:.2} us/event",
+                l.p50_ms, l.p99_ms, s.cpu_us_per_event
+            )
         })
     };
     let ms = |v: Option<i64>| v.map_or("n/a".into(), |v| v.to_string());
@@ -1074,8 +1083,8 @@ fn print_report(r: &Report) {
                 } else {
                     "(keyflight first)"
                 },
-                lat(&round.copy.latency),
-                lat(&round.keyflight.latency),
+                lat(&round.copy),
+                lat(&round.keyflight),
                 ms(round.added_p50_ms),
                 ms(round.added_p99_ms),
             )
