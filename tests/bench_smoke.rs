@@ -87,6 +87,7 @@ fn check(report: &Value) {
     assert_eq!(report["copy"]["outputs"], 3000);
     let rounds = report["latency"]["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2, "{report:#}");
+    assert!(rounds.iter().all(|r| r["failed"].is_null()), "{report:#}");
     assert_eq!(
         (
             rounds[0]["copy_first"].as_bool(),
@@ -104,7 +105,10 @@ fn check(report: &Value) {
             round[system]["latency"]["samples"], round[system]["measured"],
             "every event is matched to the output that delivers it: {report:#}"
         );
-        assert!(round[system]["cpu_us_per_event"].as_f64() > Some(0.0), "{report:#}");
+        assert!(
+            round[system]["cpu_us_per_event"].as_f64() > Some(0.0),
+            "{report:#}"
+        );
     }
     // The median of two rounds is their mean.
     let added: Vec<f64> = rounds

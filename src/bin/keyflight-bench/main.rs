@@ -209,7 +209,8 @@ struct LatencyPhase {
     /// Events produced into each system in each round.
     events: u64,
     rounds: Vec<LatencyRound>,
-    /// Medians over the rounds of each round's keyflight − copy figure.
+    /// Medians of each round's keyflight − copy figure, over the rounds
+    /// that have it.
     added_p50_ms: Option<f64>,
     added_p99_ms: Option<f64>,
 }
@@ -218,10 +219,13 @@ struct LatencyPhase {
 #[derive(Serialize)]
 struct LatencyRound {
     copy_first: bool,
-    copy: SystemLatency,
-    keyflight: SystemLatency,
+    /// `None` when the round failed.
+    copy: Option<SystemLatency>,
+    keyflight: Option<SystemLatency>,
     added_p50_ms: Option<i64>,
     added_p99_ms: Option<i64>,
+    /// Why the round has no figures.
+    failed: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -327,15 +331,25 @@ fn run(args: RunArgs) -> Result<()> {
             ));
             latency(&env, system, round + 1, spec(events), rate, warmup)
         };
-        let (copy, keyflight) = if copy_first {
-            let copy = measure(System::Copy)?;
-            (copy, measure(System::Keyflight)?)
+        let measured = if copy_first {
+            measure(System::Copy).and_then(|copy| Ok((copy, measure(System::Keyflight)?)))
         } else {
-            let keyflight = measure(System::Keyflight)?;
-            (measure(System::Copy)?, keyflight)
+            measure(System::Keyflight).and_then(|keyflight| Ok((measure(System::Copy)?, keyflight)))
+        };
+        // A failed round (a stalled broker, a system that did not drain)
+        // is reported and the phase goes on: the other rounds still count.
+        let (copy, keyflight, failed) = match measured {
+            Ok((copy, keyflight)) => (Some(copy), Some(keyflight), None),
+            Err(e) => {
+                say(&format!("latency, round {} failed: {e}", round + 1));
+                let reason = e.lines().next().unwrap_or_default();
+                let reason = reason.trim_end_matches(':').to_string();
+                (None, None, Some(reason))
+            }
         };
         let added = |figure: fn(&Latency) -> i64| {
-            Some(figure(keyflight.latency.as_ref()?) - figure(copy.latency.as_ref()?))
+            let of = |system: &Option<SystemLatency>| system.as_ref()?.latency.as_ref().map(figure);
+            Some(of(&keyflight)? - of(&copy)?)
         };
         report.latency.rounds.push(LatencyRound {
             copy_first,
@@ -343,11 +357,13 @@ fn run(args: RunArgs) -> Result<()> {
             added_p99_ms: added(|l| l.p99_ms),
             copy,
             keyflight,
+            failed,
         });
     }
+    // Over the rounds that have the figure.
     let median_of = |figure: fn(&LatencyRound) -> Option<i64>| {
-        let values: Option<Vec<i64>> = report.latency.rounds.iter().map(figure).collect();
-        stats::median(&values?)
+        let values: Vec<i64> = report.latency.rounds.iter().filter_map(figure).collect();
+        stats::median(&values)
     };
     report.latency.added_p50_ms = median_of(|r| r.added_p50_ms);
     report.latency.added_p99_ms = median_of(|r| r.added_p99_ms);
@@ -609,6 +625,15 @@ fn produce(app: &App, spec: LoadSpec, rate: Option<f64>) -> Result<f64> {
 struct Child {
     child: std::process::Child,
     log: PathBuf,
+}
+
+/// A child left running by an error (a failed latency round) must not
+/// load the machine during the next measurement.
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Child {
@@ -1075,19 +1100,26 @@ fn print_report(r: &Report) {
         .iter()
         .enumerate()
         .map(|(i, round)| {
-            format!(
-                "\n  round {:<2} {:<17} copy {}   keyflight {}   added p50 {} ms, p99 {} ms",
-                i + 1,
-                if round.copy_first {
-                    "(copy first)"
-                } else {
-                    "(keyflight first)"
-                },
-                lat(&round.copy),
-                lat(&round.keyflight),
-                ms(round.added_p50_ms),
-                ms(round.added_p99_ms),
-            )
+            let order = if round.copy_first {
+                "(copy first)"
+            } else {
+                "(keyflight first)"
+            };
+            match (&round.copy, &round.keyflight) {
+                (Some(copy), Some(keyflight)) => format!(
+                    "\n  round {:<2} {order:<17} copy {}   keyflight {}   added p50 {} ms, p99 {} ms",
+                    i + 1,
+                    lat(copy),
+                    lat(keyflight),
+                    ms(round.added_p50_ms),
+                    ms(round.added_p99_ms),
+                ),
+                _ => format!(
+                    "\n  round {:<2} {order:<17} failed: {}",
+                    i + 1,
+                    round.failed.as_deref().unwrap_or("no figures")
+                ),
+            }
         })
         .collect();
     let _ = writeln!(
