@@ -176,19 +176,19 @@ fn events_arriving_with_an_acknowledgement_join_the_next_push() {
         engine.event(0, &inputs[0], 0).is_empty(),
         "produced at the turn's end"
     );
-    let a = engine.end_of_batch(0);
+    let a = engine.end_of_turn(0);
     assert_eq!(a.len(), 1);
     assert!(engine.event(1, &inputs[1], 5).is_empty());
-    assert!(engine.end_of_batch(5).is_empty(), "B waits behind A");
+    assert!(engine.end_of_turn(5).is_empty(), "B waits behind A");
     // The turn of A's acknowledgement takes in C and D, already read.
     assert!(engine.done(&a[0], true, 10).is_empty());
     assert!(engine.event(2, &inputs[2], 10).is_empty());
     assert!(engine.event(3, &inputs[3], 10).is_empty());
-    let next = engine.end_of_batch(10);
+    let next = engine.end_of_turn(10);
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].version, 4, "one push of D covers B, C and D");
     assert!(engine.done(&next[0], true, 20).is_empty());
-    assert!(engine.end_of_batch(20).is_empty());
+    assert!(engine.end_of_turn(20).is_empty());
     assert_eq!(engine.table.commit_position(), Some(4));
 }
 

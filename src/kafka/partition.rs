@@ -342,20 +342,16 @@ async fn run(
             _ = commit_tick.tick() => task.commit(),
             _ = changelog_tick.tick() => task.log_markers(),
             _ = compensation_tick.tick() => task.compensate(),
-            batch = feed.records.recv(), if task.inbox.as_slice().is_empty() && !task.table.is_saturated() => match batch {
-                Some(batch) => {
-                    feed.backlog.taken(&batch);
-                    task.inbox = batch.into_iter();
-                }
+            batch = feed.records.recv(), if task.wants_records() => match batch {
+                Some(batch) => task.take(batch, &feed.backlog),
                 None => break None,
             },
         }
         // Records that are already waiting join this turn, so the pushes it
         // starts (an acknowledgement's next push too) carry them.
-        if task.inbox.as_slice().is_empty() && !task.table.is_saturated() {
+        if task.wants_records() {
             if let Ok(batch) = feed.records.try_recv() {
-                feed.backlog.taken(&batch);
-                task.inbox = batch.into_iter();
+                task.take(batch, &feed.backlog);
             }
         }
         task.finish_turn();
@@ -411,13 +407,25 @@ fn now_ns() -> u64 {
 }
 
 impl Task {
+    /// Whether the task takes another batch: its inbox is done and the
+    /// table has room.
+    fn wants_records(&self) -> bool {
+        self.inbox.as_slice().is_empty() && !self.table.is_saturated()
+    }
+
+    /// A batch from the feed becomes the inbox.
+    fn take(&mut self, batch: Vec<InputRecord>, backlog: &Backlog) {
+        backlog.taken(&batch);
+        self.inbox = batch.into_iter();
+    }
+
     /// Ends a turn of the task's loop: processes the inbox's records until
     /// it is empty or the table is saturated (the rest waits for
     /// acknowledgements to free keys), then produces the pushes started
-    /// this turn. A push is produced only after
-    /// the records in hand are offered, so it carries the newest of them: a
-    /// burst of a key read in one batch is one push, not a push of its
-    /// first event that the rest then wait behind.
+    /// this turn. A push is produced only after the records in hand are
+    /// offered, so it carries the newest of them: a burst of a key read in
+    /// one batch is one push, not a push of its first event that the rest
+    /// then wait behind.
     fn finish_turn(&mut self) {
         while !self.table.is_saturated() {
             let Some(record) = self.inbox.next() else {

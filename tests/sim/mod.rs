@@ -55,7 +55,7 @@ pub trait System {
     /// behind it (what keyflight's partition task handles in one turn of
     /// its loop: an acknowledgement or a poll batch, and a batch already
     /// waiting).
-    fn end_of_batch(&mut self, _now: u64) -> Vec<Started> {
+    fn end_of_turn(&mut self, _now: u64) -> Vec<Started> {
         Vec::new()
     }
     fn compensate(&mut self, _key: u32, _version: u64, _value: Doc, _now: u64) -> Vec<Started> {
@@ -212,7 +212,7 @@ pub fn run(
             *at == now && matches!(actions[*next], Some(Action::Arrive(_)))
         });
         if !turn_goes_on {
-            started.extend(system.end_of_batch(now));
+            started.extend(system.end_of_turn(now));
         }
         for push in started {
             if check {
@@ -441,7 +441,7 @@ impl System for Engine {
         }
     }
 
-    fn end_of_batch(&mut self, _now: u64) -> Vec<Started> {
+    fn end_of_turn(&mut self, _now: u64) -> Vec<Started> {
         std::mem::take(&mut self.starting)
             .into_iter()
             .map(|push| {
