@@ -66,6 +66,10 @@ pub struct Push {
     /// A re-push of stored state by the compensation scan (or the retry of
     /// one): it covers no new event.
     pub compensation: bool,
+    /// tn of the key's last acknowledged push when this one started (the
+    /// t2 its marker keeps), 0 when none is known: the caller writes markT1
+    /// without reading the key's previous marker.
+    pub acked_tn: u64,
 }
 
 /// What the table did with an offered event.
@@ -360,6 +364,9 @@ pub struct Table {
     /// retains values (`json-merge-patch`); empty otherwise. A key in flight
     /// keeps it in its [`Active::current`].
     values: Vec<Option<Payload>>,
+    /// The tn of each key's last acknowledged push, by [`Entry::id`] (0: none
+    /// known). Beside the entries, which fill their cache line.
+    acked: Vec<u64>,
     /// In-flight state of active keys, indexed by `Entry::slot - 1`; the
     /// keys in flight are the slots not in `free_slots`.
     flights: Vec<Active>,
@@ -374,6 +381,7 @@ impl Table {
             config,
             keys: Keys::new(),
             values: Vec::new(),
+            acked: Vec::new(),
             flights: Vec::new(),
             free_slots: Vec::new(),
             offsets: OffsetTracker::new(),
@@ -389,8 +397,11 @@ impl Table {
     #[inline(always)]
     fn entry_of(&mut self, key: &[u8]) -> usize {
         let (pos, new) = self.keys.get_or_insert(key);
-        if new && self.config.policy.retains_value() {
-            self.values.push(None);
+        if new {
+            self.acked.push(0);
+            if self.config.policy.retains_value() {
+                self.values.push(None);
+            }
         }
         pos
     }
@@ -475,6 +486,7 @@ impl Table {
         if let Some(group) = active.flight.group {
             self.offsets.close(group);
         }
+        self.acked[entry.id as usize] = tn;
         self.stats.acked += 1;
         if active.pending.merged == 0 {
             if retains {
@@ -495,6 +507,7 @@ impl Table {
             batch,
             payload,
             now_ns,
+            tn,
         )))
     }
 
@@ -543,8 +556,9 @@ impl Table {
         self.stats.failed += 1;
         self.stats.pushes_started += 1;
         let payload = push_value(&mut active.current, retains);
+        let acked = self.acked[entry.id as usize];
         Ok(start_flight(
-            failed.key, entry, active, retry, payload, now_ns,
+            failed.key, entry, active, retry, payload, now_ns, acked,
         ))
     }
 
@@ -584,16 +598,19 @@ impl Table {
         Some(self.start_idle(key.clone(), pos, batch, payload, current, now_ns))
     }
 
-    /// Seeds an idle key from durable state (its marker after a restore):
+    /// Seeds an idle key from durable state (its marker: `version`, the tn
+    /// of its last started push `t1` and of its last acknowledged one `t2`):
     /// replayed events not newer than `version` are then dropped as stale,
-    /// and merge patches fold onto `payload`.
-    pub fn seed(&mut self, key: Key, version: u64, last_tn: u64, payload: Option<Payload>) {
+    /// merge patches fold onto `payload`, and tn moves on from `t1`.
+    pub fn seed(&mut self, key: Key, version: u64, t1: u64, t2: u64, payload: Option<Payload>) {
         let pos = self.entry_of(&key);
         let entry = &mut self.keys.buckets[pos];
         if entry.slot != 0 {
             return;
         }
-        entry.last_tn = entry.last_tn.max(last_tn);
+        entry.last_tn = entry.last_tn.max(t1).max(t2);
+        let acked = &mut self.acked[entry.id as usize];
+        *acked = (*acked).max(t2);
         if entry.newest().is_none_or(|newest| newest < version) {
             entry.set_newest(version);
             if self.config.policy.retains_value() {
@@ -697,7 +714,8 @@ impl Table {
         if current.is_some() {
             active.current = current;
         }
-        start_flight(key, entry, active, batch, payload, now_ns)
+        let acked = self.acked[entry.id as usize];
+        start_flight(key, entry, active, batch, payload, now_ns, acked)
     }
 }
 
@@ -725,6 +743,7 @@ fn start_flight(
     batch: Batch,
     payload: Payload,
     now_ns: u64,
+    acked_tn: u64,
 ) -> Push {
     let tn = entry.next_tn(now_ns);
     active.tn = tn;
@@ -736,6 +755,7 @@ fn start_flight(
         payload,
         merged: batch.merged,
         compensation: batch.merged == 0,
+        acked_tn,
     }
 }
 
@@ -767,6 +787,31 @@ mod tests {
     }
     fn table() -> Table {
         Table::new(TableConfig::default())
+    }
+
+    #[test]
+    fn a_push_carries_the_tn_of_its_keys_last_acknowledged_push() {
+        let mut t = table();
+        let a = started(t.offer(ev("k", 0, "A"), 100).unwrap());
+        assert_eq!(a.acked_tn, 0, "nothing acknowledged yet");
+        assert_eq!(t.offer(ev("k", 1, "B"), 110).unwrap(), Offer::Merged);
+        let b = t
+            .complete(&key("k"), a.tn, 120)
+            .unwrap()
+            .expect("B was pending");
+        assert_eq!(b.acked_tn, a.tn);
+        let retry = t.fail(b.clone(), 130).unwrap();
+        assert_eq!(retry.acked_tn, a.tn, "a failure acknowledges nothing");
+        assert_eq!(t.complete(&key("k"), retry.tn, 140).unwrap(), None);
+        let c = started(t.offer(ev("k", 2, "C"), 150).unwrap());
+        assert_eq!(c.acked_tn, retry.tn);
+
+        // A seeded key goes on from its marker's t2; a compensation push too.
+        t.seed(key("s"), 5, 1_000, 900, None);
+        assert_eq!(started(t.offer(ev("s", 9, "S"), 1).unwrap()).acked_tn, 900);
+        t.seed(key("o"), 5, 1_000, 800, None);
+        let push = t.compensate(&key("o"), 5, bytes("O"), 1).unwrap();
+        assert_eq!((push.acked_tn, push.tn), (800, 1_001));
     }
 
     #[test]
@@ -951,6 +996,7 @@ mod tests {
             key("k"),
             5,
             1_000,
+            900,
             Some(Payload::Value(Value::Json(json!({"a": 1, "b": 1})))),
         );
         let replay = Event {

@@ -236,15 +236,14 @@ struct Task {
     /// Pushes started in this turn of the task's loop (by the inbox's
     /// events, or by an acknowledgement with events pending), produced at
     /// its end by [`Task::finish_turn`], so each carries everything the
-    /// turn merged behind it. Each comes with the key's marker when it is
-    /// already known (read to seed the key, or just acknowledged).
-    starting: Vec<(Push, Option<Option<Marker>>)>,
+    /// turn merged behind it.
+    starting: Vec<Push>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: JoinSet<i64>,
     /// Markers written to the store and not yet to the changelog, the
     /// newest per key (`None`: a tombstone). Encoded only when logged: most
     /// are replaced before.
-    unlogged: HashMap<Bytes, Option<Marker>>,
+    unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
     /// Changelog writes not yet acknowledged, oldest first. They all go to
     /// this task's changelog partition, so they are acknowledged in order.
     changelog_writes: VecDeque<ChangelogWrite>,
@@ -256,6 +255,9 @@ struct Task {
     committed: Option<i64>,
     /// When the store was last checkpointed (see [`CHECKPOINT_EVERY`]).
     checkpointed: Instant,
+    /// The clock of this turn of the loop (ns since the epoch), read once
+    /// when first needed (see [`Task::now`]).
+    turn_clock: Option<u64>,
     metrics: PartitionMetrics,
 }
 
@@ -311,13 +313,14 @@ async fn run(
         starting: Vec::new(),
         pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
-        unlogged: HashMap::new(),
+        unlogged: HashMap::default(),
         changelog_writes: VecDeque::new(),
         changelog_seq: 0,
         changelog_next: restored.next_offset,
         held_commit: None,
         committed: None,
         checkpointed: Instant::now(),
+        turn_clock: None,
         metrics,
         shared: shared.clone(),
         topic,
@@ -407,6 +410,13 @@ fn now_ns() -> u64 {
 }
 
 impl Task {
+    /// The clock for the table (tn, arrival of events): read once per turn
+    /// of the loop rather than per record, since a turn takes well under a
+    /// millisecond and tn only has to grow per key, which the table ensures.
+    fn now(&mut self) -> u64 {
+        *self.turn_clock.get_or_insert_with(now_ns)
+    }
+
     /// Whether the task takes another batch: its inbox is done and the
     /// table has room.
     fn wants_records(&self) -> bool {
@@ -434,14 +444,12 @@ impl Task {
             self.record(record);
         }
         let mut starting = std::mem::take(&mut self.starting);
-        for (push, stored) in starting.drain(..) {
+        for push in starting.drain(..) {
             let push = self.table.catch_up(push);
-            match stored {
-                Some(previous) => self.start_after(push, Duration::ZERO, previous),
-                None => self.start(push, Duration::ZERO),
-            }
+            self.start(push, Duration::ZERO);
         }
         self.starting = starting;
+        self.turn_clock = None;
     }
 
     fn record(&mut self, record: InputRecord) {
@@ -456,17 +464,20 @@ impl Task {
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
         };
         let key = record.key.clone().unwrap_or_default();
-        // An unknown key's marker is read once: to seed it, and as the
-        // previous marker of the push it may start.
-        let stored = (!self.table.knows(&key)).then(|| self.seed(&key));
+        // An unknown key's marker is read once, to seed it; from then on the
+        // table knows what its next marker needs.
+        if !self.table.knows(&key) {
+            self.seed(&key);
+        }
         let event = Event {
             key,
             offset,
             version: decoded.version,
             payload: decoded.payload,
         };
-        match self.table.offer(event, now_ns()) {
-            Ok(Offer::Started(push)) => self.starting.push((push, stored)),
+        let now = self.now();
+        match self.table.offer(event, now) {
+            Ok(Offer::Started(push)) => self.starting.push(push),
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
             Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
             Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
@@ -475,42 +486,34 @@ impl Task {
 
     /// Starts the table's entry for a key from its stored marker, so replayed
     /// events are not pushed again and patches fold onto the stored value.
-    /// Returns the marker.
-    fn seed(&mut self, key: &Bytes) -> Option<Marker> {
+    fn seed(&mut self, key: &Bytes) {
         match self.store.get(key) {
             Ok(Some(marker)) => {
                 let payload = self.shared.codec.stored(marker.value.as_ref());
                 self.table.seed(
                     key.clone(),
                     marker.version,
-                    marker.t1.max(marker.t2),
+                    marker.t1,
+                    marker.t2,
                     Some(payload),
                 );
-                Some(marker)
             }
-            Ok(None) => None,
-            Err(e) => {
-                warn!(
-                    partition = self.partition,
-                    "reading the marker failed, key starts unseeded: {e}"
-                );
-                None
-            }
+            Ok(None) => {}
+            Err(e) => warn!(
+                partition = self.partition,
+                "reading the marker failed, key starts unseeded: {e}"
+            ),
         }
     }
 
-    /// markT1, then produce the push (after `delay`, for retries).
+    /// markT1, then produce the push (after `delay`, for retries). The
+    /// marker is written from the push alone (its `acked_tn` is the t2 the
+    /// marker keeps), without reading the key's previous one; after an
+    /// acknowledgement it is also that push's markT2: one write, one
+    /// changelog record.
     fn start(&mut self, push: Push, delay: Duration) {
-        let previous = self.store.get(&push.key).ok().flatten();
-        self.start_after(push, delay, previous)
-    }
-
-    /// [`Task::start`] where the key's current marker is known: `previous`
-    /// (after an acknowledgement, the acknowledged marker, which then needs
-    /// no write of its own: markT2 and the next markT1 become one record).
-    fn start_after(&mut self, push: Push, delay: Duration, previous: Option<Marker>) {
         let value = self.shared.codec.encode(&push.payload, push.version);
-        let marker = Marker::started(previous.as_ref(), push.tn, push.version, value.clone());
+        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone());
         self.mark(&push.key, Some(&marker));
 
         self.metrics.emit(KeysInFlight(self.table.active_keys()));
@@ -542,7 +545,8 @@ impl Task {
                     key: &done.push.key,
                     error: &error,
                 });
-                match self.table.fail(done.push, now_ns()) {
+                let now = self.now();
+                match self.table.fail(done.push, now) {
                     Ok(retry) => self.start(retry, RETRY_BACKOFF),
                     Err(e) => debug!("failure of an unknown push: {e}"),
                 }
@@ -557,19 +561,20 @@ impl Task {
             latency,
         });
         let next = if continue_key {
-            match self.table.complete(&push.key, push.tn, now_ns()) {
+            let now = self.now();
+            match self.table.complete(&push.key, push.tn, now) {
                 Ok(next) => next,
                 Err(e) => return debug!("acknowledgement of an unknown push: {e}"),
             }
         } else {
             None
         };
-        let acknowledged = marker.acknowledged(push.tn);
         match next {
             // markT2 and the next push's markT1 in one write: {t1: next, t2:
             // this}, at the end of the turn (see `starting`).
-            Some(next) => self.starting.push((next, Some(Some(acknowledged)))),
+            Some(next) => self.starting.push(next),
             None => {
+                let acknowledged = marker.acknowledged(push.tn);
                 if marker.value.is_none() && continue_key {
                     // A delete that stayed the key's last word: its state goes.
                     self.mark(&push.key, None)
@@ -591,7 +596,12 @@ impl Task {
         if let Err((what, e)) = written {
             return warn!(partition = self.partition, "store {what} failed: {e}");
         }
-        self.unlogged.insert(key.clone(), marker.cloned());
+        match self.unlogged.get_mut(key) {
+            Some(held) => *held = marker.cloned(),
+            None => {
+                self.unlogged.insert(key.clone(), marker.cloned());
+            }
+        }
     }
 
     /// Hands the held markers to the producer, one record per key.
@@ -725,7 +735,8 @@ impl Task {
     fn compensate(&mut self) {
         let started = Instant::now();
         let grace = self.shared.settings.compensation.grace.as_nanos() as u64;
-        let due = match crate::compensation::due(&self.store, now_ns(), grace) {
+        let now = self.now();
+        let due = match crate::compensation::due(&self.store, now, grace) {
             Ok(due) => due,
             Err(e) => return warn!(partition = self.partition, "compensation scan failed: {e}"),
         };
@@ -735,10 +746,14 @@ impl Task {
                 continue;
             }
             let payload = self.shared.codec.stored(marker.value.as_ref());
-            if let Some(push) = self
-                .table
-                .compensate(&key, marker.version, payload, now_ns())
-            {
+            if !self.table.knows(&key) {
+                // As for an event of an unknown key: the table learns the
+                // marker first (the push's marker keeps its t2).
+                let seed = Some(payload.clone());
+                self.table
+                    .seed(key.clone(), marker.version, marker.t1, marker.t2, seed);
+            }
+            if let Some(push) = self.table.compensate(&key, marker.version, payload, now) {
                 pushed += 1;
                 self.start(push, Duration::ZERO);
             }
@@ -883,18 +898,23 @@ fn push_record<'a>(
     push: &'a Push,
     value: Option<&'a [u8]>,
 ) -> FutureRecord<'a, [u8], [u8]> {
+    let (mut version, mut tn, mut merged) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
     let headers = OwnedHeaders::new_with_capacity(4)
         .insert(Header {
             key: "keyflight-version",
-            value: Some(&push.version.to_string()),
+            value: Some(version.format(push.version)),
         })
         .insert(Header {
             key: "keyflight-tn",
-            value: Some(&push.tn.to_string()),
+            value: Some(tn.format(push.tn)),
         })
         .insert(Header {
             key: "keyflight-merged",
-            value: Some(&push.merged.to_string()),
+            value: Some(merged.format(push.merged)),
         })
         .insert(Header {
             key: "keyflight-compensation",

@@ -28,16 +28,12 @@ pub struct Marker {
 }
 
 impl Marker {
-    /// markT1: a push with `tn` starts carrying `version` and `value`.
-    pub fn started(
-        previous: Option<&Marker>,
-        tn: u64,
-        version: u64,
-        value: Option<Bytes>,
-    ) -> Marker {
+    /// markT1: a push with `tn` starts carrying `version` and `value`;
+    /// `acked` is the tn of the key's last acknowledged push (t2 stays).
+    pub fn started(acked: u64, tn: u64, version: u64, value: Option<Bytes>) -> Marker {
         Marker {
             t1: tn,
-            t2: previous.map_or(0, |m| m.t2),
+            t2: acked,
             version,
             value,
         }
@@ -179,8 +175,8 @@ mod tests {
     #[test]
     fn article_case_1_leaves_the_marker_open() {
         // D starts (t1 = td); E starts (t1 = te) and ends (t2 = te); D ends (t2 = td).
-        let d = Marker::started(None, 10, 4, Some(Bytes::from_static(b"D")));
-        let e = Marker::started(Some(&d), 20, 5, Some(Bytes::from_static(b"E")));
+        let d = Marker::started(0, 10, 4, Some(Bytes::from_static(b"D")));
+        let e = Marker::started(d.t2, 20, 5, Some(Bytes::from_static(b"E")));
         let e_done = e.acknowledged(20);
         assert!(!e_done.is_open());
         let d_done = e_done.acknowledged(10);

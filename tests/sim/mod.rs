@@ -471,6 +471,7 @@ impl System for Engine {
                 payload: to_payload(&push.value),
                 merged: 0,
                 compensation: push.compensation,
+                acked_tn: 0,
             };
             let retry = self
                 .table
