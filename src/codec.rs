@@ -432,8 +432,8 @@ fn top_level_field(
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut found = None;
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key == self.0 {
+            while let Some(is_field) = map.next_key_seed(IsField(self.0))? {
+                if is_field {
                     found = Some(map.next_value::<serde_json::Value>()?); // the last one wins, as in a map
                 } else {
                     map.next_value::<IgnoredAny>()?;
@@ -462,6 +462,27 @@ fn top_level_field(
         }
         fn visit_unit<E>(self) -> Result<Self::Value, E> {
             Ok(None)
+        }
+    }
+
+    /// Whether a map key is the field, compared where it was parsed: no
+    /// `String` per key.
+    struct IsField<'f>(&'f str);
+
+    impl<'de> DeserializeSeed<'de> for IsField<'_> {
+        type Value = bool;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for IsField<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a field name")
+        }
+        fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+            Ok(key == self.0)
         }
     }
 
@@ -533,6 +554,13 @@ mod tests {
             let full = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
             prop_assert_eq!(top_level_field(&bytes, "version").is_ok(), full);
         }
+    }
+
+    #[test]
+    fn the_version_reader_matches_a_field_name_written_with_escapes() {
+        let text = br#"{"vers\u0069on": 7, "a\"b": 1}"#;
+        assert_eq!(top_level_field(text, "version").unwrap(), Some(json!(7)));
+        assert_eq!(top_level_field(text, "a\"b").unwrap(), Some(json!(1)));
     }
 
     fn json_document() -> impl Strategy<Value = serde_json::Value> {
