@@ -238,6 +238,11 @@ struct SystemLatency {
     /// Events after the warm-up: the population of the percentiles.
     measured: usize,
     latency: Option<Latency>,
+    /// keyflight only: p50 and p99 of its pushes' produce → acknowledgement
+    /// time (bucket bounds of `keyflight_push_latency_seconds`), what an
+    /// event arriving behind a push in flight waits before its own push.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_ack_ms: Option<(f64, f64)>,
 }
 
 #[derive(Serialize, Default)]
@@ -953,6 +958,10 @@ fn latency(
         }
     };
     let cpu = child.cpu_seconds() - idle_cpu;
+    let push_ack_ms = match system {
+        System::Copy => None,
+        System::Keyflight => push_ack_ms(&scrape(&child.metrics_addr()?)?),
+    };
     child.stop()?;
     let mut inputs = versions(&app, &app.settings.topics.input)?;
     let start = inputs.iter().map(|(_, _, ts)| *ts).min().unwrap_or(0);
@@ -963,7 +972,31 @@ fn latency(
         cpu_us_per_event: cpu * 1e6 / events as f64,
         measured: inputs.len(),
         latency: stats::latencies(&inputs, &outputs),
+        push_ack_ms,
     })
+}
+
+/// p50 and p99 (ms, bucket bounds) of keyflight's normal pushes' produce →
+/// acknowledgement time.
+fn push_ack_ms(metrics: &Scrape) -> Option<(f64, f64)> {
+    let buckets: Vec<(f64, f64)> = metrics
+        .series(
+            "keyflight_push_latency_seconds_bucket",
+            &["kind=\"normal\""],
+        )
+        .filter_map(|(labels, count)| {
+            let bound = labels.split(',').find_map(|l| l.strip_prefix("le="))?;
+            let bound = bound.trim_matches('"');
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, count))
+        })
+        .collect();
+    let ms = |q| stats::histogram_percentile(&buckets, q).map(|s| s * 1e3);
+    Some((ms(50.0)?, ms(99.0)?))
 }
 
 /// Times the compensation scan (open index) against a full scan.
@@ -1087,8 +1120,11 @@ fn print_report(r: &Report) {
     let mut out = std::io::stdout().lock();
     let lat = |s: &SystemLatency| {
         s.latency.map_or("n/a".to_string(), |l| {
+            let acks = s.push_ack_ms.map_or(String::new(), |(p50, p99)| {
+                format!(", acks p50 <= {p50} ms, p99 <= {p99} ms")
+            });
             format!(
-                "p50 {:>3} ms, p99 {:>4} ms, CPU {:.2} us/event",
+                "p50 {:>3} ms, p99 {:>4} ms, CPU {:.2} us/event{acks}",
                 l.p50_ms, l.p99_ms, s.cpu_us_per_event
             )
         })

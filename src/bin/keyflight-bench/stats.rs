@@ -12,6 +12,25 @@ pub fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// The `q` percentile (0..=100) of a Prometheus histogram given as its
+/// cumulative buckets `(upper bound, count)`: the upper bound of the first
+/// bucket holding that rank, so a bound on the value rather than the value.
+/// `None` when it is empty or the rank lies past the last finite bound.
+pub fn histogram_percentile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let mut buckets = buckets.to_vec();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = (q / 100.0 * total).ceil().max(1.0);
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= rank)
+        .map(|(bound, _)| *bound)
+        .filter(|bound| bound.is_finite())
+}
+
 /// The median of `values` (the mean of the middle two for an even count);
 /// `None` if empty.
 pub fn median(values: &[i64]) -> Option<f64> {
@@ -75,6 +94,28 @@ pub fn rate(items: u64, first_ms: i64, last_ms: i64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_percentiles_are_the_bound_of_the_bucket_holding_the_rank() {
+        let buckets = [
+            (0.001, 10.0),
+            (0.002, 90.0),
+            (0.004, 99.0),
+            (0.008, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(histogram_percentile(&buckets, 50.0), Some(0.002));
+        assert_eq!(histogram_percentile(&buckets, 99.0), Some(0.004));
+        assert_eq!(histogram_percentile(&buckets, 100.0), Some(0.008));
+        let past = [(0.001, 1.0), (f64::INFINITY, 100.0)];
+        assert_eq!(
+            histogram_percentile(&past, 99.0),
+            None,
+            "past the last bound"
+        );
+        assert_eq!(histogram_percentile(&[(f64::INFINITY, 0.0)], 50.0), None);
+        assert_eq!(histogram_percentile(&[], 50.0), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
