@@ -950,8 +950,14 @@ mod tests {
         assert_eq!(both.bytes(), 3 + 7);
 
         let tombstone = InputRecord::copied(8, Some(b"k"), None);
-        assert_eq!((tombstone.key.as_deref(), tombstone.payload), (Some(&b"k"[..]), None));
+        assert_eq!(
+            (tombstone.key.as_deref(), tombstone.payload),
+            (Some(&b"k"[..]), None)
+        );
         let keyless = InputRecord::copied(9, None, Some(b""));
-        assert_eq!((keyless.key, keyless.payload.as_deref()), (None, Some(&b""[..])));
+        assert_eq!(
+            (keyless.key, keyless.payload.as_deref()),
+            (None, Some(&b""[..]))
+        );
     }
 }
