@@ -1,13 +1,15 @@
 //! Kafka I/O: client configuration built from [`Settings`], the admin
 //! operations (`topics create`), and the pipeline of `keyflight run`:
 //! [`pipeline`] (the consumer-group member and its poll thread),
-//! [`partition`] (one task per assigned partition), [`restore`] (a store
-//! from its changelog); and the operator tools' I/O: [`reader`] (a snapshot
+//! [`partition`] (one task per assigned partition, with [`commit_gate`]
+//! deciding when its commits may go out), [`restore`] (a store from its
+//! changelog); and the operator tools' I/O: [`reader`] (a snapshot
 //! of a whole topic, for `verify`) and [`replay`] (offset resets); and the
 //! development helpers: [`embedded`] (an in-process broker) and [`load`]
 //! (producing generated events).
 
 pub mod admin;
+pub mod commit_gate;
 pub mod embedded;
 pub mod load;
 pub mod partition;

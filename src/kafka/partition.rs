@@ -55,6 +55,7 @@ use crate::internal_events::{
 use crate::metrics::{Metrics, PartitionMetrics};
 use crate::state::{Marker, Store};
 
+use super::commit_gate::CommitGate;
 use super::restore;
 
 /// What every partition task shares.
@@ -223,15 +224,6 @@ struct ChangelogWrite {
     delivery: Result<DeliveryFuture, String>,
 }
 
-/// A commit asked for before the changelog caught up with it.
-#[derive(Clone, Copy)]
-struct HeldCommit {
-    position: i64,
-    /// The newest changelog write made before the commit was asked for:
-    /// the markers behind `position` are durable once it is acknowledged.
-    after_write: u64,
-}
-
 struct Task {
     shared: Arc<Shared>,
     topic: String,
@@ -259,7 +251,8 @@ struct Task {
     changelog_seq: u64,
     /// One past the newest acknowledged changelog offset (for checkpoints).
     changelog_next: i64,
-    held_commit: Option<HeldCommit>,
+    /// When the asked commit may go out (see [`CommitGate`]).
+    commit_gate: CommitGate,
     committed: Option<i64>,
     /// When the store was last checkpointed (see [`CHECKPOINT_EVERY`]).
     checkpointed: Instant,
@@ -325,7 +318,7 @@ async fn run(
         changelog_writes: VecDeque::new(),
         changelog_seq: 0,
         changelog_next: restored.next_offset,
-        held_commit: None,
+        commit_gate: CommitGate::default(),
         committed: None,
         checkpointed: Instant::now(),
         turn_clock: None,
@@ -612,8 +605,26 @@ impl Task {
         }
     }
 
-    /// Hands the held markers to the producer, one record per key.
+    /// Hands the held markers to the producer, one record per key, after
+    /// another attempt at the keys whose failed write could not be written
+    /// again (see [`Task::changelog_acknowledged`]).
     fn log_markers(&mut self) {
+        for key in self.commit_gate.retry() {
+            let marker = match self.unlogged.remove(&key) {
+                Some(held) => Ok(held),
+                None => self.store.get(&key),
+            };
+            match marker {
+                Ok(marker) => {
+                    self.send_changelog(key, marker.as_ref());
+                    self.commit_gate.wrote_again(self.changelog_seq);
+                }
+                Err(e) => {
+                    debug!(partition = self.partition, "marker still unreadable: {e}");
+                    self.commit_gate.unwritten(key);
+                }
+            }
+        }
         for (key, marker) in std::mem::take(&mut self.unlogged) {
             self.send_changelog(key, marker.as_ref());
         }
@@ -642,7 +653,9 @@ impl Task {
     /// write failed is written again from the store's *current* marker
     /// (re-sending the failed bytes could let an older marker win
     /// compaction over a newer one); a commit held behind the failed write
-    /// now waits for the rewrite. Returns false for a failure.
+    /// now waits for the rewrite. If the marker cannot be read back, no
+    /// commit goes out until a later attempt writes it. Returns false for a
+    /// failure.
     fn changelog_acknowledged(&mut self, acked: Result<i64, String>) -> bool {
         let Some(write) = self.changelog_writes.pop_front() else {
             return true;
@@ -662,16 +675,15 @@ impl Task {
                 match self.store.get(&write.key) {
                     Ok(marker) => {
                         self.send_changelog(write.key, marker.as_ref());
-                        if let Some(held) = &mut self.held_commit {
-                            if held.after_write >= write.seq {
-                                held.after_write = self.changelog_seq;
-                            }
-                        }
+                        self.commit_gate.rewritten(write.seq, self.changelog_seq);
                     }
-                    Err(e) => warn!(
-                        partition = self.partition,
-                        "cannot re-read a marker to rewrite it: {e}"
-                    ),
+                    Err(e) => {
+                        warn!(
+                            partition = self.partition,
+                            "cannot re-read a marker to write it again; commits wait until it is written: {e}"
+                        );
+                        self.commit_gate.unwritten(write.key);
+                    }
                 }
                 false
             }
@@ -774,9 +786,10 @@ impl Task {
     }
 
     /// Waits for every changelog write so far (used when closing); false
-    /// if one failed. Rewrites of failed keys are left in flight.
+    /// if one failed or a marker is still missing from the changelog.
+    /// Rewrites of failed keys are left in flight.
     async fn flush_changelog(&mut self) -> bool {
-        let mut ok = true;
+        let mut ok = !self.commit_gate.is_blocked();
         for _ in 0..self.changelog_writes.len() {
             let acked = front_acknowledged(&mut self.changelog_writes).await;
             ok &= self.changelog_acknowledged(acked);
@@ -797,34 +810,19 @@ impl Task {
         // The markers behind `position` may still be held: write them now,
         // and hold the commit until they are acknowledged.
         self.log_markers();
-        self.held_commit = Some(HeldCommit {
-            position,
-            after_write: self.changelog_seq,
-        });
+        self.commit_gate.ask(position, self.changelog_seq);
         self.release_held_commit();
     }
 
-    /// Sends the held commit if the changelog write it waits for is
-    /// acknowledged.
+    /// Sends the held commit if the markers behind it are durable (see
+    /// [`CommitGate::release`]).
     fn release_held_commit(&mut self) {
-        let Some(held) = self.held_commit else {
-            return;
-        };
-        if self
-            .changelog_writes
-            .front()
-            .is_some_and(|oldest| oldest.seq <= held.after_write)
-        {
+        let oldest_pending = self.changelog_writes.front().map(|write| write.seq);
+        let Some(position) = self.commit_gate.release(oldest_pending) else {
             return; // markers behind the offsets are not durable yet
-        }
-        self.held_commit = None;
-        if self
-            .shared
-            .commits
-            .send((self.partition, held.position))
-            .is_ok()
-        {
-            self.committed = Some(held.position);
+        };
+        if self.shared.commits.send((self.partition, position)).is_ok() {
+            self.committed = Some(position);
         }
         // A checkpoint flushes the store's memtables, synchronously: not at
         // every commit (the benchmark's p99 latency showed the stalls), but
