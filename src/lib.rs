@@ -62,6 +62,9 @@
 //! * At-least-once: a partition's committed offset never passes an event whose
 //!   push is not acknowledged (or that was not dropped as stale or
 //!   dead-lettered). A crash replays; markers and the scan repair.
+//! * Durable before committed: a committed offset never passes an event
+//!   whose marker the changelog lacks, so the next owner restores markers
+//!   at least as new as the offsets it starts from ([`kafka::commit_gate`]).
 //! * Pushes carry a per-key version so consumers can drop duplicates
 //!   (compensation re-pushes are duplicates by design).
 
