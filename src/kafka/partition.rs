@@ -3,7 +3,7 @@
 //!
 //! Order of effects per push (the article's markT1 / push / markT2):
 //! 1. markT1: the store gets `t1 = tn` with the push's version and value,
-//!    and the changelog gets it within [`CHANGELOG_EVERY`];
+//!    and the changelog gets it within `CHANGELOG_EVERY` (100 ms);
 //! 2. the push is produced to the output topic;
 //! 3. on acknowledgement, markT2 (`t2 = tn`) and the table moves on: the next
 //!    merged push of the key starts, or the key goes idle (a delete's state
@@ -16,7 +16,7 @@
 //! after, while records keep flowing.
 //!
 //! The changelog gets a key's newest marker, not every marker: a key's
-//! writes within [`CHANGELOG_EVERY`] become one record (a hot key's
+//! writes within `CHANGELOG_EVERY` become one record (a hot key's
 //! markT1, markT2, next markT1 ... were a record each). Durability is
 //! unchanged: a commit, a checkpoint and closing first hand every held
 //! marker to the producer, and a commit waits for their acknowledgements,

@@ -15,7 +15,7 @@
 //! has taken half of it. Memory stays bounded whatever the input rate.
 //!
 //! Records are taken from a fetch queue of keyflight's own, many per call
-//! ([`FetchQueue`]); the consumer queue keeps the events (rebalances, commit
+//! (`FetchQueue`); the consumer queue keeps the events (rebalances, commit
 //! results, errors) that rust-rdkafka's `poll` serves.
 //!
 //! Why not a bounded channel: pausing at every full channel made librdkafka
