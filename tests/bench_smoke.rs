@@ -110,6 +110,15 @@ fn check(report: &Value) {
             "{report:#}"
         );
     }
+    // keyflight's acknowledgement times, when within the histogram's
+    // bounds (a stalled broker can pass them): p50 ≤ p99.
+    for round in rounds {
+        if let Some(acks) = round["keyflight"]["push_ack_ms"].as_array() {
+            let (p50, p99) = (acks[0].as_f64().unwrap(), acks[1].as_f64().unwrap());
+            assert!(0.0 < p50 && p50 <= p99, "{report:#}");
+        }
+        assert!(round["copy"]["push_ack_ms"].is_null(), "the copy has none");
+    }
     // The median of two rounds is their mean.
     let added: Vec<f64> = rounds
         .iter()
@@ -126,7 +135,14 @@ fn check(report: &Value) {
 
 #[test]
 fn the_benchmark_runs_on_the_mock_cluster() {
-    check(&bench(None));
+    let report = bench(None);
+    check(&report);
+    for round in report["latency"]["rounds"].as_array().unwrap() {
+        assert!(
+            round["keyflight"]["push_ack_ms"].is_array(),
+            "keyflight's acknowledgement times are reported: {report:#}"
+        );
+    }
 }
 
 #[test]
