@@ -84,9 +84,10 @@ pub struct TaskHandle {
     pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
 }
 
-/// Records handed to a task and not yet taken by it, counted on both sides
-/// of the channel: the poll thread pauses the partition when they pass a
-/// bound and resumes it once the task has taken half of them.
+/// Records handed to a task and not yet processed by it (in its channel or
+/// its inbox), counted on both sides: the poll thread pauses the partition
+/// when they pass a bound and resumes it once the task has processed half
+/// of them.
 #[derive(Default)]
 pub struct Backlog {
     records: AtomicUsize,
@@ -96,12 +97,14 @@ pub struct Backlog {
 impl Backlog {
     pub fn handed(&self, batch: &[InputRecord]) {
         self.records.fetch_add(batch.len(), Ordering::Relaxed);
-        self.bytes.fetch_add(weight(batch), Ordering::Relaxed);
+        let bytes = batch.iter().map(InputRecord::bytes).sum();
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn taken(&self, batch: &[InputRecord]) {
-        self.records.fetch_sub(batch.len(), Ordering::Relaxed);
-        self.bytes.fetch_sub(weight(batch), Ordering::Relaxed);
+    /// The task processed `records` records of `bytes` key and value bytes.
+    fn processed(&self, records: usize, bytes: usize) {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// (records, key and value bytes) waiting for the task.
@@ -111,10 +114,6 @@ impl Backlog {
             self.bytes.load(Ordering::Relaxed),
         )
     }
-}
-
-fn weight(batch: &[InputRecord]) -> usize {
-    batch.iter().map(InputRecord::bytes).sum()
 }
 
 /// An input record as its task needs it: no topic name or headers to copy
@@ -231,8 +230,10 @@ struct Task {
     table: Table,
     store: Store,
     /// Records taken from the feed and not yet processed: a batch is taken
-    /// whole, and processed while the table is not saturated.
+    /// whole, and processed while the table is not saturated. They still
+    /// count in the [`Backlog`] until processed.
     inbox: std::vec::IntoIter<InputRecord>,
+    backlog: Arc<Backlog>,
     /// Pushes started in this turn of the task's loop (by the inbox's
     /// events, or by an acknowledgement with events pending), produced at
     /// its end by [`Task::finish_turn`], so each carries everything the
@@ -311,6 +312,7 @@ async fn run(
         }),
         store,
         inbox: Vec::new().into_iter(),
+        backlog: feed.backlog.clone(),
         starting: Vec::new(),
         pushes: FuturesUnordered::new(),
         dead_letters: JoinSet::new(),
@@ -347,7 +349,7 @@ async fn run(
             _ = changelog_tick.tick() => task.log_markers(),
             _ = compensation_tick.tick() => task.compensate(),
             batch = feed.records.recv(), if task.wants_records() => match batch {
-                Some(batch) => task.take(batch, &feed.backlog),
+                Some(batch) => task.take(batch),
                 None => break None,
             },
         }
@@ -355,7 +357,7 @@ async fn run(
         // starts (an acknowledgement's next push too) carry them.
         if task.wants_records() {
             if let Ok(batch) = feed.records.try_recv() {
-                task.take(batch, &feed.backlog);
+                task.take(batch);
             }
         }
         task.finish_turn();
@@ -425,8 +427,7 @@ impl Task {
     }
 
     /// A batch from the feed becomes the inbox.
-    fn take(&mut self, batch: Vec<InputRecord>, backlog: &Backlog) {
-        backlog.taken(&batch);
+    fn take(&mut self, batch: Vec<InputRecord>) {
         self.inbox = batch.into_iter();
     }
 
@@ -438,11 +439,17 @@ impl Task {
     /// one batch is one push, not a push of its first event that the rest
     /// then wait behind.
     fn finish_turn(&mut self) {
+        let (mut records, mut bytes) = (0, 0);
         while !self.table.is_saturated() {
             let Some(record) = self.inbox.next() else {
                 break;
             };
+            records += 1;
+            bytes += record.bytes();
             self.record(record);
+        }
+        if records > 0 {
+            self.backlog.processed(records, bytes);
         }
         let mut starting = std::mem::take(&mut self.starting);
         for push in starting.drain(..) {
@@ -938,6 +945,22 @@ fn push_record<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backlog_counts_records_until_they_are_processed() {
+        let backlog = Backlog::default();
+        let batch = vec![
+            InputRecord::copied(0, Some(b"a"), Some(b"12")),
+            InputRecord::copied(1, Some(b"b"), None),
+        ];
+        backlog.handed(&batch);
+        assert_eq!(backlog.size(), (2, 4));
+        // Taken into the inbox and one processed: the other still counts.
+        backlog.processed(1, batch[0].bytes());
+        assert_eq!(backlog.size(), (1, 1));
+        backlog.processed(1, batch[1].bytes());
+        assert_eq!(backlog.size(), (0, 0));
+    }
 
     #[test]
     fn a_copied_record_keeps_its_key_and_value_apart_and_absent_ones_absent() {

@@ -9,10 +9,11 @@
 //!
 //! Backpressure is one mechanism: a task whose table is saturated stops
 //! taking records from its channel; the poll thread counts what it has
-//! handed over and not yet taken (the task's [`partition::Backlog`]) and pauses the
+//! handed over and the task has not processed yet, in the channel or in
+//! the task's inbox (the task's [`partition::Backlog`]), and pauses the
 //! partition once that passes [`PAUSE_RECORDS`] or
 //! `singleflight.max_held_bytes`; it resumes the partition once the task
-//! has taken half of it. Memory stays bounded whatever the input rate.
+//! has processed half of it. Memory stays bounded whatever the input rate.
 //!
 //! Records are taken from a fetch queue of keyflight's own, many per call
 //! (`FetchQueue`); the consumer queue keeps the events (rebalances, commit
@@ -621,7 +622,7 @@ fn max_held_bytes(consumer: &BaseConsumer<Context>) -> usize {
         .max_held_bytes
 }
 
-/// Resumes paused partitions whose tasks have taken half their backlog;
+/// Resumes paused partitions whose tasks have processed half their backlog;
 /// true if some partition stays paused.
 fn resume_ready(consumer: &BaseConsumer<Context>, topic: &str) -> bool {
     let max_bytes = max_held_bytes(consumer);
