@@ -53,7 +53,7 @@ use crate::internal_events::{
     PartitionRestored, PushAcknowledged, PushFailed, RecordReceived, StaleEventDropped,
 };
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::state::{Marker, Store};
+use crate::state::{Marker, StateError, Store};
 
 use super::commit_gate::CommitGate;
 use super::restore;
@@ -496,22 +496,25 @@ impl Task {
     /// events are not pushed again and patches fold onto the stored value.
     fn seed(&mut self, key: &Bytes) {
         match self.store.get(key) {
-            Ok(Some(marker)) => {
-                let payload = self.shared.codec.stored(marker.value.as_ref());
-                self.table.seed(
-                    key.clone(),
-                    marker.version,
-                    marker.t1,
-                    marker.t2,
-                    Some(payload),
-                );
-            }
+            Ok(Some(marker)) => self.seed_from(key, &marker),
             Ok(None) => {}
             Err(e) => warn!(
                 partition = self.partition,
                 "reading the marker failed, key starts unseeded: {e}"
             ),
         }
+    }
+
+    /// The table learns a key's marker: its version, t1 and t2, and its value.
+    fn seed_from(&mut self, key: &Bytes, marker: &Marker) {
+        let payload = self.shared.codec.stored(marker.value.as_ref());
+        self.table.seed(
+            key.clone(),
+            marker.version,
+            marker.t1,
+            marker.t2,
+            Some(payload),
+        );
     }
 
     /// markT1, then produce the push (after `delay`, for retries). The
@@ -604,12 +607,7 @@ impl Task {
         if let Err((what, e)) = written {
             return warn!(partition = self.partition, "store {what} failed: {e}");
         }
-        match self.unlogged.get_mut(key) {
-            Some(held) => *held = marker.cloned(),
-            None => {
-                self.unlogged.insert(key.clone(), marker.cloned());
-            }
-        }
+        self.unlogged.insert(key.clone(), marker.cloned());
     }
 
     /// Hands the held markers to the producer, one record per key, after
@@ -617,19 +615,9 @@ impl Task {
     /// again (see [`Task::changelog_acknowledged`]).
     fn log_markers(&mut self) {
         for key in self.commit_gate.retry() {
-            let marker = match self.unlogged.remove(&key) {
-                Some(held) => Ok(held),
-                None => self.store.get(&key),
-            };
-            match marker {
-                Ok(marker) => {
-                    self.send_changelog(key, marker.as_ref());
-                    self.commit_gate.wrote_again(self.changelog_seq);
-                }
-                Err(e) => {
-                    debug!(partition = self.partition, "marker still unreadable: {e}");
-                    self.commit_gate.unwritten(key);
-                }
+            match self.write_again(key) {
+                Ok(write) => self.commit_gate.wrote_again(write),
+                Err(e) => debug!(partition = self.partition, "marker still unreadable: {e}"),
             }
         }
         for (key, marker) in std::mem::take(&mut self.unlogged) {
@@ -679,20 +667,36 @@ impl Task {
                     partition = self.partition,
                     "changelog write failed, will write the key again: {e}"
                 );
-                match self.store.get(&write.key) {
-                    Ok(marker) => {
-                        self.send_changelog(write.key, marker.as_ref());
-                        self.commit_gate.rewritten(write.seq, self.changelog_seq);
-                    }
-                    Err(e) => {
-                        warn!(
-                            partition = self.partition,
-                            "cannot re-read a marker to write it again; commits wait until it is written: {e}"
-                        );
-                        self.commit_gate.unwritten(write.key);
-                    }
+                match self.write_again(write.key) {
+                    Ok(rewrite) => self.commit_gate.rewritten(write.seq, rewrite),
+                    Err(e) => warn!(
+                        partition = self.partition,
+                        "cannot re-read a marker to write it again; commits wait until it is written: {e}"
+                    ),
                 }
                 false
+            }
+        }
+    }
+
+    /// Writes a key whose changelog write failed again, with its current
+    /// marker (the one held for the changelog, else the store's): the new
+    /// write's `seq`. An error if the marker cannot be read back; the commit
+    /// gate then holds commits until a later attempt (see
+    /// [`Task::log_markers`]).
+    fn write_again(&mut self, key: Bytes) -> Result<u64, StateError> {
+        let marker = match self.unlogged.remove(&key) {
+            Some(held) => Ok(held),
+            None => self.store.get(&key),
+        };
+        match marker {
+            Ok(marker) => {
+                self.send_changelog(key, marker.as_ref());
+                Ok(self.changelog_seq)
+            }
+            Err(e) => {
+                self.commit_gate.unwritten(key);
+                Err(e)
             }
         }
     }
@@ -772,14 +776,12 @@ impl Task {
             if self.table.in_flight(&key) {
                 continue;
             }
-            let payload = self.shared.codec.stored(marker.value.as_ref());
             if !self.table.knows(&key) {
                 // As for an event of an unknown key: the table learns the
                 // marker first (the push's marker keeps its t2).
-                let seed = Some(payload.clone());
-                self.table
-                    .seed(key.clone(), marker.version, marker.t1, marker.t2, seed);
+                self.seed_from(&key, &marker);
             }
+            let payload = self.shared.codec.stored(marker.value.as_ref());
             if let Some(push) = self.table.compensate(&key, marker.version, payload, now) {
                 pushed += 1;
                 self.start(push, Duration::ZERO);
