@@ -943,25 +943,26 @@ fn latency(
     let idle_cpu = child.cpu_seconds();
     let achieved = produce(&app, spec, Some(rate))?;
     let reader = read_consumer(&app)?;
-    match system {
-        System::Copy => child.wait(drain_limit(events), |_| {
-            records_with(&reader, &output)
-                .ok()
-                .filter(|n| *n >= events)
-                .map(drop)
-        })?,
+    // Drained; keyflight's acknowledgement times are read once it is.
+    let push_ack_ms = match system {
+        System::Copy => {
+            child.wait(drain_limit(events), |_| {
+                records_with(&reader, &output)
+                    .ok()
+                    .filter(|n| *n >= events)
+                    .map(drop)
+            })?;
+            None
+        }
         System::Keyflight => {
             let addr = child.metrics_addr()?;
             child.wait(drain_limit(events), |_| {
                 drained(&addr, events).then_some(())
-            })?
+            })?;
+            push_ack_ms(&scrape(&addr)?)
         }
     };
     let cpu = child.cpu_seconds() - idle_cpu;
-    let push_ack_ms = match system {
-        System::Copy => None,
-        System::Keyflight => push_ack_ms(&scrape(&child.metrics_addr()?)?),
-    };
     child.stop()?;
     let mut inputs = versions(&app, &app.settings.topics.input)?;
     let start = inputs.iter().map(|(_, _, ts)| *ts).min().unwrap_or(0);
