@@ -45,6 +45,8 @@ fn bench(brokers: Option<&str>) -> Value {
         "bare copy",
         "keyflight",
         "throughput keyflight/copy",
+        "live maximum (copy)",
+        "(half the live maximum)",
         "added latency",
         "compensation scan",
         "restore",
@@ -74,6 +76,8 @@ fn check(report: &Value) {
         "/keyflight/peak_rss_mb",
         "/throughput_ratio",
         "/latency/target_rate",
+        "/live/rate",
+        "/live/through_per_s",
         "/scan/open_scan_ms",
         "/scan/full_scan_ms",
         "/restore/seconds",
@@ -83,6 +87,13 @@ fn check(report: &Value) {
         positive(report, path);
     }
     assert_eq!(report["keyflight"]["verify"], true, "{report:#}");
+    // By default the latency phase runs at half the live maximum.
+    assert_eq!(report["latency"]["half_of"], "live", "{report:#}");
+    assert_eq!(
+        report["latency"]["target_rate"].as_f64(),
+        Some(positive(report, "/live/through_per_s") / 2.0),
+        "{report:#}"
+    );
     assert!(positive(report, "/keyflight/collapse") >= 1.0);
     assert_eq!(report["copy"]["outputs"], 3000);
     let rounds = report["latency"]["rounds"].as_array().unwrap();
@@ -107,6 +118,13 @@ fn check(report: &Value) {
         );
         assert!(
             round[system]["cpu_us_per_event"].as_f64() > Some(0.0),
+            "{report:#}"
+        );
+        // The system used CPU over the span, so the machine was busy.
+        let busy = round[system]["machine_busy"].as_f64().unwrap();
+        assert!(0.0 < busy && busy <= 1.0, "{report:#}");
+        assert!(
+            round[system]["driver_cpu_us_per_event"].as_f64() >= Some(0.0),
             "{report:#}"
         );
     }

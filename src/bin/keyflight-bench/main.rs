@@ -9,13 +9,15 @@
 //!    process) and then with `keyflight run` (the release binary next to this
 //!    one): events/s over the output's first-to-last timestamp window,
 //!    pushes/s, collapse, peak RSS;
-//! 3. at half the copy's maximum rate, produces a fresh stream into each
-//!    system while it runs: event→output latency p50/p99 from the event's
+//! 3. finds the live maximum: the rate through the copy while this process
+//!    produces a fresh stream as fast as it can beside it;
+//! 4. at half the live maximum, produces a fresh stream into each system
+//!    while it runs: event→output latency p50/p99 from the event's
 //!    timestamp to the output record's, in rounds (copy and keyflight each
 //!    once per round) whose added latencies give a median;
-//! 4. times the compensation scan (100 open markers among M) against a full
+//! 5. times the compensation scan (100 open markers among M) against a full
 //!    scan of all markers, in this process;
-//! 5. restores M markers from a changelog in a fresh `keyflight run`:
+//! 6. restores M markers from a changelog in a fresh `keyflight run`:
 //!    seconds, records/s, and the process's peak RSS with M keys in state.
 
 mod copy;
@@ -86,11 +88,19 @@ struct RunArgs {
     burst: u32,
     #[arg(long, default_value_t = 12)]
     partitions: i32,
-    /// Seconds of load in the latency phase (at half the copy's rate)
+    /// Seconds of load in the latency phase
     #[arg(long, default_value_t = 20.0)]
     latency_seconds: f64,
-    /// Events/s in the latency phase instead of half the copy's rate (to
-    /// see the latency at a rate keyflight sustains)
+    /// Which maximum rate the latency phase runs at half of: `live`, the
+    /// rate through the copy while the driver produces as fast as it can
+    /// beside it (a latency is measured on a live stream, with the producer
+    /// on the same machine); or `drain`, the copy's rate over the backlog,
+    /// which has the machine to itself (at half of it, the producer, the
+    /// broker and the system under test kept this 2-core machine 75–92 %
+    /// busy)
+    #[arg(long, value_enum, default_value_t = Reference::Live)]
+    latency_of: Reference,
+    /// Events/s in the latency phase instead of half a maximum rate
     #[arg(long)]
     latency_rate: Option<f64>,
     /// Rounds of the latency phase, each running the copy and keyflight once
@@ -128,6 +138,14 @@ struct RunArgs {
     /// Write the report as JSON here too
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// A maximum rate that the latency phase runs at half of.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Reference {
+    Live,
+    Drain,
 }
 
 #[derive(Args)]
@@ -182,6 +200,8 @@ struct Report {
     copy: Drain,
     keyflight: Drain,
     throughput_ratio: f64,
+    /// The copy on a live stream produced as fast as the driver can.
+    live: Option<SystemLatency>,
     latency: LatencyPhase,
     scan: Scan,
     restore: Restore,
@@ -205,6 +225,8 @@ struct Drain {
 #[derive(Serialize, Default)]
 struct LatencyPhase {
     target_rate: f64,
+    /// The maximum rate `target_rate` is half of (`None`: `--latency-rate`).
+    half_of: Option<Reference>,
     warmup_seconds: f64,
     /// Events produced into each system in each round.
     events: u64,
@@ -232,9 +254,19 @@ struct LatencyRound {
 struct SystemLatency {
     /// The rate the driver achieved, events/s.
     rate: f64,
+    /// Events over the span from the first event's timestamp to the last
+    /// output's: the rate through the whole pipeline.
+    through_per_s: f64,
     /// The system's CPU time (user + system) from the first event to the
     /// last output, per event.
     cpu_us_per_event: f64,
+    /// The driver's CPU time while it produced, per event: its generator
+    /// and producer, and on the mock cluster the broker, which runs in it.
+    driver_cpu_us_per_event: f64,
+    /// Share of the machine's CPU time (all cores) that was busy while the
+    /// driver produced, 0–1: near 1, threads wait for a core and the
+    /// latencies are those of a saturated machine.
+    machine_busy: f64,
     /// Events after the warm-up: the population of the percentiles.
     measured: usize,
     latency: Option<Latency>,
@@ -313,10 +345,28 @@ fn run(args: RunArgs) -> Result<()> {
         report.keyflight.verify
     ));
 
-    // 3. Latency at half the copy's maximum rate (or --latency-rate).
-    let rate = args.latency_rate.unwrap_or(report.copy.events_per_s / 2.0);
+    // 3. The live maximum.
+    say("live maximum: the copy while this process produces as fast as it can");
+    let live = latency(
+        &env,
+        System::Copy,
+        0,
+        spec(args.events),
+        None,
+        Duration::ZERO,
+    )?;
+    let live_max = live.through_per_s;
+    report.live = Some(live);
+
+    // 4. Latency at half a maximum rate (or --latency-rate).
+    let (rate, half_of) = match (args.latency_rate, args.latency_of) {
+        (Some(rate), _) => (rate, None),
+        (None, Reference::Live) => (live_max / 2.0, Some(Reference::Live)),
+        (None, Reference::Drain) => (report.copy.events_per_s / 2.0, Some(Reference::Drain)),
+    };
     let events = ((rate * args.latency_seconds) as u64).clamp(1_000, args.events);
     report.latency.target_rate = rate;
+    report.latency.half_of = half_of;
     report.latency.warmup_seconds = args.warmup_seconds;
     report.latency.events = events;
     let warmup = Duration::from_secs_f64(args.warmup_seconds);
@@ -334,7 +384,7 @@ fn run(args: RunArgs) -> Result<()> {
                     System::Keyflight => "keyflight",
                 }
             ));
-            latency(&env, system, round + 1, spec(events), rate, warmup)
+            latency(&env, system, round + 1, spec(events), Some(rate), warmup)
         };
         let measured = if copy_first {
             measure(System::Copy).and_then(|copy| Ok((copy, measure(System::Keyflight)?)))
@@ -373,14 +423,14 @@ fn run(args: RunArgs) -> Result<()> {
     report.latency.added_p50_ms = median_of(|r| r.added_p50_ms);
     report.latency.added_p99_ms = median_of(|r| r.added_p99_ms);
 
-    // 4. The compensation scan.
+    // 5. The compensation scan.
     say(&format!(
         "scan: {} markers, {} open",
         args.markers, args.open
     ));
     report.scan = scan(args.markers, args.open, work.path())?;
 
-    // 5. Restore and memory.
+    // 6. Restore and memory.
     say(&format!(
         "restore: {} markers from the changelog",
         args.markers
@@ -705,20 +755,7 @@ impl Child {
 
     /// CPU time used so far (user + system), in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th of the line, in clock ticks.
-        let ticks: u64 = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.parse::<u64>().ok())
-            .sum();
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        ticks as f64 / per_second as f64
+        process_cpu_seconds(&self.child.id().to_string())
     }
 
     /// SIGTERM, then a clean exit within a minute.
@@ -737,6 +774,45 @@ impl Child {
             }
         }
     }
+}
+
+/// CPU time a process used so far (user + system), in seconds; `pid` may
+/// be `self`.
+fn process_cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are
+    // the 14th and 15th of the line, in clock ticks.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / per_second as f64
+}
+
+/// The machine's CPU time so far, in clock ticks summed over its CPUs:
+/// (busy, total), from the first line of `/proc/stat`.
+fn machine_cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle: u64 = ticks.iter().skip(3).take(2).sum();
+    (total - idle, total)
 }
 
 fn scrape(addr: &str) -> Result<Scrape> {
@@ -906,14 +982,15 @@ enum System {
 }
 
 /// Runs `system` on fresh topics (for `round`), produces `spec` at `rate`
-/// while it runs, and returns the achieved rate, how many events were
-/// produced after `warmup`, and their event→output latencies.
+/// (`None`: as fast as it can) while it runs, and returns the achieved
+/// rate, how many events were produced after `warmup`, and their
+/// event→output latencies.
 fn latency(
     env: &Env,
     system: System,
     round: u32,
     spec: LoadSpec,
-    rate: f64,
+    rate: Option<f64>,
     warmup: Duration,
 ) -> Result<SystemLatency> {
     let name = match system {
@@ -941,7 +1018,10 @@ fn latency(
         }
     };
     let idle_cpu = child.cpu_seconds();
-    let achieved = produce(&app, spec, Some(rate))?;
+    let (driver_cpu, machine) = (process_cpu_seconds("self"), machine_cpu_ticks());
+    let achieved = produce(&app, spec, rate)?;
+    let driver_cpu = process_cpu_seconds("self") - driver_cpu;
+    let machine_busy = stats::busy_share(machine, machine_cpu_ticks());
     let reader = read_consumer(&app)?;
     // Drained; keyflight's acknowledgement times are read once it is.
     let push_ack_ms = match system {
@@ -968,9 +1048,13 @@ fn latency(
     let start = inputs.iter().map(|(_, _, ts)| *ts).min().unwrap_or(0);
     inputs.retain(|(_, _, ts)| *ts >= start + warmup.as_millis() as i64);
     let outputs = versions(&app, &output)?;
+    let last_output = outputs.iter().map(|(_, _, ts)| *ts).max().unwrap_or(start);
     Ok(SystemLatency {
         rate: achieved,
+        through_per_s: stats::rate(events, start, last_output),
         cpu_us_per_event: cpu * 1e6 / events as f64,
+        driver_cpu_us_per_event: driver_cpu * 1e6 / events as f64,
+        machine_busy,
         measured: inputs.len(),
         latency: stats::latencies(&inputs, &outputs),
         push_ack_ms,
@@ -1125,8 +1209,12 @@ fn print_report(r: &Report) {
                 format!(", acks p50 <= {p50} ms, p99 <= {p99} ms")
             });
             format!(
-                "p50 {:>3} ms, p99 {:>4} ms, CPU {:.2} us/event{acks}",
-                l.p50_ms, l.p99_ms, s.cpu_us_per_event
+                "p50 {:>3} ms, p99 {:>4} ms, CPU {:.2} us/event{acks}, driver {:.2} us/event, machine {:.0}% busy",
+                l.p50_ms,
+                l.p99_ms,
+                s.cpu_us_per_event,
+                s.driver_cpu_us_per_event,
+                s.machine_busy * 100.0
             )
         })
     };
@@ -1166,7 +1254,8 @@ fn print_report(r: &Report) {
          bare copy                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event\n\
          keyflight                    {:>12.0} events/s   peak RSS {:.0} MB   CPU {:.2} us/event   {:.0} pushes/s   collapse {:.2}{}\n\
          throughput keyflight/copy    {:>12.2}           (target >= 0.80)\n\
-         latency at {:.0}/s, {} events per system and round (the first {} s left out){}\n\
+         live maximum (copy)          {}\n\
+         latency at {:.0}/s{}, {} events per system and round (the first {} s left out){}\n\
          added latency                p50 {} ms, p99 {} ms (median of the rounds)   (target p99 <= 5 ms)\n\
          compensation scan            {:.3} ms with {} open of {} (full scan {:.0} ms)   (target <= 5 ms)\n\
          restore                      {} markers in {:.2} s = {:.0} records/s (start to ready {:.1} s)   (target <= 10 s)\n\
@@ -1191,7 +1280,18 @@ fn print_report(r: &Report) {
             None => "",
         },
         r.throughput_ratio,
+        r.live.as_ref().map_or("n/a".into(), |l| format!(
+            "{:>12.0} events/s   (while this process produced as fast as it could: {:.0} events/s; machine {:.0}% busy)",
+            l.through_per_s,
+            l.rate,
+            l.machine_busy * 100.0
+        )),
         r.latency.target_rate,
+        match r.latency.half_of {
+            Some(Reference::Live) => " (half the live maximum)",
+            Some(Reference::Drain) => " (half the copy's backlog rate)",
+            None => "",
+        },
         r.latency.events,
         r.latency.warmup_seconds,
         rounds,

@@ -86,6 +86,16 @@ pub fn latencies(inputs: &[(String, u64, i64)], outputs: &[(String, u64, i64)]) 
     })
 }
 
+/// Busy share of the CPU time between two (busy, total) tick readings,
+/// 0–1 (0 when no time passed).
+pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
 /// Items per second over `[first_ms, last_ms]`; a window under 1 ms counts as 1 ms.
 pub fn rate(items: u64, first_ms: i64, last_ms: i64) -> f64 {
     items as f64 / (((last_ms - first_ms).max(1)) as f64 / 1000.0)
@@ -94,6 +104,12 @@ pub fn rate(items: u64, first_ms: i64, last_ms: i64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_share_is_busy_ticks_over_all_ticks_between_readings() {
+        assert_eq!(busy_share((100, 1000), (250, 1200)), 0.75);
+        assert_eq!(busy_share((100, 1000), (100, 1000)), 0.0);
+    }
 
     #[test]
     fn histogram_percentiles_are_the_bound_of_the_bucket_holding_the_rank() {
