@@ -232,6 +232,7 @@ fn rebuild(settings: &Settings, args: &RebuildArgs) -> Result<(), CliError> {
             partition,
             &store,
             opened,
+            None,
             &mut |read, total| {
                 bar.set_length(total);
                 bar.set_position(read);

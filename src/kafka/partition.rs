@@ -38,7 +38,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -282,12 +282,22 @@ async fn run(
     let (store, restored) = {
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || {
+            // Asked over the producer's open connections: a partition whose
+            // store is complete then needs no reader of its own (on a
+            // rebalance, one per assigned partition, each connecting). On
+            // failure the restore's own reader asks, and reports the error.
+            let watermarks = shared
+                .producer
+                .client()
+                .fetch_watermarks(&shared.changelog, partition, restore::WATERMARKS_TIMEOUT)
+                .ok();
             let result = restore::restore(
                 &shared.settings,
                 &shared.changelog,
                 partition,
                 &store,
                 opened,
+                watermarks,
                 &mut |_, _| {},
             );
             (store, result)

@@ -38,15 +38,25 @@ pub struct Restored {
 /// How long a restore may go without reading a record before it gives up.
 const STALL: Duration = Duration::from_secs(60);
 
+/// How long a watermark query may take.
+pub const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads the changelog partition from the checkpoint (or its start) to its
 /// current end and applies every record to the store, reporting
 /// `(records read, records to read at most)` as it goes. Blocking.
+///
+/// `watermarks` are the partition's (low, high) offsets if the caller has
+/// them (`keyflight run` asks its producer, whose connections are open);
+/// otherwise a reader asks. The reader, a consumer with connections of its
+/// own, is created only when there is something to read: a store that is
+/// complete (or a changelog that is empty) costs no new client.
 pub fn restore(
     settings: &Settings,
     topic: &str,
     partition: i32,
     store: &Store,
     opened: Opened,
+    watermarks: Option<(i64, i64)>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
     let kafka = |source| RestoreError::Kafka {
@@ -55,10 +65,17 @@ pub fn restore(
         source,
     };
     // Never the group's own offsets: the changelog is read by assignment.
-    let consumer = super::reader::consumer(settings, "restore").map_err(kafka)?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(30))
-        .map_err(kafka)?;
+    let reader = || super::reader::consumer(settings, "restore").map_err(kafka);
+    let (mut consumer, (low, high)) = match watermarks {
+        Some(known) => (None, known),
+        None => {
+            let consumer = reader()?;
+            let known = consumer
+                .fetch_watermarks(topic, partition, WATERMARKS_TIMEOUT)
+                .map_err(kafka)?;
+            (Some(consumer), known)
+        }
+    };
     let start = match opened {
         Opened::FromCheckpoint(next) => next.max(low),
         Opened::Empty => low,
@@ -69,6 +86,10 @@ pub fn restore(
             next_offset: high.max(start),
         });
     }
+    let consumer = match consumer.take() {
+        Some(consumer) => consumer,
+        None => reader()?,
+    };
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, partition, Offset::Offset(start))
@@ -101,5 +122,59 @@ pub fn restore(
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings whose broker nothing listens on: a restore that reached
+    /// for it would stall, not return.
+    fn unreachable() -> Settings {
+        Settings {
+            brokers: "127.0.0.1:1".into(),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_store_complete_up_to_known_watermarks_is_restored_without_the_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        // An empty store and an empty changelog partition (low = high).
+        let restored = restore(
+            &unreachable(),
+            "t",
+            0,
+            &store,
+            opened,
+            Some((7, 7)),
+            &mut |_, _| panic!("no records to read"),
+        )
+        .unwrap();
+        assert_eq!(
+            restored,
+            Restored {
+                records: 0,
+                next_offset: 7
+            }
+        );
+        // A checkpoint at the end of the changelog: nothing left to read.
+        store.checkpoint(12).unwrap();
+        drop(store);
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::FromCheckpoint(12));
+        let restored = restore(
+            &unreachable(),
+            "t",
+            0,
+            &store,
+            opened,
+            Some((3, 12)),
+            &mut |_, _| panic!("no records to read"),
+        )
+        .unwrap();
+        assert_eq!(restored.next_offset, 12);
     }
 }
