@@ -129,13 +129,24 @@ pub fn restore(
 mod tests {
     use super::*;
 
-    /// Settings whose broker nothing listens on: a restore that reached
-    /// for it would stall, not return.
-    fn unreachable() -> Settings {
-        Settings {
+    /// Restores with known watermarks against a broker nothing listens on:
+    /// a restore that reached for it would wait out the watermark timeout
+    /// and fail, not return at once.
+    fn restore_known(store: &Store, opened: Opened, watermarks: (i64, i64)) -> Restored {
+        let unreachable = Settings {
             brokers: "127.0.0.1:1".into(),
             ..Settings::default()
-        }
+        };
+        restore(
+            &unreachable,
+            "t",
+            0,
+            store,
+            opened,
+            Some(watermarks),
+            &mut |_, _| panic!("no records to read"),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -143,18 +154,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, opened) = Store::open(dir.path()).unwrap();
         // An empty store and an empty changelog partition (low = high).
-        let restored = restore(
-            &unreachable(),
-            "t",
-            0,
-            &store,
-            opened,
-            Some((7, 7)),
-            &mut |_, _| panic!("no records to read"),
-        )
-        .unwrap();
         assert_eq!(
-            restored,
+            restore_known(&store, opened, (7, 7)),
             Restored {
                 records: 0,
                 next_offset: 7
@@ -165,16 +166,6 @@ mod tests {
         drop(store);
         let (store, opened) = Store::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::FromCheckpoint(12));
-        let restored = restore(
-            &unreachable(),
-            "t",
-            0,
-            &store,
-            opened,
-            Some((3, 12)),
-            &mut |_, _| panic!("no records to read"),
-        )
-        .unwrap();
-        assert_eq!(restored.next_offset, 12);
+        assert_eq!(restore_known(&store, opened, (3, 12)).next_offset, 12);
     }
 }
