@@ -66,7 +66,7 @@ pub fn restore(
     };
     // Never the group's own offsets: the changelog is read by assignment.
     let reader = || super::reader::consumer(settings, "restore").map_err(kafka);
-    let (mut consumer, (low, high)) = match watermarks {
+    let (consumer, (low, high)) = match watermarks {
         Some(known) => (None, known),
         None => {
             let consumer = reader()?;
@@ -86,7 +86,7 @@ pub fn restore(
             next_offset: high.max(start),
         });
     }
-    let consumer = match consumer.take() {
+    let consumer = match consumer {
         Some(consumer) => consumer,
         None => reader()?,
     };
