@@ -194,7 +194,7 @@ pub fn read(
 }
 
 /// Errors about broker connections, which librdkafka retries by itself.
-fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
+pub(crate) fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(

@@ -112,15 +112,24 @@ pub fn restore(
                     });
                 }
             }
-            Some(Err(e)) => return Err(kafka(e)),
-            None if last_progress.elapsed() > STALL => {
-                return Err(RestoreError::Stalled {
-                    topic: topic.to_string(),
+            // A lost connection is reported through poll, and librdkafka
+            // reconnects by itself: go on (the stall bound still applies).
+            Some(Err(e)) if super::reader::is_transient(&e) => {
+                tracing::warn!(
+                    topic,
                     partition,
-                    stall: STALL,
-                })
+                    "restore goes on after a broker error: {e}"
+                );
             }
+            Some(Err(e)) => return Err(kafka(e)),
             None => {}
+        }
+        if last_progress.elapsed() > STALL {
+            return Err(RestoreError::Stalled {
+                topic: topic.to_string(),
+                partition,
+                stall: STALL,
+            });
         }
     }
 }
@@ -147,6 +156,78 @@ mod tests {
             &mut |_, _| panic!("no records to read"),
         )
         .unwrap()
+    }
+
+    /// Signals every warning logged on the thread it is the default for.
+    struct Warnings(std::sync::mpsc::Sender<()>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                let _ = self.0.send(());
+            }
+        }
+    }
+
+    #[test]
+    fn a_restore_waits_for_a_broker_that_went_down_and_finishes_when_it_is_back() {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let settings = Settings {
+            brokers: cluster.bootstrap_servers(),
+            ..Settings::default()
+        };
+        // Three tombstones: each is a record to restore (as a delete).
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .create()
+            .unwrap();
+        for key in ["a", "b", "c"] {
+            producer
+                .send(BaseRecord::<str, [u8]>::to("changelog").key(key))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        cluster.broker_down(1).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        let (warned, warnings) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let restoring = scope.spawn(|| {
+                let subscriber = tracing_subscriber::registry().with(Warnings(warned));
+                let _default = tracing::subscriber::set_default(subscriber);
+                restore(
+                    &settings,
+                    "changelog",
+                    0,
+                    &store,
+                    opened,
+                    Some((0, 3)),
+                    &mut |_, _| {},
+                )
+            });
+            // The lost broker is reported as a warning (a restore that gave
+            // up on it would have returned an error instead).
+            warnings
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the restore reports the lost broker and goes on");
+            cluster.broker_up(1).unwrap();
+            assert_eq!(
+                restoring.join().unwrap().unwrap(),
+                Restored {
+                    records: 3,
+                    next_offset: 3
+                }
+            );
+        });
     }
 
     #[test]
