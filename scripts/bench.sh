@@ -44,8 +44,9 @@ args+=("${extra[@]}")
 # reads a fetched record's headers with a query over that table: every
 # header on the broker (keyflight's pushes carry four) slows every later
 # fetch of any record. Measured: a copy draining 30 000 records after
-# keyflight had written 2 236 pushes took 15 s instead of 1.3 s. The index
-# Kafka's own log would not need; TANSU_HEADER_INDEX=0 measures stock Tansu.
+# keyflight had written 2 236 pushes took 15–20 s, not 1.1–1.4 s. (Kafka
+# keeps headers inside the record batch.) TANSU_HEADER_INDEX=0 measures
+# stock Tansu.
 index_headers() {
     [ "${TANSU_HEADER_INDEX:-1}" = 0 ] && return 0
     python3 - "$tansu_dir/tansu.db" <<'PY'
