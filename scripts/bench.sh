@@ -32,7 +32,7 @@ out="$CARGO_TARGET_DIR/bench"
 mkdir -p "$out"
 
 say "building the release binaries"
-cargo build --release --locked --bins
+cargo build --release --locked --workspace --bins
 bench="$CARGO_TARGET_DIR/release/keyflight-bench"
 args=(run --events "$events" --keys "$keys" --markers "$markers" --partitions "$partitions" --verify)
 # More options for every run, e.g. BENCH_ARGS="--latency-rate 100000"

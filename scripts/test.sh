@@ -24,14 +24,17 @@ setup_system_packages
 setup_tansu
 setup_fastavro
 
-# Build and run every test: lib and bin unit tests, tests/*.rs (CLI,
-# simulation, broker, pipeline, recovery, operability, interop, deployment
-# files, the benchmark driver CI-sized) and the criterion benchmark in test
+# Build and run every test: lib and bin unit tests, the integration tests
+# (tests/main.rs, one crate: CLI, simulations, broker, pipeline, recovery,
+# operability, interop, deployment files, the benchmark driver CI-sized) and the criterion benchmark in test
 # mode (each runs once). There are no doc tests (lib.rs code blocks are text).
 say "building and running the tests"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --locked --all-targets 2>&1 | tee "$log"
+# The binaries first: the benchmark driver's smoke test runs keyflight-bench,
+# a crate of its own in the workspace.
+cargo build --locked --workspace --bins
+cargo test --locked --workspace --all-targets 2>&1 | tee "$log"
 
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

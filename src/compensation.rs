@@ -10,10 +10,16 @@
 
 use bytes::Bytes;
 
-use crate::state::{Marker, StateError, Store};
+#[cfg(test)]
+use crate::state::Store;
+use crate::state::{Marker, MarkerStore, StateError};
 
 /// Open markers whose push started at least `grace_ns` before `now_ns`.
-pub fn due(store: &Store, now_ns: u64, grace_ns: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
+pub fn due(
+    store: &impl MarkerStore,
+    now_ns: u64,
+    grace_ns: u64,
+) -> Result<Vec<(Bytes, Marker)>, StateError> {
     store.open_markers(now_ns.saturating_sub(grace_ns))
 }
 

@@ -4,17 +4,34 @@
 //! was correct (`verify`); they assert nothing about speed, which is the
 //! benchmark's business (BENCHMARKS.md).
 
-mod support;
-
 use std::process::Command;
 
+use crate::support::Broker;
 use serde_json::Value;
-use support::Broker;
+
+/// The benchmark driver, a crate of its own in the workspace: built beside
+/// this test binary's directory by `cargo build --workspace --bins`
+/// (`scripts/test.sh` does that before the tests).
+fn bench_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/keyflight-bench
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("keyflight-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
 
 fn bench(brokers: Option<&str>) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight-bench"));
+    let mut command = Command::new(bench_binary());
     command.args([
         "run",
         "--events",
@@ -40,7 +57,7 @@ fn bench(brokers: Option<&str>) -> Value {
         command.args(["--brokers", brokers]);
     }
     let out = command.env_remove("RUST_LOG").output().unwrap();
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     for line in [
         "bare copy",
         "keyflight",

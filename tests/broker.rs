@@ -1,17 +1,15 @@
 //! Tests against a real Kafka-compatible broker (Tansu over TCP).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{create_topic, Broker};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use support::{create_topic, Broker};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -203,7 +201,7 @@ async fn topics_create_creates_then_is_idempotent() {
         "topics",
         "create",
     ]);
-    let stdout = support::succeeded(&second);
+    let stdout = crate::support::succeeded(&second);
     assert_eq!(stdout.matches("exists").count(), 4, "{stdout}");
     assert_eq!(partitions(&broker), found, "nothing changed");
 }

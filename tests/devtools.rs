@@ -2,18 +2,16 @@
 //! use), `load` (counts and per-key versions, on the real broker), `tail`,
 //! and `demo` (exit 0 and a passing verify).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::{read_all, read_all_at, wait_until, App, Broker};
 use keyflight::codec::{Codec, InputFormat};
 use keyflight::engine::MergePolicy;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use support::{read_all, read_all_at, wait_until, App, Broker};
 
 fn keyflight() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
@@ -94,8 +92,9 @@ async fn dev_serves_an_embedded_broker_that_outside_clients_use() {
         .unwrap_or_else(|| panic!("no metrics address in the banner:\n{banner}"));
     let (addr, path) = metrics.split_once('/').unwrap();
     wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        let (status, body) = support::http_get(addr, &format!("/{path}")).unwrap();
-        let consumed = support::Scrape::parse(&body).sum("keyflight_events_consumed_total", &[]);
+        let (status, body) = crate::support::http_get(addr, &format!("/{path}")).unwrap();
+        let consumed =
+            crate::support::Scrape::parse(&body).sum("keyflight_events_consumed_total", &[]);
         (status == 200 && consumed == 40.0)
             .then_some(())
             .ok_or(format!("{status}: consumed {consumed}"))
@@ -127,7 +126,7 @@ async fn load_produces_the_count_with_growing_versions_per_key() {
         "3",
         "--scenarios",
     ]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert!(stdout.contains("load: 3000 events over"), "{stdout}");
     assert!(stdout.contains("scenarios: 110 events"), "{stdout}");
 
@@ -156,7 +155,7 @@ async fn load_produces_the_count_with_growing_versions_per_key() {
 
     // Avro, through keyflight's own decoder.
     let topic = broker.unique("avro");
-    support::create_topic(&broker, &topic, 1).await;
+    crate::support::create_topic(&broker, &topic, 1).await;
     let out = app.cli(&[
         "load", "--events", "200", "--keys", "10", "--format", "avro", "--topic", &topic,
     ]);
@@ -184,7 +183,7 @@ fn tail_prints_records_with_keyflight_headers() {
     assert!(out.status.success());
     app.await_verified(Duration::from_secs(60), || processor.log());
     let out = app.cli(&["tail", "--from-beginning", "--count", "2"]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     for line in lines {
@@ -218,7 +217,7 @@ fn demo_runs_to_a_passing_verify() {
         .args(["demo", "--events", "5000", "--keys", "300"])
         .output()
         .unwrap();
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     for needle in [
         "verify: PASS",
         "events in",

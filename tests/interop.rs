@@ -8,16 +8,14 @@
 //! `scripts/test.sh` makes at `$HOME/.cache/keyflight/venv`. Missing, the
 //! test fails and says how to install it; it never skips.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::{last_per_key, produce_bytes, read_all, wait_until, App, Broker};
 use serde_json::{json, Value};
-use support::{last_per_key, produce_bytes, read_all, wait_until, App, Broker};
 
 fn python() -> PathBuf {
     let path = std::env::var_os("INTEROP_PYTHON")

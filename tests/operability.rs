@@ -1,11 +1,9 @@
 //! Operating keyflight against a real broker: the Prometheus endpoint,
 //! readiness, and the metrics a run leaves behind.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{
+use crate::support::{
     await_final_state, create_topic, http_get, produce, produce_bytes, wait_until, App, Broker,
     Scrape, TestEvent,
 };
@@ -26,7 +24,7 @@ async fn metrics_and_readiness_follow_a_run_with_compensation() {
     let broker = Broker::start();
     let config = format!(
         "[compensation]\ninterval = \"1s\"\ngrace = \"500ms\"\n[kafka.producer]\n\"message.timeout.ms\" = 1500\n\"linger.ms\" = 50\n{}",
-        support::FAST_GROUP
+        crate::support::FAST_GROUP
     );
     let app = App::create(&broker, 2, &config).with_missing_output(&broker);
     let crashed_events: Vec<TestEvent> = (0..20)

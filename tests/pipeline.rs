@@ -1,15 +1,13 @@
 //! `keyflight run` against a real broker: consume, collapse, push, mark,
 //! restore. Every test starts its own Tansu broker and keyflight process.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use keyflight::state::{Marker, Store};
-use support::{
+use crate::support::{
     await_final_state, http_get, produce, read_all, wait_until, App, Broker, Scrape, TestEvent,
 };
+use keyflight::state::{Marker, Store};
 
 /// `bursts` rounds; in each, every key gets `per_burst` events back to back.
 fn bursty_events(keys: usize, bursts: usize, per_burst: usize, round: usize) -> Vec<TestEvent> {
@@ -194,7 +192,7 @@ async fn fresh_instance_restores_markers_from_the_changelog() {
 async fn compensation_repairs_failed_pushes_after_a_crash() {
     let broker = Broker::start();
     let config = "[compensation]\ninterval = \"1s\"\ngrace = \"500ms\"\n[kafka.producer]\n\"message.timeout.ms\" = 1500\n";
-    let config = format!("{config}{}", support::FAST_GROUP);
+    let config = format!("{config}{}", crate::support::FAST_GROUP);
     let app = App::create(&broker, 2, &config).with_missing_output(&broker);
     let events: Vec<TestEvent> = (0..20)
         .map(|k| TestEvent {
@@ -209,7 +207,7 @@ async fn compensation_repairs_failed_pushes_after_a_crash() {
         .iter()
         .all(|r| r.value.is_some()));
 
-    support::create_topic(&broker, &app.pushed, 2).await;
+    crate::support::create_topic(&broker, &app.pushed, 2).await;
     let mut repaired = app.start(&app.state_dir("b"));
     let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(60), &repaired);
     repaired.stop(Duration::from_secs(30));
@@ -416,7 +414,7 @@ async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
         ("user-1".to_string(), encode(&[("plan", Avro::Null)])),
         ("user-2".to_string(), None),
     ];
-    support::produce_bytes(&broker, &app.input, &records).await;
+    crate::support::produce_bytes(&broker, &app.input, &records).await;
 
     let reader = GenericSingleObjectReader::new(schema.clone()).unwrap();
     let decode = |raw: &[u8]| -> BTreeMap<String, String> {
@@ -436,7 +434,7 @@ async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
     ]
     .into();
     wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
-        let last = support::last_per_key(&read_all(&broker, &app.pushed));
+        let last = crate::support::last_per_key(&read_all(&broker, &app.pushed));
         let user1 = last
             .get("user-1")
             .and_then(|p| p.raw.clone())
@@ -490,7 +488,7 @@ async fn saturated_partitions_pause_and_resume_without_losing_events() {
         &app.config,
         config.replace(
             "log_level = \"info,",
-            "log_level = \"info,keyflight::kafka::pipeline=debug,",
+            "log_level = \"info,keyflight::processor::member=debug,",
         ),
     )
     .unwrap();
@@ -560,7 +558,7 @@ async fn pushes_failing_during_shutdown_keep_their_markers_open() {
         "no push succeeded, every marker stays open: {markers:?}"
     );
 
-    support::create_topic(&broker, &app.pushed, 1).await;
+    crate::support::create_topic(&broker, &app.pushed, 1).await;
     let mut restarted = app.start(&app.state_dir("a"));
     let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(60), &restarted);
     restarted.stop(Duration::from_secs(30));

@@ -6,22 +6,20 @@
 //!
 //! `RECOVERY_LONG=1` runs the long versions (more kills, more load).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
-use support::{
+use crate::support::{
     committed_and_high, produce_records, read_all, summary, wait_until, App, Broker, Load,
     Processor, FAST_GROUP,
 };
+use rand::{Rng, SeedableRng};
 
 fn long() -> bool {
     std::env::var_os("RECOVERY_LONG").is_some()
 }
 
 /// `rounds` rounds over keys key-00.. key-(keys-1); round r carries version r + 1.
-fn rounds(rounds: usize, keys: usize) -> Vec<support::Record> {
+fn rounds(rounds: usize, keys: usize) -> Vec<crate::support::Record> {
     (0..rounds * keys)
         .map(|i| {
             let key = format!("key-{:02}", i % keys);
@@ -258,7 +256,7 @@ async fn an_unwritable_dead_letter_holds_the_offset_until_it_lands() {
         "committed {committed:?} past the held record"
     );
 
-    support::create_topic(&broker, &app.dlq, 1).await;
+    crate::support::create_topic(&broker, &app.dlq, 1).await;
     wait_until(Duration::from_secs(60), Duration::from_millis(300), || {
         let (committed, high) = committed_and_high(&broker, &app.id, &app.input, 1);
         (committed == high)
@@ -326,7 +324,7 @@ async fn replay_to_earliest_with_and_without_reset_state() {
 
     // The dry run prints the plan and changes nothing.
     let plan = app.cli(&["replay", "--to-earliest", "--force"]);
-    let stdout = support::succeeded(&plan);
+    let stdout = crate::support::succeeded(&plan);
     assert!(stdout.contains(&format!("{} -> 0", high[0])), "{stdout}");
     assert!(stdout.contains("dry run"), "{stdout}");
     assert_eq!(committed_and_high(&broker, &app.id, &app.input, 2).0, high);
@@ -366,12 +364,12 @@ async fn replay_to_earliest_with_and_without_reset_state() {
         "--execute",
         "--force",
     ]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert!(stdout.contains("forgot 60 marker(s)"), "{stdout}");
     let processor2 = app.start(&state);
     let report = app.await_verified(Duration::from_secs(60), || processor2.log());
     let pushed = read_all(&broker, &app.pushed);
-    let count = |records: &[support::Pushed]| {
+    let count = |records: &[crate::support::Pushed]| {
         let mut per_key = std::collections::BTreeMap::new();
         for p in records {
             *per_key.entry(p.key.clone()).or_insert(0usize) += 1;
@@ -392,14 +390,14 @@ async fn replay_to_earliest_with_and_without_reset_state() {
     // a time after every record: Tansu 0.6 answers that ListOffsets query
     // with offset 0 where Kafka answers -1, the end.)
     let out = app.cli(&["verify", "--since", "10m"]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert!(
         stdout.contains("verify: PASS — 60 keys checked"),
         "{stdout}"
     );
     drop(processor2);
     let out = app.cli(&["replay", "--to-datetime", "1h", "--force"]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert_eq!(stdout.matches(" -> 0\n").count(), 2, "{stdout}");
     println!("replay: {}", summary(&report));
 }
@@ -426,7 +424,7 @@ async fn state_inspect_and_rebuild() {
         "--key",
         "key-03",
     ]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert!(
         stdout.contains("key=\"key-03\"")
             && stdout.contains("version=3")
@@ -443,7 +441,7 @@ async fn state_inspect_and_rebuild() {
     let wiped = Instant::now();
     std::fs::remove_dir_all(state.join(&app.id)).unwrap();
     let out = app.cli(&["state", "rebuild", "--state-dir", state_arg, "--force"]);
-    let stdout = support::succeeded(&out);
+    let stdout = crate::support::succeeded(&out);
     assert!(stdout.contains("10 markers, 0 open"), "{stdout}");
     let out = app.cli(&["state", "inspect", "--state-dir", state_arg, "--limit", "0"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,18 +1,16 @@
 //! The engine proven against the article: scripted Case 1 and Case 2, and
 //! hundreds of thousands of random schedules checked by an independent oracle.
 //!
-//! `SIM_SCHEDULES=1000000 cargo test --test simulation` runs the long mode;
+//! `SIM_SCHEDULES=1000000 cargo test --test integration simulation::` runs the long mode;
 //! `SIM_SEED=N` replays one failing seed.
-
-mod sim;
 
 use std::collections::BTreeMap;
 
+use crate::sim::{run, ArticleModel, ByVersion, Engine, Input, Outcome, System};
 use keyflight::engine::MergePolicy;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use sim::{run, ArticleModel, ByVersion, Engine, Input, Outcome, System};
 
 /// One key's events, named by letter, at the given times; versions 1, 2, ...
 fn events(script: &[(char, u64)]) -> Vec<Input> {
@@ -237,7 +235,7 @@ fn schedules() -> u64 {
 #[test]
 fn random_schedules_keep_every_invariant() {
     if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
-        let problems = sim::check_engine_schedule(seed);
+        let problems = crate::sim::check_engine_schedule(seed);
         assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
         return;
     }
@@ -249,7 +247,7 @@ fn random_schedules_keep_every_invariant() {
                 scope.spawn(move || {
                     (t..total)
                         .step_by(threads as usize)
-                        .map(|seed| (seed, sim::check_engine_schedule(seed)))
+                        .map(|seed| (seed, crate::sim::check_engine_schedule(seed)))
                         .filter(|(_, problems)| !problems.is_empty())
                         .take(3)
                         .collect::<Vec<_>>()
@@ -263,7 +261,7 @@ fn random_schedules_keep_every_invariant() {
     });
     if let Some((seed, problems)) = failures.first() {
         panic!(
-            "{} of {total} schedules failed; first: seed {seed} (rerun: SIM_SEED={seed} cargo test --test simulation random_schedules)\n{}",
+            "{} of {total} schedules failed; first: seed {seed} (rerun: SIM_SEED={seed} cargo test --test integration simulation::random_schedules)\n{}",
             failures.len(),
             problems.join("\n")
         );
@@ -277,13 +275,13 @@ fn random_schedules_catch_the_reference_model_stale() {
     let mut model_stale = 0;
     for seed in 0..5_000u64 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut schedule = sim::random_schedule(&mut rng);
+        let mut schedule = crate::sim::random_schedule(&mut rng);
         schedule.inputs.iter_mut().for_each(|i| {
             i.key = 0;
             i.version = None;
         });
-        let expected = sim::expected_finals(&schedule.inputs, schedule.policy);
-        let mut latency = sim::RandomLatency {
+        let expected = crate::sim::expected_finals(&schedule.inputs, schedule.policy);
+        let mut latency = crate::sim::RandomLatency {
             rng: ChaCha8Rng::seed_from_u64(!seed),
             fail_rate: 0.0,
         };
@@ -299,7 +297,7 @@ fn random_schedules_catch_the_reference_model_stale() {
         if model.final_values() != expected {
             model_stale += 1;
         }
-        let mut latency = sim::RandomLatency {
+        let mut latency = crate::sim::RandomLatency {
             rng: ChaCha8Rng::seed_from_u64(!seed),
             fail_rate: 0.0,
         };

@@ -13,8 +13,9 @@ use super::{runtime, CliError};
 use crate::config::Settings;
 use crate::kafka::embedded::Embedded;
 use crate::kafka::load::{self, LoadProducer};
-use crate::kafka::{pipeline, reader};
+use crate::kafka::{headers, reader};
 use crate::loadgen::{self, Generator, LoadSpec};
+use crate::processor::member;
 
 pub const DEMO_ABOUT: &str = "\
 See keyflight do its job with nothing installed: an embedded broker (in
@@ -63,7 +64,7 @@ pub fn run(mut settings: Settings, args: DemoArgs) -> Result<(), CliError> {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         std::thread::Builder::new()
             .name("keyflight-poll".into())
-            .spawn(move || pipeline::run(settings, metrics, handle, stop))
+            .spawn(move || member::run(settings, metrics, handle, stop))
             .map_err(|e| CliError::Runtime(format!("cannot start the processor: {e}")))?
     };
 
@@ -188,10 +189,10 @@ fn pushed_counts(settings: &Settings) -> Result<PushCounts, CliError> {
     };
     reader::read(&consumer, topic, &ranges, |message| {
         counts.total += 1;
-        if header(message, "keyflight-compensation").as_deref() == Some("true") {
+        if header(message, headers::COMPENSATION).as_deref() == Some("true") {
             counts.compensation += 1;
         }
-        counts.merged += header(message, "keyflight-merged")
+        counts.merged += header(message, headers::MERGED)
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
     })

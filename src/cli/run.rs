@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::{runtime, CliError};
 use crate::config::Settings;
-use crate::kafka::pipeline;
 use crate::metrics::{server, Metrics};
+use crate::processor::member;
 
 pub const RUN_ABOUT: &str = "\
 Join the consumer group `application_id` on the input topic and process it:
@@ -75,7 +75,7 @@ pub fn run_announcing(
         let (stop, handle) = (stop.clone(), runtime.handle().clone());
         std::thread::Builder::new()
             .name("keyflight-poll".into())
-            .spawn(move || pipeline::run(settings, metrics, handle, stop))
+            .spawn(move || member::run(settings, metrics, handle, stop))
             .map_err(|e| CliError::Runtime(format!("cannot start the consumer thread: {e}")))?
     };
     let result = runtime.block_on(async {

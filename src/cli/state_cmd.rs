@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::{progress_bar, CliError};
 use crate::config::Settings;
-use crate::kafka::restore;
+use crate::processor::restore;
 use crate::state::{Marker, Store};
 
 #[derive(Debug, Args)]

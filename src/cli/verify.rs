@@ -5,8 +5,8 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 
 use super::{progress_bar, CliError};
-use crate::codec::Codec;
 use crate::config::Settings;
+use crate::kafka::headers;
 use crate::kafka::reader::{self, ReadError, Start};
 use crate::verify::{Report, Verifier};
 
@@ -93,7 +93,7 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
         "reading",
     );
     let policy = settings.singleflight.merge_policy;
-    let mut verifier = Verifier::new(Codec::from_settings(settings), policy, &topics.input);
+    let mut verifier = Verifier::new(settings.codec(), policy, &topics.input);
     if since.is_some() {
         verifier = verifier.partial();
     }
@@ -106,7 +106,7 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     .map_err(read_error)?;
     bar.set_message(topics.pushed.clone());
     reader::read(&consumer, &topics.pushed, &pushed, |m| {
-        let version = header(m, "keyflight-version").and_then(|v| v.parse().ok());
+        let version = header(m, headers::VERSION).and_then(|v| v.parse().ok());
         let timestamp = m.timestamp().to_millis().unwrap_or_default();
         verifier.push(
             m.partition(),
@@ -121,10 +121,10 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     .map_err(read_error)?;
     bar.set_message(topics.dead_letter.clone());
     reader::read(&consumer, &topics.dead_letter, &dead, |m| {
-        let partition = header(m, "keyflight-source-partition").and_then(|v| v.parse().ok());
-        let offset = header(m, "keyflight-source-offset").and_then(|v| v.parse().ok());
+        let partition = header(m, headers::SOURCE_PARTITION).and_then(|v| v.parse().ok());
+        let offset = header(m, headers::SOURCE_OFFSET).and_then(|v| v.parse().ok());
         if let (Some(partition), Some(offset)) = (partition, offset) {
-            let topic = header(m, "keyflight-source-topic");
+            let topic = header(m, headers::SOURCE_TOPIC);
             verifier.dead_letter(topic.as_deref(), partition, offset);
         }
         bar.inc(1);

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 
 use super::{client_config, Deliveries, Role};
 use crate::codec::{Codec, InputFormat};
@@ -108,25 +107,16 @@ impl LoadProducer {
     /// Queues one event (waiting while the producer's queue is full).
     pub fn send(&mut self, event: &LoadEvent) -> Result<(), LoadError> {
         let value = self.encoder.encode(event);
-        let mut record = BaseRecord::<str, [u8]>::to(&self.topic)
+        let record = BaseRecord::<str, [u8]>::to(&self.topic)
             .key(event.key.as_str())
             .payload(&value);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    // The producer's own thread drains the queue; back off.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((source, _)) => {
-                    return Err(LoadError::Produce {
-                        topic: self.topic.clone(),
-                        source,
-                    })
-                }
+        #[allow(clippy::result_large_err)] // rust-rdkafka hands the record back
+        super::send_waiting(record, |r| self.producer.send(r)).map_err(|source| {
+            LoadError::Produce {
+                topic: self.topic.clone(),
+                source,
             }
-        }
+        })?;
         if !self.keys.contains(&event.key) {
             self.keys.insert(event.key.clone());
         }

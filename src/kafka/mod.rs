@@ -1,33 +1,51 @@
-//! Kafka I/O: client configuration built from [`Settings`], the admin
-//! operations (`topics create`), and the pipeline of `keyflight run`:
-//! [`pipeline`] (the consumer-group member and its poll thread),
-//! [`partition`] (one task per assigned partition, with [`commit_gate`]
-//! deciding when its commits may go out), [`restore`] (a store from its
-//! changelog); and the operator tools' I/O: [`reader`] (a snapshot
-//! of a whole topic, for `verify`) and [`replay`] (offset resets); and the
-//! development helpers: [`embedded`] (an in-process broker) and [`load`]
-//! (producing generated events).
+//! The Kafka client layer: client configuration built from [`Settings`],
+//! the header names keyflight writes ([`headers`]), the admin operations
+//! (`topics create`), the operator tools' I/O ([`reader`]: a snapshot of a
+//! whole topic, for `verify`; [`replay`]: offset resets), and the
+//! development helpers ([`embedded`]: an in-process broker; [`load`]:
+//! producing generated events). The processor of `keyflight run` is
+//! [`crate::processor`].
 
 pub mod admin;
-pub mod commit_gate;
 pub mod embedded;
+pub mod ffi;
+pub mod headers;
 pub mod load;
-pub mod partition;
-pub mod pipeline;
 pub mod reader;
 pub mod replay;
-pub mod restore;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::ProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::{flatten, Settings};
 
 /// keyflight's producer `linger.ms` unless `[kafka.producer]` sets one.
 pub const DEFAULT_LINGER_MS: &str = "1";
+
+/// Hands a record to a producer with `send` (any of rust-rdkafka's
+/// producers), waiting while the producer's queue is full: the queue drains
+/// in librdkafka's own thread, so a full queue is the backpressure of a
+/// broker slower than the caller, not an error.
+pub fn send_waiting<R, T>(
+    mut record: R,
+    mut send: impl FnMut(R) -> Result<T, (KafkaError, R)>,
+) -> Result<T, KafkaError> {
+    loop {
+        match send(record) {
+            Ok(sent) => return Ok(sent),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
 
 /// Which kind of client a configuration is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

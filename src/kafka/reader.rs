@@ -1,7 +1,7 @@
 //! Reading a snapshot of a whole topic: every partition from a start
 //! (its beginning, or the first record at or after a time) to the high
-//! watermark it had when the read began. `verify` and `replay` read this way;
-//! nothing is committed.
+//! watermark it had when the read began. `verify`, `replay`, restore and
+//! the tests read this way; nothing is committed.
 
 use std::time::{Duration, Instant};
 
@@ -138,20 +138,44 @@ pub fn read(
     ranges: &[Range],
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<u64, ReadError> {
+    try_read(consumer, topic, ranges, |message| {
+        each(message);
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .map_err(|stopped| match stopped {
+        Stopped::Read(e) => e,
+        Stopped::By(never) => match never {},
+    })
+}
+
+/// Why [`try_read`] stopped early: the read failed, or the caller's
+/// function did.
+#[derive(Debug)]
+pub enum Stopped<E> {
+    Read(ReadError),
+    By(E),
+}
+
+/// [`read`] with a function that may fail: the first error stops the read.
+pub fn try_read<E>(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ranges: &[Range],
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<u64, Stopped<E>> {
+    let failed = |source| Stopped::Read(kafka(topic, source));
     let mut assignment = TopicPartitionList::new();
     let mut open: std::collections::HashMap<i32, i64> = Default::default();
     for range in ranges.iter().filter(|r| r.start < r.end) {
         assignment
             .add_partition_offset(topic, range.partition, Offset::Offset(range.start))
-            .map_err(|source| kafka(topic, source))?;
+            .map_err(failed)?;
         open.insert(range.partition, range.end);
     }
     if open.is_empty() {
         return Ok(0);
     }
-    consumer
-        .assign(&assignment)
-        .map_err(|source| kafka(topic, source))?;
+    consumer.assign(&assignment).map_err(failed)?;
     let mut read = 0;
     let mut last_progress = Instant::now();
     while !open.is_empty() {
@@ -165,7 +189,7 @@ pub fn read(
                     open.remove(&message.partition());
                     continue;
                 }
-                each(&message);
+                each(&message).map_err(Stopped::By)?;
                 read += 1;
                 // A compacted topic may have gaps; the high watermark is
                 // reached when the next offset would be at or past it.
@@ -178,23 +202,23 @@ pub fn read(
             Some(Err(source)) if is_transient(&source) => {
                 tracing::warn!(topic, "reading goes on after a broker error: {source}");
             }
-            Some(Err(source)) => return Err(kafka(topic, source)),
+            Some(Err(source)) => return Err(failed(source)),
             None => {}
         }
         if !open.is_empty() && last_progress.elapsed() > STALL {
-            return Err(ReadError::Stalled {
+            return Err(Stopped::Read(ReadError::Stalled {
                 topic: topic.to_string(),
                 stall: STALL,
                 remaining: open.len() as i64,
-            });
+            }));
         }
     }
-    consumer.unassign().map_err(|source| kafka(topic, source))?;
+    consumer.unassign().map_err(failed)?;
     Ok(read)
 }
 
 /// Errors about broker connections, which librdkafka retries by itself.
-pub(crate) fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
+fn is_transient(error: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(

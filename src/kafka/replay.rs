@@ -195,22 +195,12 @@ pub fn forget_markers(
         .map_err(kafka("cannot create the Kafka producer"))?;
     let mut written = 0;
     for ((partition, key), _) in live.into_iter().filter(|(_, alive)| *alive) {
-        let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
+        let record = BaseRecord::<[u8], [u8]>::to(&topic)
             .key(&key[..])
             .partition(partition);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, returned)) => {
-                    if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
-                        return Err(kafka(format!("cannot write a tombstone to {topic}"))(e));
-                    }
-                    record = returned;
-                    // The queue drains in the producer's own thread; back off.
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
+        #[allow(clippy::result_large_err)] // rust-rdkafka hands the record back
+        super::send_waiting(record, |r| producer.send(r))
+            .map_err(kafka(format!("cannot write a tombstone to {topic}")))?;
         written += 1;
     }
     producer

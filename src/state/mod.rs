@@ -101,6 +101,42 @@ fn family_options(write_buffer: usize) -> Options {
     options
 }
 
+/// What a partition task's core needs of its store: the markers by key,
+/// the index of open ones, and their changelog encoding. [`Store`] is the
+/// real one; the task simulation puts a model with crash semantics in its
+/// place.
+pub trait MarkerStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Marker>, StateError>;
+    fn put(&self, key: &[u8], marker: &Marker) -> Result<(), StateError>;
+    fn delete(&self, key: &[u8]) -> Result<(), StateError>;
+    /// Open markers whose t1 is at or before `started_before`, in key order.
+    fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError>;
+    fn open_count(&self) -> usize;
+    /// The changelog encoding of a marker.
+    fn encode(&self, marker: &Marker) -> Vec<u8>;
+}
+
+impl MarkerStore for Store {
+    fn get(&self, key: &[u8]) -> Result<Option<Marker>, StateError> {
+        Store::get(self, key)
+    }
+    fn put(&self, key: &[u8], marker: &Marker) -> Result<(), StateError> {
+        Store::put(self, key, marker)
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), StateError> {
+        Store::delete(self, key)
+    }
+    fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
+        Store::open_markers(self, started_before)
+    }
+    fn open_count(&self) -> usize {
+        self.memory().open.len()
+    }
+    fn encode(&self, marker: &Marker) -> Vec<u8> {
+        Store::encode(self, marker)
+    }
+}
+
 /// The store of one partition.
 pub struct Store {
     db: DB,

@@ -15,7 +15,6 @@ use keyflight::kafka::{client_config, Deliveries, Role};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -82,16 +81,8 @@ pub fn run(settings: &Settings, input: &str, output: &str) -> Result<(), KafkaEr
         if let Some(value) = message.payload() {
             record = record.payload(value);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1)); // the queue drains in the background
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        #[allow(clippy::result_large_err)] // rust-rdkafka hands the record back
+        keyflight::kafka::send_waiting(record, |r| producer.send(r))?;
         positions.insert(message.partition(), message.offset() + 1);
         copied += 1;
     }

@@ -4,13 +4,13 @@
 //! rebalance callbacks on it, so a revoke can block there, bounded, while
 //! the revoked partitions finish their pushes, commit and checkpoint, before
 //! the group hands them to another member. The poll thread routes records to
-//! one tokio task per assigned partition ([`super::partition`]) and performs
+//! one tokio task per assigned partition ([`super::task`]) and performs
 //! the commits those tasks ask for.
 //!
 //! Backpressure is one mechanism: a task whose table is saturated stops
 //! taking records from its channel; the poll thread counts what it has
 //! handed over and the task has not processed yet, in the channel or in
-//! the task's inbox (the task's [`partition::Backlog`]), and pauses the
+//! the task's inbox (the task's [`task::Backlog`]), and pauses the
 //! partition once that passes [`PAUSE_RECORDS`] or
 //! `singleflight.max_held_bytes`; it resumes the partition once the task
 //! has processed half of it. Memory stays bounded whatever the input rate.
@@ -27,24 +27,22 @@
 //! fallen behind.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{IsError, KafkaError, KafkaResult};
+use rdkafka::error::KafkaResult;
 use rdkafka::producer::Producer;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::partition::{self, InputRecord, Shared, TaskHandle};
-use super::{client_config, Role};
-use crate::codec::Codec;
+use super::task::shell::TaskResources;
+use super::task::{self, InputRecord, TaskInput};
 use crate::config::Settings;
 use crate::internal_events::{LagSampled, OffsetsCommitted, PartitionsAssigned, PartitionsRevoked};
+use crate::kafka::ffi::{self, FetchQueue};
+use crate::kafka::{client_config, Role};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +67,7 @@ pub const PAUSE_RECORDS: usize = 32 * 1024;
 
 /// A partition's task, as the poll thread sees it.
 struct Assigned {
-    handle: TaskHandle,
+    input: TaskInput,
     /// Paused since its backlog passed a bound.
     paused: bool,
 }
@@ -85,8 +83,8 @@ fn resumable((records, bytes): (usize, usize), max_bytes: usize) -> bool {
 }
 
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
-struct Context {
-    shared: Arc<Shared>,
+struct GroupMember {
+    resources: Arc<TaskResources>,
     runtime: tokio::runtime::Handle,
     assigned: Mutex<HashMap<i32, Assigned>>,
     /// The offsets this member last committed, per partition (for the lag).
@@ -94,9 +92,9 @@ struct Context {
     fetch: FetchQueue,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for GroupMember {}
 
-impl ConsumerContext for Context {
+impl ConsumerContext for GroupMember {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
@@ -125,13 +123,13 @@ impl ConsumerContext for Context {
                     .map(|e| e.partition())
                     .filter(|p| !assigned.contains_key(p))
                     .collect();
-                self.shared.metrics.emit(PartitionsAssigned(&new));
+                self.resources.metrics.emit(PartitionsAssigned(&new));
                 for element in list.elements() {
                     assigned
                         .entry(element.partition())
                         .or_insert_with(|| Assigned {
-                            handle: partition::spawn(
-                                self.shared.clone(),
+                            input: task::spawn(
+                                self.resources.clone(),
                                 &self.runtime,
                                 element.topic().to_string(),
                                 element.partition(),
@@ -153,138 +151,18 @@ impl ConsumerContext for Context {
                     .lock()
                     .expect("committed lock")
                     .extend(offsets.iter().copied());
-                self.shared.metrics.emit(OffsetsCommitted(&offsets));
+                self.resources.metrics.emit(OffsetsCommitted(&offsets));
             }
             Err(e) => debug!("commit not acknowledged (retried at the next interval): {e}"),
         }
     }
 }
 
-/// The assigned partitions' records, forwarded from their librdkafka
-/// queues to one queue of keyflight's own and taken up to [`ROUTE_BATCH`]
-/// per call (`rd_kafka_consume_batch_queue`, which rust-rdkafka does not
-/// wrap). rust-rdkafka's `poll` returns one record per call, each with a
-/// queue lock and clock reads of its own: that was a quarter of the poll
-/// thread's time.
-///
-/// librdkafka clears a partition's forwarding when it stops fetching it (a
-/// revoke). It finishes stops before it starts an assignment, so a new
-/// assignment's forward should stand; should a stop ever land after it,
-/// the partition's records would sit in its own queue, unread. The poll
-/// thread therefore forwards every assigned partition again every
-/// [`REFORWARD_INTERVAL`] (records left meanwhile move along, in order): a
-/// cheap guard against a silent stall.
-struct FetchQueue(AtomicPtr<rd::rd_kafka_queue_t>);
-
-impl FetchQueue {
-    /// Creates the queue of `consumer`'s client.
-    fn open(&self, consumer: &BaseConsumer<Context>) {
-        // SAFETY: the client pointer is valid while `consumer` lives; the
-        // queue is destroyed in `close`, before the consumer.
-        let queue = unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) };
-        self.0.store(queue, Ordering::Release);
-    }
-
-    /// Destroys the queue; records still in it are not committed, so the
-    /// next owner reads them again. Call before the consumer is dropped.
-    fn close(&self) {
-        let queue = self.0.swap(std::ptr::null_mut(), Ordering::AcqRel);
-        if !queue.is_null() {
-            // SAFETY: created by `open`, destroyed once (swapped out above).
-            unsafe { rd::rd_kafka_queue_destroy(queue) };
-        }
-    }
-
-    /// Sends `partition`'s records to this queue.
-    fn forward<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str, partition: i32) {
-        let queue = self.0.load(Ordering::Acquire);
-        let Ok(topic) = CString::new(topic) else {
-            return;
-        };
-        if queue.is_null() {
-            return;
-        }
-        // SAFETY: the client and `queue` are alive (see `open`); the
-        // partition queue handle is ours and released right after, which
-        // keeps the forwarding.
-        unsafe {
-            let rk = consumer.client().native_ptr();
-            let from = rd::rd_kafka_queue_get_partition(rk, topic.as_ptr(), partition);
-            if from.is_null() {
-                // Its records stay on the consumer queue, which `poll` serves.
-                return warn!(partition, "cannot forward the partition's records");
-            }
-            rd::rd_kafka_queue_forward(from, queue);
-            rd::rd_kafka_queue_destroy(from);
-        }
-    }
-
-    /// Up to `ROUTE_BATCH` records, waiting up to `timeout` for the first:
-    /// (partition, record) in the order they were fetched.
-    fn take(&self, timeout: Duration) -> Vec<(i32, InputRecord)> {
-        let queue = self.0.load(Ordering::Acquire);
-        if queue.is_null() {
-            return Vec::new();
-        }
-        let mut messages = [std::ptr::null_mut::<rd::rd_kafka_message_t>(); ROUTE_BATCH];
-        // librdkafka waits out the timeout until the whole batch is there,
-        // so: wait for one record, then take what else is ready at once.
-        // SAFETY: `queue` is alive (see `open`); librdkafka fills at most
-        // the given number of pointers, each destroyed below after it is
-        // copied.
-        let taken = unsafe {
-            let first = rd::rd_kafka_consume_batch_queue(
-                queue,
-                timeout.as_millis() as i32,
-                messages.as_mut_ptr(),
-                1,
-            );
-            if first == 1 {
-                let more = rd::rd_kafka_consume_batch_queue(
-                    queue,
-                    0,
-                    messages.as_mut_ptr().add(1),
-                    ROUTE_BATCH - 1,
-                );
-                1 + more.max(0)
-            } else {
-                first
-            }
-        };
-        let taken = usize::try_from(taken).unwrap_or(0).min(ROUTE_BATCH);
-        let mut records = Vec::with_capacity(taken);
-        for &message in &messages[..taken] {
-            // SAFETY: a message librdkafka handed over, valid until destroyed.
-            unsafe {
-                let m = &*message;
-                if m.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    let slice = |ptr: *mut libc::c_void, len: usize| {
-                        (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
-                    };
-                    records.push((
-                        m.partition,
-                        InputRecord::copied(
-                            m.offset,
-                            slice(m.key, m.key_len),
-                            slice(m.payload, m.len),
-                        ),
-                    ));
-                } else {
-                    let code: RDKafkaErrorCode = m.err.into();
-                    warn!(partition = m.partition, "consumer error: {code}");
-                }
-                rd::rd_kafka_message_destroy(message);
-            }
-        }
-        records
-    }
-}
-
-impl Context {
+impl GroupMember {
     /// Forwards every assigned partition to the fetch queue again (see
     /// [`FetchQueue`]).
-    fn reforward(&self, consumer: &BaseConsumer<Context>) {
-        let topic = &self.shared.settings.topics.input;
+    fn reforward(&self, consumer: &BaseConsumer<GroupMember>) {
+        let topic = &self.resources.settings.topics.input;
         for partition in self.assigned_partitions() {
             self.fetch.forward(consumer, topic, partition);
         }
@@ -309,17 +187,17 @@ impl Context {
         let mut waiting = Vec::new();
         for (partition, task) in closing {
             let (tx, rx) = std::sync::mpsc::channel();
-            if task.handle.close.send(tx).is_ok() {
+            if task.input.close.send(tx).is_ok() {
                 waiting.push((partition, rx));
             }
         }
-        let limit = self.shared.settings.shutdown_timeout + Duration::from_secs(5);
+        let limit = self.resources.settings.shutdown_timeout + Duration::from_secs(5);
         let mut offsets = TopicPartitionList::new();
         for (partition, rx) in waiting {
             match rx.recv_timeout(limit) {
                 Ok(Some(position)) => {
                     let _ = offsets.add_partition_offset(
-                        &self.shared.settings.topics.input,
+                        &self.resources.settings.topics.input,
                         partition,
                         Offset::Offset(position),
                     );
@@ -340,7 +218,7 @@ impl Context {
         let mut committed = self.committed.lock().expect("committed lock");
         committed.retain(|p, _| !revoked.contains(p));
         drop(committed);
-        self.shared.metrics.emit(PartitionsRevoked(&revoked));
+        self.resources.metrics.emit(PartitionsRevoked(&revoked));
     }
 }
 
@@ -366,8 +244,8 @@ pub fn run(
         })?;
     let (commits, commit_requests) = std::sync::mpsc::channel();
     let (failures, failed) = std::sync::mpsc::channel();
-    let shared = Arc::new(Shared {
-        codec: Codec::from_settings(&settings),
+    let resources = Arc::new(TaskResources {
+        codec: Arc::new(settings.codec()),
         changelog: settings.changelog_topic(),
         producer,
         commits,
@@ -375,20 +253,20 @@ pub fn run(
         settings,
         metrics,
     });
-    let context = Context {
-        shared: shared.clone(),
+    let member = GroupMember {
+        resources: resources.clone(),
         runtime,
         assigned: Mutex::new(HashMap::new()),
         committed: Mutex::new(HashMap::new()),
-        fetch: FetchQueue(AtomicPtr::new(std::ptr::null_mut())),
+        fetch: FetchQueue::default(),
     };
-    let consumer: BaseConsumer<Context> = client_config(&shared.settings, Role::Consumer)
-        .create_with_context(context)
+    let consumer: BaseConsumer<GroupMember> = client_config(&resources.settings, Role::Consumer)
+        .create_with_context(member)
         .map_err(|source| RunError::Client {
             role: "consumer",
             source,
         })?;
-    let input = shared.settings.topics.input.clone();
+    let input = resources.settings.topics.input.clone();
     consumer
         .subscribe(&[&input])
         .map_err(|source| RunError::Subscribe {
@@ -398,7 +276,7 @@ pub fn run(
     // Before the first poll, whose rebalance forwards to it; closed below,
     // before the consumer goes.
     consumer.context().fetch.open(&consumer);
-    info!(topic = %input, group = %shared.settings.application_id, "consuming");
+    info!(topic = %input, group = %resources.settings.application_id, "consuming");
 
     let mut failure = None;
     let mut lag_sampled = Instant::now();
@@ -436,7 +314,13 @@ pub fn run(
         let timeout = Duration::from_millis(if any_paused { 5 } else { 100 });
         // Records come in batches (a fetch's worth): take what is ready and
         // route it under one lock, then do the housekeeping above again.
-        let batch = consumer.context().fetch.take(timeout);
+        let mut batch = Vec::new();
+        consumer
+            .context()
+            .fetch
+            .take::<ROUTE_BATCH>(timeout, |partition, offset, key, value| {
+                batch.push((partition, InputRecord::copied(offset, key, value)));
+            });
         route(&consumer, batch, &input);
     }
 
@@ -444,12 +328,12 @@ pub fn run(
         failed = failure.is_some(),
         "shutting down: finishing pushes in flight"
     );
-    shared.metrics.health.stopping();
+    resources.metrics.health.stopping();
     let partitions = consumer.context().assigned_partitions();
     consumer.context().close(&consumer, &partitions);
     consumer.unsubscribe();
     consumer.context().fetch.close();
-    let _ = shared.producer.flush(Duration::from_secs(5));
+    let _ = resources.producer.flush(Duration::from_secs(5));
     info!("stopped");
     match failure {
         Some(message) => Err(RunError::Partition(message)),
@@ -471,13 +355,13 @@ const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Consumer lag per assigned partition: the high watermark librdkafka last
 /// saw in a fetch response (no broker round trip) minus the offset this
 /// member last committed, or, before its first commit, its fetch position.
-fn sample_lag(consumer: &BaseConsumer<Context>, topic: &str) {
+fn sample_lag(consumer: &BaseConsumer<GroupMember>, topic: &str) {
     let context = consumer.context();
     let partitions = context.assigned_partitions();
     let committed = context.committed.lock().expect("committed lock").clone();
     let position = consumer.position().unwrap_or_default();
     for partition in partitions {
-        let Some((low, high)) = cached_watermarks(consumer, topic, partition) else {
+        let Some((low, high)) = ffi::cached_watermarks(consumer, topic, partition) else {
             continue;
         };
         let from = committed.get(&partition).copied().or_else(|| {
@@ -486,40 +370,16 @@ fn sample_lag(consumer: &BaseConsumer<Context>, topic: &str) {
                 .and_then(|e| e.offset().to_raw())
                 .filter(|o| *o >= 0)
         });
-        context.shared.metrics.emit(LagSampled {
+        context.resources.metrics.emit(LagSampled {
             partition,
             lag: (high - from.unwrap_or(low)).max(0),
         });
     }
 }
 
-/// `rd_kafka_get_watermark_offsets`: the cached watermarks, if any fetch
-/// has returned them yet (rust-rdkafka only wraps the querying variant).
-fn cached_watermarks(
-    consumer: &BaseConsumer<Context>,
-    topic: &str,
-    partition: i32,
-) -> Option<(i64, i64)> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer lives as long as `consumer`; the topic is
-    // a valid C string and the out-pointers point at live locals.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some((low.max(0), high))
-}
-
 /// Commits the positions partition tasks asked for, if still assigned here.
 fn commit_requested(
-    consumer: &BaseConsumer<Context>,
+    consumer: &BaseConsumer<GroupMember>,
     requests: &std::sync::mpsc::Receiver<(i32, i64)>,
     topic: &str,
 ) {
@@ -540,42 +400,15 @@ fn commit_requested(
     }
     drop(assigned);
     if offsets.count() > 0 {
-        if let Err(e) = commit_async(consumer, &offsets) {
+        if let Err(e) = ffi::commit_async(consumer, &offsets) {
             warn!("commit failed (retried at the next interval): {e}");
         }
     }
 }
 
-/// An asynchronous commit whose outcome comes back through
-/// [`ConsumerContext::commit_callback`] on the poll thread. librdkafka only
-/// reports a manual async commit to a queue it is given, and rust-rdkafka's
-/// `commit` passes none, so this calls `rd_kafka_commit_queue` with the
-/// consumer queue the poll loop serves.
-fn commit_async(consumer: &BaseConsumer<Context>, offsets: &TopicPartitionList) -> KafkaResult<()> {
-    use rdkafka::bindings as rd;
-    let rk = consumer.client().native_ptr();
-    // SAFETY: `rk` and `offsets` outlive the call; librdkafka copies the
-    // offsets. The queue reference from `rd_kafka_queue_get_consumer` is ours
-    // and released right after; the pending reply keeps its own reference.
-    let err = unsafe {
-        let queue = rd::rd_kafka_queue_get_consumer(rk);
-        if queue.is_null() {
-            return consumer.commit(offsets, CommitMode::Async);
-        }
-        let err = rd::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, std::ptr::null_mut());
-        rd::rd_kafka_queue_destroy(queue);
-        err
-    };
-    if err.is_error() {
-        Err(KafkaError::ConsumerCommit(err.into()))
-    } else {
-        Ok(())
-    }
-}
-
 /// Hands records to their partitions' tasks; pauses a partition whose
 /// task's backlog is past a bound.
-fn route(consumer: &BaseConsumer<Context>, batch: Vec<(i32, InputRecord)>, topic: &str) {
+fn route(consumer: &BaseConsumer<GroupMember>, batch: Vec<(i32, InputRecord)>, topic: &str) {
     if batch.is_empty() {
         return;
     }
@@ -592,11 +425,11 @@ fn route(consumer: &BaseConsumer<Context>, batch: Vec<(i32, InputRecord)>, topic
         let Some(task) = assigned.get_mut(&partition) else {
             continue; // revoked meanwhile: the next owner reads it from the committed offset
         };
-        task.handle.backlog.handed(&records);
-        if task.handle.records.send(records).is_err() {
+        task.input.backlog.handed(&records);
+        if task.input.records.send(records).is_err() {
             continue; // the task is closing; its events stay uncommitted
         }
-        let backlog = task.handle.backlog.size();
+        let backlog = task.input.backlog.size();
         if !task.paused && over_bound(backlog, max_bytes) {
             match consumer.pause(&one_partition(topic, partition)) {
                 Ok(()) => {
@@ -613,10 +446,10 @@ fn route(consumer: &BaseConsumer<Context>, batch: Vec<(i32, InputRecord)>, topic
     }
 }
 
-fn max_held_bytes(consumer: &BaseConsumer<Context>) -> usize {
+fn max_held_bytes(consumer: &BaseConsumer<GroupMember>) -> usize {
     consumer
         .context()
-        .shared
+        .resources
         .settings
         .singleflight
         .max_held_bytes
@@ -624,12 +457,12 @@ fn max_held_bytes(consumer: &BaseConsumer<Context>) -> usize {
 
 /// Resumes paused partitions whose tasks have processed half their backlog;
 /// true if some partition stays paused.
-fn resume_ready(consumer: &BaseConsumer<Context>, topic: &str) -> bool {
+fn resume_ready(consumer: &BaseConsumer<GroupMember>, topic: &str) -> bool {
     let max_bytes = max_held_bytes(consumer);
     let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
     let mut still_paused = false;
     for (partition, task) in assigned.iter_mut().filter(|(_, t)| t.paused) {
-        if !resumable(task.handle.backlog.size(), max_bytes) {
+        if !resumable(task.input.backlog.size(), max_bytes) {
             still_paused = true;
             continue;
         }

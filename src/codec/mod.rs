@@ -17,26 +17,19 @@
 //! A null value is a delete. Every failure is a [`DecodeError`] whose text is
 //! the dead-letter reason; no input makes a decoder panic.
 
-use apache_avro::types::Value as Avro;
-use apache_avro::{GenericSingleObjectReader, Schema};
+mod avro;
+mod json;
 
-/// The bytes before an Avro datum.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AvroFraming {
-    /// Avro single-object encoding: `C3 01`, the schema's 8-byte Rabin fingerprint.
-    #[default]
-    SingleObject,
-    /// Confluent's wire format: `00`, the 4-byte big-endian Schema Registry id.
-    Confluent,
-}
-
-/// The first byte of Confluent's wire format.
-const CONFLUENT_MAGIC: u8 = 0;
+use apache_avro::GenericSingleObjectReader;
+use apache_avro::Schema;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{MergePolicy, Payload, Value};
+
+use avro::{avro_event, avro_fields};
+pub use avro::{AvroFraming, EVENT_SCHEMA};
+use json::{top_level_field, truncate};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -46,9 +39,6 @@ pub enum InputFormat {
     Avro,
     Raw,
 }
-
-/// The schema of `avro` input events, compiled in from `schemas/`.
-pub const EVENT_SCHEMA: &str = include_str!("../schemas/event.avsc");
 
 /// Why a record cannot be processed (the dead-letter reason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,17 +130,6 @@ impl Codec {
         self.framing = framing;
         self.schema_id = schema_id;
         self
-    }
-
-    /// The codec `keyflight run` uses for these settings.
-    pub fn from_settings(settings: &crate::config::Settings) -> Self {
-        Self::new(
-            settings.input.format,
-            settings.singleflight.merge_policy,
-            settings.input.version_field.clone(),
-        )
-        .with_max_value_bytes(settings.input.max_value_bytes)
-        .with_avro_framing(settings.input.avro_framing, settings.input.schema_id)
     }
 
     /// Refuses values above `max` bytes (see [`Codec::decode_record`]).
@@ -291,217 +270,10 @@ impl Codec {
     }
 }
 
-impl Codec {
-    /// The Avro value of a framed event.
-    fn read_avro(&self, bytes: &[u8]) -> Result<Avro, DecodeError> {
-        let (schema, reader) = self.avro.as_ref().expect("built for avro");
-        let bad = |e: apache_avro::Error| DecodeError::Avro(e.to_string());
-        match self.framing {
-            AvroFraming::SingleObject => reader.read_value(&mut &bytes[..]).map_err(bad),
-            AvroFraming::Confluent => {
-                let datum =
-                    match bytes {
-                        [CONFLUENT_MAGIC, id @ ..] if id.len() >= 4 => {
-                            let found = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
-                            if found != self.schema_id {
-                                return Err(DecodeError::Avro(format!(
-                                    "Confluent schema id {found}, expected input.schema_id = {}",
-                                    self.schema_id
-                                )));
-                            }
-                            &id[4..]
-                        }
-                        _ => return Err(DecodeError::Avro(
-                            "not in Confluent wire format (magic byte 0 and a 4-byte schema id)"
-                                .into(),
-                        )),
-                    };
-                apache_avro::from_avro_datum(schema, &mut &datum[..], None).map_err(bad)
-            }
-        }
-    }
-
-    /// A push's Avro value, framed.
-    fn write_avro(&self, schema: &Schema, record: Avro) -> Bytes {
-        let mut out = Vec::with_capacity(256);
-        match self.framing {
-            AvroFraming::SingleObject => out.extend_from_slice(&self.single_object_header),
-            AvroFraming::Confluent => {
-                out.push(CONFLUENT_MAGIC);
-                out.extend_from_slice(&self.schema_id.to_be_bytes());
-            }
-        }
-        out.extend(
-            apache_avro::to_avro_datum(schema, record)
-                .expect("a push always matches the event schema"),
-        );
-        Bytes::from(out)
-    }
-}
-
-type Attributes = serde_json::Map<String, serde_json::Value>;
-
-/// An Avro event's version and its attributes as a JSON object.
-fn avro_fields(value: Avro) -> Result<(Option<u64>, Attributes), DecodeError> {
-    let bad = DecodeError::Avro;
-    let Avro::Record(record) = value else {
-        return Err(bad("not a record".into()));
-    };
-    let mut version = None;
-    let mut fields = Attributes::new();
-    for (name, value) in record {
-        match (name.as_str(), value) {
-            ("version", Avro::Union(_, inner)) => match *inner {
-                Avro::Null => {}
-                Avro::Long(v) if v >= 0 => version = Some(v as u64),
-                other => return Err(bad(format!("version {other:?} is not a non-negative long"))),
-            },
-            ("fields", Avro::Map(map)) => {
-                for (key, value) in map {
-                    let json = match value {
-                        Avro::Union(_, inner) => match *inner {
-                            Avro::Null => serde_json::Value::Null,
-                            Avro::Boolean(b) => b.into(),
-                            Avro::Long(l) => l.into(),
-                            Avro::Double(d) => serde_json::Number::from_f64(d)
-                                .map_or(serde_json::Value::Null, Into::into),
-                            Avro::String(s) => s.into(),
-                            other => return Err(bad(format!("attribute `{key}` holds {other:?}"))),
-                        },
-                        other => return Err(bad(format!("attribute `{key}` holds {other:?}"))),
-                    };
-                    fields.insert(key, json);
-                }
-            }
-            (other, _) => return Err(bad(format!("unexpected field `{other}`"))),
-        }
-    }
-    Ok((version, fields))
-}
-
-/// A push as an Avro event of `schemas/event.avsc`.
-fn avro_event(version: u64, document: &serde_json::Value) -> Avro {
-    let attribute = |value: &serde_json::Value| match value {
-        serde_json::Value::Null => Avro::Union(0, Box::new(Avro::Null)),
-        serde_json::Value::Bool(b) => Avro::Union(1, Box::new(Avro::Boolean(*b))),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(l) => Avro::Union(2, Box::new(Avro::Long(l))),
-            None => Avro::Union(3, Box::new(Avro::Double(n.as_f64().unwrap_or_default()))),
-        },
-        serde_json::Value::String(s) => Avro::Union(4, Box::new(Avro::String(s.clone()))),
-        // Not produced by Avro input; kept as JSON text rather than dropped.
-        nested => Avro::Union(4, Box::new(Avro::String(nested.to_string()))),
-    };
-    let fields = match document {
-        serde_json::Value::Object(map) => {
-            map.iter().map(|(k, v)| (k.clone(), attribute(v))).collect()
-        }
-        _ => Default::default(),
-    };
-    Avro::Record(vec![
-        (
-            "version".into(),
-            Avro::Union(1, Box::new(Avro::Long(version as i64))),
-        ),
-        ("fields".into(), Avro::Map(fields)),
-    ])
-}
-
-/// The value of a top-level `field` of a JSON document (`None` if absent
-/// or the document is not an object), checking that the whole input is
-/// valid JSON but building nothing else.
-fn top_level_field(
-    bytes: &[u8],
-    field: &str,
-) -> Result<Option<serde_json::Value>, serde_json::Error> {
-    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-
-    struct Field<'f>(&'f str);
-
-    impl<'de> DeserializeSeed<'de> for Field<'_> {
-        type Value = Option<serde_json::Value>;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for Field<'_> {
-        type Value = Option<serde_json::Value>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON document")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut found = None;
-            while let Some(is_field) = map.next_key_seed(IsField(self.0))? {
-                if is_field {
-                    found = Some(map.next_value::<serde_json::Value>()?); // the last one wins, as in a map
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(found)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-    }
-
-    /// Whether a map key is the field, compared where it was parsed: no
-    /// `String` per key.
-    struct IsField<'f>(&'f str);
-
-    impl<'de> DeserializeSeed<'de> for IsField<'_> {
-        type Value = bool;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-            d.deserialize_str(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for IsField<'_> {
-        type Value = bool;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a field name")
-        }
-        fn visit_str<E>(self, key: &str) -> Result<bool, E> {
-            Ok(key == self.0)
-        }
-    }
-
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let found = Field(field).deserialize(&mut deserializer)?;
-    deserializer.end()?;
-    Ok(found)
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apache_avro::types::Value as Avro;
     use proptest::prelude::*;
     use serde_json::json;
 

@@ -1,12 +1,14 @@
 //! Restoring a partition's store from its slice of the changelog, before
-//! any event of the partition is processed.
+//! any event of the partition is processed. The changelog is read with the
+//! one topic reader ([`crate::kafka::reader`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use crate::config::Settings;
+use crate::kafka::reader::{self, Range, ReadError, Stopped};
 use crate::state::{Opened, StateError, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +19,8 @@ pub enum RestoreError {
         partition: i32,
         source: rdkafka::error::KafkaError,
     },
-    #[error("changelog {topic}[{partition}]: no progress for {0:?} while restoring", .stall)]
-    Stalled {
-        topic: String,
-        partition: i32,
-        stall: Duration,
-    },
+    #[error("changelog partition {partition}: {source}")]
+    Read { partition: i32, source: ReadError },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -34,9 +32,6 @@ pub struct Restored {
     /// The changelog offset the store is now complete up to (exclusive).
     pub next_offset: i64,
 }
-
-/// How long a restore may go without reading a record before it gives up.
-const STALL: Duration = Duration::from_secs(60);
 
 /// How long a watermark query may take.
 pub const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,7 +60,7 @@ pub fn restore(
         source,
     };
     // Never the group's own offsets: the changelog is read by assignment.
-    let reader = || super::reader::consumer(settings, "restore").map_err(kafka);
+    let reader = || reader::consumer(settings, "restore").map_err(kafka);
     let (consumer, (low, high)) = match watermarks {
         Some(known) => (None, known),
         None => {
@@ -90,48 +85,27 @@ pub fn restore(
         Some(consumer) => consumer,
         None => reader()?,
     };
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, Offset::Offset(start))
-        .map_err(kafka)?;
-    consumer.assign(&assignment).map_err(kafka)?;
-    let mut records = 0;
+    let range = Range {
+        partition,
+        start,
+        end: high,
+    };
     let total = (high - start) as u64;
-    let mut last_progress = Instant::now();
-    loop {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                store.restore(message.key().unwrap_or_default(), message.payload())?;
-                records += 1;
-                last_progress = Instant::now();
-                progress(records, total);
-                if message.offset() + 1 >= high {
-                    return Ok(Restored {
-                        records,
-                        next_offset: message.offset() + 1,
-                    });
-                }
-            }
-            // A lost connection is reported through poll, and librdkafka
-            // reconnects by itself: go on (the stall bound still applies).
-            Some(Err(e)) if super::reader::is_transient(&e) => {
-                tracing::warn!(
-                    topic,
-                    partition,
-                    "restore goes on after a broker error: {e}"
-                );
-            }
-            Some(Err(e)) => return Err(kafka(e)),
-            None => {}
-        }
-        if last_progress.elapsed() > STALL {
-            return Err(RestoreError::Stalled {
-                topic: topic.to_string(),
-                partition,
-                stall: STALL,
-            });
-        }
-    }
+    let mut records = 0;
+    reader::try_read(&consumer, topic, &[range], |message| {
+        store.restore(message.key().unwrap_or_default(), message.payload())?;
+        records += 1;
+        progress(records, total);
+        Ok(())
+    })
+    .map_err(|stopped| match stopped {
+        Stopped::Read(source) => RestoreError::Read { partition, source },
+        Stopped::By(e) => RestoreError::State(e),
+    })?;
+    Ok(Restored {
+        records,
+        next_offset: high,
+    })
 }
 
 #[cfg(test)]

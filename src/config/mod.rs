@@ -16,13 +16,19 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{AvroFraming, InputFormat};
+use crate::codec::{AvroFraming, Codec, InputFormat};
 use crate::engine::MergePolicy;
+
+mod layers;
+mod validate;
+
+pub use layers::{load, ConfigError, LogFormat, Overrides, Problem};
+use validate::parse_metrics_addr;
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "KEYFLIGHT_";
 /// Variables with the prefix that are CLI options, not configuration keys.
-const ENV_NOT_KEYS: &[&str] = &["CONFIG"];
+pub(crate) const ENV_NOT_KEYS: &[&str] = &["CONFIG"];
 
 /// The whole configuration of a keyflight instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +201,18 @@ impl Default for Compensation {
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 impl Settings {
+    /// The codec for these settings' input format, merge policy, version
+    /// field, size bound and Avro framing.
+    pub fn codec(&self) -> Codec {
+        Codec::new(
+            self.input.format,
+            self.singleflight.merge_policy,
+            self.input.version_field.clone(),
+        )
+        .with_max_value_bytes(self.input.max_value_bytes)
+        .with_avro_framing(self.input.avro_framing, self.input.schema_id)
+    }
+
     /// The metrics address, `None` when `metrics_addr = "off"` (validated).
     pub fn metrics_socket(&self) -> Option<std::net::SocketAddr> {
         parse_metrics_addr(&self.metrics_addr).ok().flatten()
@@ -264,342 +282,6 @@ fn is_secret(property: &str) -> bool {
         || property.contains("secret")
         || property.ends_with(".pem")
         || property == "sasl.oauthbearer.config"
-}
-
-/// Values given on the command line; `None` leaves the lower layers in force.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub brokers: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_level: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics_addr: Option<String>,
-}
-
-/// How log lines are written (to stderr).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line, with the span fields (topic, partition).
-    Json,
-}
-
-/// The command-line layer, named so errors can point at it.
-struct Flags<'a>(&'a Overrides);
-
-impl Provider for Flags<'_> {
-    fn metadata(&self) -> Metadata {
-        Metadata::named("command-line flag")
-    }
-    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Serialized::defaults(self.0).data()
-    }
-}
-
-/// A configuration problem: where it came from, which key, what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub problems: Vec<Problem>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The file, environment variable or flag that set the value.
-    pub source: String,
-    /// Dotted key, e.g. `compensation.interval`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(
-                f,
-                "invalid configuration: {}: key `{}`: {}",
-                p.source, p.key, p.message
-            )?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-impl ConfigError {
-    fn single(
-        source: impl Into<String>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            problems: vec![Problem {
-                source: source.into(),
-                key: key.into(),
-                message: message.into(),
-            }],
-        }
-    }
-}
-
-/// Loads the layered configuration and validates it.
-pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
-    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-    if let Some(path) = file {
-        if !path.is_file() {
-            return Err(ConfigError::single(
-                path.display().to_string(),
-                "--config",
-                "no such file (give the path of a TOML file, see config/keyflight.toml)",
-            ));
-        }
-        figment = figment.merge(Toml::file_exact(path));
-    }
-    figment = figment
-        .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"))
-        .merge(Flags(overrides));
-    let settings: Settings = figment.extract().map_err(from_figment)?;
-    validate(&settings, &figment)?;
-    Ok(settings)
-}
-
-fn from_figment(error: figment::Error) -> ConfigError {
-    let problems = error
-        .into_iter()
-        .map(|e| {
-            let message = match &e.kind {
-                // Figment's path already ends with the unknown field's name.
-                figment::error::Kind::UnknownField(_, expected) => {
-                    format!("unknown key; expected one of: {}", expected.join(", "))
-                }
-                figment::error::Kind::UnknownVariant(found, expected) => {
-                    format!(
-                        "unknown value `{found}`; expected one of: {}",
-                        expected.join(", ")
-                    )
-                }
-                other => other.to_string(),
-            };
-            let key = e.path.join(".");
-            Problem {
-                source: describe_source(e.metadata.as_ref(), &key),
-                key,
-                message,
-            }
-        })
-        .collect();
-    ConfigError { problems }
-}
-
-fn describe_source(metadata: Option<&Metadata>, key: &str) -> String {
-    match metadata {
-        Some(Metadata {
-            source: Some(Source::File(path)),
-            ..
-        }) => path.display().to_string(),
-        Some(m) if m.name.contains("environment") => {
-            format!(
-                "environment variable {ENV_PREFIX}{}",
-                key.replace('.', "__").to_ascii_uppercase()
-            )
-        }
-        Some(m) if m.name == "command-line flag" => format!("flag --{}", key.replace('_', "-")),
-        Some(m) => m.name.to_string(),
-        None => "built-in defaults".into(),
-    }
-}
-
-/// Checks values that parse but cannot work.
-fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigError> {
-    let mut problems = Vec::new();
-    let mut check = |key: &str, problem: Option<String>| {
-        if let Some(message) = problem {
-            problems.push(Problem {
-                source: describe_source(figment.find_metadata(key), key),
-                key: key.to_string(),
-                message,
-            });
-        }
-    };
-    check("application_id", topic_name_problem(&s.application_id));
-    check(
-        "brokers",
-        s.brokers
-            .trim()
-            .is_empty()
-            .then(|| "must name at least one broker (host:port)".into()),
-    );
-    check(
-        "log_level",
-        tracing_subscriber::EnvFilter::try_new(&s.log_level)
-            .err()
-            .map(|e| {
-                format!("not a log level or filter ({e}); try error, warn, info, debug or trace")
-            }),
-    );
-    check(
-        "state_dir",
-        s.state_dir
-            .as_os_str()
-            .is_empty()
-            .then(|| "must not be empty".into()),
-    );
-    check("metrics_addr", parse_metrics_addr(&s.metrics_addr).err());
-    check("commit_interval", positive(s.commit_interval));
-    check("shutdown_timeout", positive(s.shutdown_timeout));
-    check(
-        "input.version_field",
-        s.input
-            .version_field
-            .is_empty()
-            .then(|| "must not be empty".into()),
-    );
-    check(
-        "input.max_value_bytes",
-        (s.input.max_value_bytes == 0).then(|| "must be at least 1".into()),
-    );
-    check(
-        "input.format",
-        (s.input.format == InputFormat::Raw && s.singleflight.merge_policy == MergePolicy::JsonMergePatch)
-            .then(|| "`raw` values cannot be merge patches; use format \"json\" or merge_policy \"latest\"".into()),
-    );
-    check(
-        "input.schema_id",
-        (s.input.format == InputFormat::Avro
-            && s.input.avro_framing == AvroFraming::Confluent
-            && s.input.schema_id == 0)
-            .then(|| {
-                "confluent framing needs the Schema Registry id of schemas/event.avsc (1 or more)"
-                    .into()
-            }),
-    );
-    check("topics.input", topic_name_problem(&s.topics.input));
-    check("topics.pushed", topic_name_problem(&s.topics.pushed));
-    check(
-        "topics.dead_letter",
-        topic_name_problem(&s.topics.dead_letter),
-    );
-    if !s.topics.changelog.is_empty() {
-        check("topics.changelog", topic_name_problem(&s.topics.changelog));
-    }
-    let names = [
-        ("topics.input", s.topics.input.clone()),
-        ("topics.pushed", s.topics.pushed.clone()),
-        ("topics.dead_letter", s.topics.dead_letter.clone()),
-        ("topics.changelog", s.changelog_topic()),
-    ];
-    for (i, (key, name)) in names.iter().enumerate() {
-        if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
-            check(
-                key,
-                Some(format!(
-                    "`{name}` is also {other}; every topic must be different"
-                )),
-            );
-        }
-    }
-    check(
-        "singleflight.max_active_keys",
-        (s.singleflight.max_active_keys == 0).then(|| "must be at least 1".into()),
-    );
-    check(
-        "singleflight.max_held_bytes",
-        (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),
-    );
-    check("compensation.interval", positive(s.compensation.interval));
-    for (table, values, reserved) in [
-        ("kafka.common", &s.kafka.common, RESERVED_COMMON),
-        ("kafka.consumer", &s.kafka.consumer, RESERVED_CONSUMER),
-        ("kafka.producer", &s.kafka.producer, RESERVED_PRODUCER),
-    ] {
-        for (property, value) in flatten(values) {
-            let key = format!("{table}.{property}");
-            let reserved = reserved
-                .iter()
-                .chain(RESERVED_COMMON)
-                .find(|(name, _)| *name == property);
-            if let Some((_, why)) = reserved {
-                check(&key, Some(format!("keyflight sets this itself: {why}")));
-            } else if value.is_empty() {
-                check(&key, Some("must not be empty".into()));
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError { problems })
-    }
-}
-
-const RESERVED_COMMON: &[(&str, &str)] =
-    &[("bootstrap.servers", "use the `brokers` key or --brokers")];
-const RESERVED_CONSUMER: &[(&str, &str)] = &[
-    ("group.id", "the group is the `application_id`"),
-    (
-        "enable.auto.commit",
-        "offsets are committed only once their pushes are acknowledged",
-    ),
-    (
-        "enable.auto.offset.store",
-        "offsets are committed only once their pushes are acknowledged",
-    ),
-];
-const RESERVED_PRODUCER: &[(&str, &str)] = &[
-    ("enable.idempotence", "pushes need the idempotent producer"),
-    ("acks", "pushes need acks=all"),
-];
-
-fn parse_metrics_addr(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
-    if text == "off" {
-        return Ok(None);
-    }
-    use std::net::ToSocketAddrs;
-    match text.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .map(Some)
-            .ok_or_else(|| format!("`{text}` resolves to no address")),
-        Err(e) => Err(format!(
-            "`{text}` is not host:port ({e}); for example \"127.0.0.1:9464\", \"0.0.0.0:9464\" or \"off\""
-        )),
-    }
-}
-
-fn positive(d: Duration) -> Option<String> {
-    d.is_zero()
-        .then(|| "must be greater than 0 (for example \"5s\" or \"500ms\")".into())
-}
-
-/// Kafka's rules for topic names (keyflight derives some from `application_id`).
-fn topic_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() {
-        Some("must not be empty".into())
-    } else if name == "." || name == ".." {
-        Some(format!("`{name}` is not a valid topic name"))
-    } else if name.len() > 200 {
-        Some(format!(
-            "is {} characters long; at most 200 are allowed",
-            name.len()
-        ))
-    } else {
-        name.chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-            .map(|bad| {
-                format!("`{name}` contains {bad:?}; use only letters, digits, '.', '_' and '-'")
-            })
-    }
 }
 
 #[cfg(test)]

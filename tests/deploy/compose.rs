@@ -1,110 +1,48 @@
-//! The deployment files, checked without a Docker engine: docker-compose.yml,
-//! config/prometheus.yml, the Dockerfile, .dockerignore and
-//! config/production.toml agree with each other and with keyflight's
-//! configuration.
-//!
-//! The configuration a compose service runs with is not guessed: the
-//! `keyflight` binary prints it (`config show`) from exactly that service's
-//! environment, as it would inside the container.
+//! docker-compose.yml and config/prometheus.yml.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::Command;
 
-use keyflight::config::{flatten, load, Overrides, Settings, DEFAULT_METRICS_ADDR};
-use serde_yaml::{Mapping, Value};
+use keyflight::config::{flatten, Settings};
+use serde_yaml::Mapping;
 
-const KEYFLIGHT: &str = env!("CARGO_BIN_EXE_keyflight");
-/// The variable that carries the SASL password in production.
-const PASSWORD_VAR: &str = "KEYFLIGHT_KAFKA__COMMON__SASL__PASSWORD";
+use super::dockerfile::{dockerfile, words};
+use super::*;
 
-// ---------------------------------------------------------------------------
-// Reading the files
-// ---------------------------------------------------------------------------
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+pub(super) struct Compose {
+    pub(super) doc: Value,
+    pub(super) services: Vec<Service>,
 }
 
-fn read(relative: &str) -> String {
-    std::fs::read_to_string(repo().join(relative))
-        .unwrap_or_else(|e| panic!("cannot read {relative}: {e}"))
-}
-
-fn yaml(relative: &str) -> Value {
-    let mut doc: Value = serde_yaml::from_str(&read(relative))
-        .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"));
-    // `<<: *anchor` merge keys, as Compose applies them.
-    doc.apply_merge()
-        .unwrap_or_else(|e| panic!("{relative}: bad `<<` merge key: {e}"));
-    doc
-}
-
-fn scalar(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// A Go-style duration as Compose and Prometheus write them ("5s", "1m30s").
-fn duration(text: &str, what: &str) -> Duration {
-    humantime::parse_duration(text)
-        .unwrap_or_else(|e| panic!("{what}: `{text}` is not a duration: {e}"))
-}
-
-fn version(text: &str) -> (u64, u64, u64) {
-    let mut parts = text.split('.').map(|p| {
-        p.parse::<u64>()
-            .unwrap_or_else(|_| panic!("`{text}` is not a version like 1.88 or 1.88.0"))
-    });
-    (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    )
-}
-
-// ---------------------------------------------------------------------------
-// docker-compose.yml
-// ---------------------------------------------------------------------------
-
-struct Compose {
-    doc: Value,
-    services: Vec<Service>,
-}
-
-struct Service {
-    name: String,
-    spec: Mapping,
+pub(super) struct Service {
+    pub(super) name: String,
+    pub(super) spec: Mapping,
 }
 
 #[derive(Debug, PartialEq)]
-enum MountKind {
+pub(super) enum MountKind {
     Bind,
     Volume,
 }
 
 #[derive(Debug)]
-struct Mount {
-    kind: MountKind,
+pub(super) struct Mount {
+    pub(super) kind: MountKind,
     /// Host path (bind) or volume name (empty for an anonymous volume).
-    source: String,
-    target: String,
+    pub(super) source: String,
+    pub(super) target: String,
 }
 
 #[derive(Debug)]
-struct Port {
-    host_ip: Option<String>,
-    host: Option<u16>,
-    container: u16,
+pub(super) struct Port {
+    pub(super) host_ip: Option<String>,
+    pub(super) host: Option<u16>,
+    pub(super) container: u16,
 }
 
-fn compose() -> Compose {
+pub(super) fn compose() -> Compose {
     let doc = yaml("docker-compose.yml");
     let services = doc
         .get("services")
@@ -125,7 +63,7 @@ fn compose() -> Compose {
 impl Compose {
     /// Services that run this repository's image: they build its Dockerfile,
     /// or use the image such a service builds.
-    fn keyflight_services(&self) -> Vec<&Service> {
+    pub(super) fn keyflight_services(&self) -> Vec<&Service> {
         let built: BTreeSet<String> = self
             .services
             .iter()
@@ -139,7 +77,7 @@ impl Compose {
     }
 
     /// What a keyflight service runs: its `command:`, else the image's CMD.
-    fn keyflight_command(&self, service: &Service) -> Vec<String> {
+    pub(super) fn keyflight_command(&self, service: &Service) -> Vec<String> {
         let command = service.command();
         if !command.is_empty() {
             return command;
@@ -151,7 +89,7 @@ impl Compose {
     }
 
     /// The keyflight services that run `run`.
-    fn run_services(&self) -> Vec<&Service> {
+    pub(super) fn run_services(&self) -> Vec<&Service> {
         self.keyflight_services()
             .into_iter()
             .filter(|s| self.keyflight_command(s).first().map(String::as_str) == Some("run"))
@@ -159,7 +97,7 @@ impl Compose {
     }
 
     /// The one keyflight service running `topics create`.
-    fn topics_service(&self) -> &Service {
+    pub(super) fn topics_service(&self) -> &Service {
         let found: Vec<&Service> = self
             .keyflight_services()
             .into_iter()
@@ -178,7 +116,7 @@ impl Compose {
     }
 
     /// The one service running the official apache/kafka image.
-    fn kafka(&self) -> &Service {
+    pub(super) fn kafka(&self) -> &Service {
         let found: Vec<&Service> = self
             .services
             .iter()
@@ -193,7 +131,7 @@ impl Compose {
         found[0]
     }
 
-    fn declared_volumes(&self) -> BTreeSet<String> {
+    pub(super) fn declared_volumes(&self) -> BTreeSet<String> {
         self.doc
             .get("volumes")
             .and_then(Value::as_mapping)
@@ -203,16 +141,16 @@ impl Compose {
 }
 
 impl Service {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.spec.get(key)
     }
 
-    fn image(&self) -> Option<String> {
+    pub(super) fn image(&self) -> Option<String> {
         self.get("image").and_then(scalar)
     }
 
     /// `environment:` as a mapping or as a list of `KEY=value`.
-    fn env(&self) -> BTreeMap<String, String> {
+    pub(super) fn env(&self) -> BTreeMap<String, String> {
         let name = &self.name;
         match self.get("environment") {
             None => BTreeMap::new(),
@@ -240,7 +178,7 @@ impl Service {
         }
     }
 
-    fn env_var(&self, key: &str) -> String {
+    pub(super) fn env_var(&self, key: &str) -> String {
         self.env().remove(key).unwrap_or_else(|| {
             panic!(
                 "service `{}`: environment variable {key} is not set",
@@ -250,7 +188,7 @@ impl Service {
     }
 
     /// `command:` as a list, or a string split at whitespace.
-    fn command(&self) -> Vec<String> {
+    pub(super) fn command(&self) -> Vec<String> {
         match self.get("command") {
             None => Vec::new(),
             Some(Value::Sequence(items)) => items.iter().filter_map(scalar).collect(),
@@ -261,7 +199,7 @@ impl Service {
     }
 
     /// The build context and Dockerfile, when the service builds an image.
-    fn build(&self) -> Option<(PathBuf, PathBuf)> {
+    pub(super) fn build(&self) -> Option<(PathBuf, PathBuf)> {
         let (context, dockerfile) = match self.get("build")? {
             Value::Mapping(map) => (
                 map.get("context")
@@ -278,14 +216,14 @@ impl Service {
         Some((context, dockerfile))
     }
 
-    fn builds_this_repo(&self) -> bool {
+    pub(super) fn builds_this_repo(&self) -> bool {
         self.build().is_some_and(|(context, dockerfile)| {
             context.canonicalize().ok() == repo().canonicalize().ok()
                 && dockerfile.canonicalize().ok() == repo().join("Dockerfile").canonicalize().ok()
         })
     }
 
-    fn mounts(&self) -> Vec<Mount> {
+    pub(super) fn mounts(&self) -> Vec<Mount> {
         let Some(Value::Sequence(items)) = self.get("volumes") else {
             return Vec::new();
         };
@@ -327,7 +265,7 @@ impl Service {
             .collect()
     }
 
-    fn ports(&self) -> Vec<Port> {
+    pub(super) fn ports(&self) -> Vec<Port> {
         let name = &self.name;
         let Some(Value::Sequence(items)) = self.get("ports") else {
             return Vec::new();
@@ -373,7 +311,7 @@ impl Service {
     }
 
     /// `depends_on:` as service → condition (a plain list means `service_started`).
-    fn depends_on(&self) -> BTreeMap<String, String> {
+    pub(super) fn depends_on(&self) -> BTreeMap<String, String> {
         match self.get("depends_on") {
             None => BTreeMap::new(),
             Some(Value::Sequence(items)) => items
@@ -396,7 +334,7 @@ impl Service {
     }
 
     /// The healthcheck command as one string, if there is one.
-    fn healthcheck(&self) -> Option<String> {
+    pub(super) fn healthcheck(&self) -> Option<String> {
         let test = self.get("healthcheck")?.get("test")?;
         Some(match test {
             Value::Sequence(items) => items
@@ -410,7 +348,7 @@ impl Service {
 
     /// The configuration keyflight runs with in this service: `keyflight
     /// config show` with exactly the service's environment.
-    fn settings(&self) -> Settings {
+    pub(super) fn settings(&self) -> Settings {
         // Configuration given as flags would escape this check.
         const CONFIG_FLAGS: &[&str] = &[
             "--config",
@@ -452,26 +390,15 @@ impl Service {
     }
 }
 
-fn expect_success(output: &Output, what: &str) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{what}: `keyflight config show` refused the configuration ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 /// A Kafka listener, `NAME://host:port`.
 #[derive(Debug, Clone)]
-struct Listener {
-    name: String,
-    host: String,
-    port: u16,
+pub(super) struct Listener {
+    pub(super) name: String,
+    pub(super) host: String,
+    pub(super) port: u16,
 }
 
-fn listeners(kafka: &Service, var: &str) -> Vec<Listener> {
+pub(super) fn listeners(kafka: &Service, var: &str) -> Vec<Listener> {
     kafka
         .env_var(var)
         .split(',')
@@ -494,7 +421,7 @@ fn listeners(kafka: &Service, var: &str) -> Vec<Listener> {
         .collect()
 }
 
-fn metrics_port(service: &Service, settings: &Settings) -> u16 {
+pub(super) fn metrics_port(service: &Service, settings: &Settings) -> u16 {
     settings
         .metrics_socket()
         .unwrap_or_else(|| {
@@ -505,10 +432,6 @@ fn metrics_port(service: &Service, settings: &Settings) -> u16 {
         })
         .port()
 }
-
-// ---------------------------------------------------------------------------
-// docker-compose.yml tests
-// ---------------------------------------------------------------------------
 
 #[test]
 fn compose_runs_kafka_in_kraft_mode_from_the_official_image() {
@@ -1062,539 +985,6 @@ fn host_clients_reach_kafka_through_a_published_listener_advertised_as_localhost
             listener.name,
             listener.host,
             published.host_ip
-        );
-    }
-}
-
-// ---------------------------------------------------------------------------
-// config/production.toml
-// ---------------------------------------------------------------------------
-
-fn production() -> PathBuf {
-    repo().join("config/production.toml")
-}
-
-#[test]
-fn production_config_is_valid_sasl_ssl_and_holds_no_password() {
-    let settings = load(Some(&production()), &Overrides::default())
-        .unwrap_or_else(|e| panic!("config/production.toml does not load: {e}"));
-    assert!(
-        settings.state_dir.is_absolute(),
-        "config/production.toml: state_dir {:?} should be an absolute path on a persistent volume",
-        settings.state_dir
-    );
-    let default_port: SocketAddr = DEFAULT_METRICS_ADDR.parse().unwrap();
-    let metrics = settings
-        .metrics_socket()
-        .expect("config/production.toml: metrics are off");
-    assert!(
-        metrics.ip().is_unspecified() && metrics.port() == default_port.port(),
-        "config/production.toml: metrics_addr {metrics} should be 0.0.0.0:{} so Prometheus can scrape it",
-        default_port.port()
-    );
-
-    // The file alone (the environment of this test could add a password).
-    let text = read("config/production.toml");
-    let file: Settings = toml::from_str(&text)
-        .unwrap_or_else(|e| panic!("config/production.toml is not a keyflight configuration: {e}"));
-    let common = flatten(&file.kafka.common);
-    for (key, expected) in [
-        ("security.protocol", "SASL_SSL"),
-        ("sasl.mechanisms", "SCRAM-SHA-512"),
-    ] {
-        assert_eq!(
-            common.get(key).map(String::as_str),
-            Some(expected),
-            "config/production.toml: [kafka.common] {key}"
-        );
-    }
-    for key in ["sasl.username", "ssl.ca.location"] {
-        assert!(
-            common.get(key).is_some_and(|v| !v.is_empty()),
-            "config/production.toml: [kafka.common] should set {key}"
-        );
-    }
-    for (table, values) in [
-        ("common", &file.kafka.common),
-        ("consumer", &file.kafka.consumer),
-        ("producer", &file.kafka.producer),
-    ] {
-        for key in flatten(values).keys() {
-            assert!(
-                !key.contains("password") && !key.contains("secret"),
-                "config/production.toml: [kafka.{table}] {key} is a secret; it belongs in {PASSWORD_VAR} (or another variable), not in the file"
-            );
-        }
-    }
-    assert!(
-        text.contains(PASSWORD_VAR),
-        "config/production.toml should tell where the password comes from ({PASSWORD_VAR})"
-    );
-}
-
-#[test]
-fn production_config_takes_the_sasl_password_from_the_environment_and_redacts_it() {
-    let secret = "pr0duction-Secret-4f1d2c";
-    let show = |password: Option<&str>| {
-        let mut command = Command::new(KEYFLIGHT);
-        command
-            .env_clear()
-            .arg("--config")
-            .arg(production())
-            .args(["config", "show"]);
-        if let Some(password) = password {
-            command.env(PASSWORD_VAR, password);
-        }
-        let output = command.output().expect("run keyflight");
-        let stdout = expect_success(&output, "config/production.toml");
-        assert!(
-            !stdout.contains(secret) && !String::from_utf8_lossy(&output.stderr).contains(secret),
-            "`config show` printed the SASL password:\n{stdout}"
-        );
-        let settings: Settings = toml::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("cannot read `config show`: {e}\n{stdout}"));
-        flatten(&settings.kafka.common)
-    };
-
-    let with = show(Some(secret));
-    assert_eq!(
-        with.get("sasl.password").map(String::as_str),
-        Some("<redacted>"),
-        "{PASSWORD_VAR} should become the librdkafka property sasl.password (shown redacted); [kafka.common] = {with:?}"
-    );
-    assert_eq!(
-        with.get("security.protocol").map(String::as_str),
-        Some("SASL_SSL"),
-        "the file's settings stay next to the password from the environment"
-    );
-    let without = show(None);
-    assert!(
-        !without.contains_key("sasl.password"),
-        "without {PASSWORD_VAR} there should be no sasl.password, found {without:?}"
-    );
-}
-
-#[test]
-fn production_config_properties_are_all_known_to_librdkafka() {
-    use keyflight::config::KafkaValue;
-    use keyflight::kafka::{client_config, Role};
-    use rdkafka::admin::AdminClient;
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::BaseConsumer;
-    use rdkafka::producer::BaseProducer;
-
-    let mut settings = load(Some(&production()), &Overrides::default())
-        .unwrap_or_else(|e| panic!("config/production.toml does not load: {e}"));
-    // librdkafka opens the CA file when a client is created; that path
-    // exists only in production. `probe`: the system's CA store.
-    let common = &mut settings.kafka.common;
-    common.insert("ssl.ca.location".into(), KafkaValue::Str("probe".into()));
-    common.insert(
-        "sasl.password".into(),
-        KafkaValue::Str("from-the-environment".into()),
-    );
-
-    // Creating a client checks every property name and value; nothing
-    // connects before it is used.
-    fn create<T: rdkafka::config::FromClientConfig>(settings: &Settings, role: Role) -> T {
-        client_config(settings, role).create().unwrap_or_else(|e| {
-            panic!(
-                "config/production.toml: librdkafka refuses the {} configuration: {e}",
-                role.name()
-            )
-        })
-    }
-    let _: BaseConsumer = create(&settings, Role::Consumer);
-    let _: BaseProducer = create(&settings, Role::Producer);
-    let _: AdminClient<DefaultClientContext> = create(&settings, Role::Admin);
-}
-
-// ---------------------------------------------------------------------------
-// Dockerfile and .dockerignore
-// ---------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Instruction {
-    keyword: String,
-    args: String,
-}
-
-#[derive(Debug)]
-struct Stage {
-    image: String,
-    name: Option<String>,
-    instructions: Vec<Instruction>,
-}
-
-impl Stage {
-    fn all(&self, keyword: &str) -> impl Iterator<Item = &str> {
-        let keyword = keyword.to_string();
-        self.instructions
-            .iter()
-            .filter(move |i| i.keyword == keyword)
-            .map(|i| i.args.as_str())
-    }
-
-    fn last(&self, keyword: &str) -> Option<&str> {
-        self.all(keyword).last()
-    }
-}
-
-/// Instructions by stage: continuation lines joined, comments dropped.
-fn dockerfile() -> Vec<Stage> {
-    let text = read("Dockerfile");
-    let mut logical = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        match trimmed.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
-            None => {
-                current.push_str(trimmed);
-                logical.push(std::mem::take(&mut current));
-            }
-        }
-    }
-    let mut stages: Vec<Stage> = Vec::new();
-    for line in logical {
-        let (keyword, args) = line.split_once(char::is_whitespace).unwrap_or((&line, ""));
-        let keyword = keyword.to_ascii_uppercase();
-        let args = args.trim().to_string();
-        if keyword == "FROM" {
-            let words: Vec<&str> = args
-                .split_whitespace()
-                .filter(|w| !w.starts_with("--"))
-                .collect();
-            let name = match words.as_slice() {
-                [_, as_, name] if as_.eq_ignore_ascii_case("as") => Some(name.to_string()),
-                _ => None,
-            };
-            stages.push(Stage {
-                image: words.first().expect("FROM without an image").to_string(),
-                name,
-                instructions: Vec::new(),
-            });
-        } else {
-            stages
-                .last_mut()
-                .expect("Dockerfile: an instruction before the first FROM")
-                .instructions
-                .push(Instruction { keyword, args });
-        }
-    }
-    stages
-}
-
-/// `["a", "b"]` (exec form) or whitespace-separated words.
-fn words(args: &str) -> Vec<String> {
-    if args.starts_with('[') {
-        serde_json::from_str(args)
-            .unwrap_or_else(|e| panic!("Dockerfile: bad JSON array `{args}`: {e}"))
-    } else {
-        args.split_whitespace().map(String::from).collect()
-    }
-}
-
-fn builder_rust_version(stages: &[Stage]) -> ((u64, u64, u64), String) {
-    let image = &stages[0].image;
-    let tag = image
-        .strip_prefix("rust:")
-        .unwrap_or_else(|| panic!("Dockerfile: the first stage should build on a rust:<version>-bookworm image, not `{image}`"));
-    let number = tag.split('-').next().unwrap_or_default();
-    assert!(
-        number.chars().next().is_some_and(|c| c.is_ascii_digit()),
-        "Dockerfile: pin the Rust version of `{image}` (rust:1.93-bookworm, ...)"
-    );
-    (version(number), image.clone())
-}
-
-#[test]
-fn dockerfile_builds_in_a_rust_stage_and_ships_a_slim_debian_of_the_same_release() {
-    let stages = dockerfile();
-    assert!(
-        stages.len() >= 2,
-        "Dockerfile: expected a build stage and a runtime stage, found {} FROM",
-        stages.len()
-    );
-    let builder = &stages[0];
-    let runtime = stages.last().unwrap();
-    let (rust, image) = builder_rust_version(&stages);
-
-    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
-    let msrv = manifest["package"]["rust-version"].as_str().unwrap();
-    assert!(
-        rust >= version(msrv),
-        "Dockerfile: `{image}` is older than the crate's rust-version {msrv}"
-    );
-    assert!(
-        builder
-            .all("RUN")
-            .any(|r| r.contains("cargo build --release --locked")),
-        "Dockerfile: the build stage should run `cargo build --release --locked` (Cargo.lock, as tested)"
-    );
-
-    assert!(
-        runtime.image.contains("slim"),
-        "Dockerfile: the final stage should be a slim image, not `{}`",
-        runtime.image
-    );
-    // glibc, OpenSSL and libstdc++ are linked dynamically: the runtime must be
-    // the Debian release the binary was built on.
-    let release = ["bookworm", "trixie", "bullseye"]
-        .into_iter()
-        .find(|r| image.contains(r))
-        .unwrap_or_else(|| {
-            panic!("Dockerfile: name the Debian release in the builder tag (`{image}`)")
-        });
-    assert!(
-        runtime.image.contains(release),
-        "Dockerfile: built on {release} (`{image}`) but shipped on `{}`",
-        runtime.image
-    );
-    let builder_name = builder.name.clone().unwrap_or_else(|| "0".into());
-    assert!(
-        runtime
-            .all("COPY")
-            .any(|c| c.contains(&format!("--from={builder_name}")) && c.contains("keyflight")),
-        "Dockerfile: the final stage should copy the keyflight binary from the `{builder_name}` stage"
-    );
-}
-
-#[test]
-fn dockerfile_builder_rust_is_new_enough_for_every_locked_dependency() {
-    let stages = dockerfile();
-    let (rust, image) = builder_rust_version(&stages);
-    let output = Command::new(env!("CARGO"))
-        .current_dir(repo())
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .args(["--filter-platform", "x86_64-unknown-linux-gnu"])
-        .output()
-        .expect("run cargo metadata");
-    assert!(
-        output.status.success(),
-        "cargo metadata --locked --offline failed (the image builds with --locked too):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let packages: BTreeMap<&str, (&str, &str, Option<&str>)> = metadata["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["id"].as_str().unwrap(),
-                (
-                    p["name"].as_str().unwrap(),
-                    p["version"].as_str().unwrap(),
-                    p["rust_version"].as_str(),
-                ),
-            )
-        })
-        .collect();
-    let nodes: BTreeMap<&str, &serde_json::Value> = metadata["resolve"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| (n["id"].as_str().unwrap(), n))
-        .collect();
-
-    // What `cargo build --release` compiles: normal and build dependencies.
-    let root = metadata["resolve"]["root"].as_str().unwrap();
-    let mut seen = BTreeSet::from([root]);
-    let mut queue = vec![root];
-    while let Some(id) = queue.pop() {
-        for dep in nodes[id]["deps"].as_array().unwrap() {
-            let built = dep["dep_kinds"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|k| k["kind"].as_str() != Some("dev"));
-            let pkg = dep["pkg"].as_str().unwrap();
-            if built && seen.insert(pkg) {
-                queue.push(pkg);
-            }
-        }
-    }
-    let too_new: Vec<String> = seen
-        .iter()
-        .filter_map(|id| {
-            let (name, ver, needs) = packages[id];
-            let needs = needs?;
-            (version(needs) > rust).then(|| format!("{name} {ver} needs Rust {needs}"))
-        })
-        .collect();
-    assert!(
-        too_new.is_empty(),
-        "Dockerfile: `{image}` cannot build the locked dependencies: {}",
-        too_new.join("; ")
-    );
-}
-
-#[test]
-fn dockerfile_runs_as_a_non_root_user() {
-    let stages = dockerfile();
-    let runtime = stages.last().unwrap();
-    let user = runtime
-        .last("USER")
-        .expect("Dockerfile: the final stage has no USER, so keyflight would run as root");
-    let name = user.split(':').next().unwrap_or_default();
-    assert!(
-        !name.is_empty() && name != "root" && name != "0",
-        "Dockerfile: the final stage's USER is `{user}`; run as an unprivileged user"
-    );
-}
-
-#[test]
-fn dockerfile_exposes_the_default_metrics_port() {
-    let stages = dockerfile();
-    let runtime = stages.last().unwrap();
-    let port = DEFAULT_METRICS_ADDR
-        .parse::<SocketAddr>()
-        .unwrap()
-        .port()
-        .to_string();
-    let exposed: Vec<String> = runtime
-        .all("EXPOSE")
-        .flat_map(words)
-        .map(|p| p.split('/').next().unwrap_or_default().to_string())
-        .collect();
-    assert!(
-        exposed.contains(&port),
-        "Dockerfile: EXPOSE {port} (the port of DEFAULT_METRICS_ADDR {DEFAULT_METRICS_ADDR}); exposed: {exposed:?}"
-    );
-}
-
-#[test]
-fn dockerfile_runs_keyflight_with_its_state_on_a_volume_compose_mounts() {
-    let stages = dockerfile();
-    let runtime = stages.last().unwrap();
-    assert_eq!(
-        runtime.last("ENTRYPOINT").map(words),
-        Some(vec!["keyflight".to_string()]),
-        "Dockerfile: ENTRYPOINT [\"keyflight\"] (so `docker run IMAGE <subcommand>` works)"
-    );
-    assert_eq!(
-        runtime.last("CMD").map(words),
-        Some(vec!["run".to_string()]),
-        "Dockerfile: CMD [\"run\"]"
-    );
-    let volumes: BTreeSet<String> = runtime.all("VOLUME").flat_map(words).collect();
-    let compose = compose();
-    for run in compose.run_services() {
-        let settings = run.settings();
-        let mount = run
-            .mounts()
-            .into_iter()
-            .find(|m| settings.state_dir.starts_with(&m.target))
-            .unwrap_or_else(|| panic!("service `{}`: its state dir is on no volume", run.name));
-        assert!(
-            volumes.contains(&mount.target),
-            "service `{}` keeps its state on {}, which the Dockerfile does not declare as a VOLUME ({volumes:?}); the image's directory (owned by the keyflight user) is what a new volume starts from",
-            run.name,
-            mount.target
-        );
-    }
-}
-
-/// A `.dockerignore` pattern match, enough for the patterns used here:
-/// `*` within a path segment, a leading `**/`, and directories excluding
-/// everything below them.
-fn ignored(path: &str, patterns: &[String]) -> bool {
-    fn glob(pattern: &[u8], text: &[u8]) -> bool {
-        match (pattern.first(), text.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => {
-                glob(&pattern[1..], text)
-                    || (!text.is_empty() && text[0] != b'/' && glob(pattern, &text[1..]))
-            }
-            (Some(p), Some(t)) if p == t => glob(&pattern[1..], &text[1..]),
-            _ => false,
-        }
-    }
-    let components: Vec<&str> = path.split('/').collect();
-    let mut excluded = false;
-    for pattern in patterns {
-        let (negate, pattern) = match pattern.strip_prefix('!') {
-            Some(p) => (true, p),
-            None => (false, pattern.as_str()),
-        };
-        let pattern = pattern.trim_start_matches('/').trim_end_matches('/');
-        let hit = (1..=components.len()).any(|n| {
-            let prefix = components[..n].join("/");
-            match pattern.strip_prefix("**/") {
-                Some(rest) => (0..n)
-                    .any(|start| glob(rest.as_bytes(), components[start..n].join("/").as_bytes())),
-                None => glob(pattern.as_bytes(), prefix.as_bytes()),
-            }
-        });
-        if hit {
-            excluded = !negate;
-        }
-    }
-    excluded
-}
-
-#[test]
-fn dockerignore_keeps_what_the_dockerfile_copies_and_drops_target_and_git() {
-    let patterns: Vec<String> = read(".dockerignore")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect();
-    for dropped in ["target", "target/release/keyflight", ".git", ".git/HEAD"] {
-        assert!(
-            ignored(dropped, &patterns),
-            ".dockerignore should exclude `{dropped}` (the context would be gigabytes)"
-        );
-    }
-    let stages = dockerfile();
-    let mut copied = 0;
-    for stage in &stages {
-        for copy in stage.all("COPY").chain(stage.all("ADD")) {
-            let args: Vec<String> = words(copy)
-                .into_iter()
-                .filter(|w| !w.starts_with("--"))
-                .collect();
-            if copy.contains("--from=") || args.len() < 2 {
-                continue;
-            }
-            for source in &args[..args.len() - 1] {
-                let source = source.trim_start_matches("./").trim_end_matches('/');
-                assert!(
-                    repo().join(source).exists(),
-                    "Dockerfile copies `{source}`, which is not in the repository"
-                );
-                assert!(
-                    !ignored(source, &patterns),
-                    "Dockerfile copies `{source}`, but .dockerignore excludes it from the build context"
-                );
-                copied += 1;
-            }
-        }
-    }
-    assert!(
-        copied > 0,
-        "Dockerfile copies nothing from the build context"
-    );
-    // Cargo needs the files a manifest target points at.
-    for needed in [
-        "Cargo.toml",
-        "Cargo.lock",
-        "src/main.rs",
-        "src/lib.rs",
-        "schemas/event.avsc",
-        "benches/engine.rs",
-    ] {
-        assert!(
-            !ignored(needed, &patterns),
-            ".dockerignore excludes `{needed}`, which the build needs"
         );
     }
 }

@@ -1,0 +1,771 @@
+//! The partition task's decisions, with no I/O, no clock and no async: the
+//! shell ([`super::shell`]) feeds it what happened and carries out the
+//! [`Action`]s it asks for, in order, before it feeds the next input.
+//!
+//! Inputs: records ([`TaskCore::take`], processed by
+//! [`TaskCore::end_turn`]), a push's outcome ([`TaskCore::push_done`]), the
+//! oldest changelog write's outcome ([`TaskCore::changelog_done`]), a dead
+//! letter's outcome ([`TaskCore::dead_letter_done`]), timers
+//! ([`TaskCore::tick`]), and closing ([`TaskCore::close`],
+//! [`TaskCore::close_timed_out`]). Every input carries the clock (`now`, ns
+//! since the epoch) it happened at.
+//!
+//! The rules it keeps, each checked by the task simulation
+//! (`tests/task_simulation.rs`):
+//!
+//! * **markT1 before the push.** A push's marker is in the store (and held
+//!   for the changelog) before the [`Action::Push`] that produces it.
+//! * **Durable before committed.** An [`Action::Commit`] goes out only once
+//!   every changelog write made before it was asked is acknowledged (or
+//!   written again and acknowledged): the [`CommitGate`].
+//! * **A checkpoint never claims an unwritten marker.** Every marker in the
+//!   store is at least on its way to the changelog when an
+//!   [`Action::Checkpoint`] is emitted, and the offset it claims is one past
+//!   the newest acknowledged changelog record.
+//! * **Closing** lets pushes in flight finish (without follow-up pushes),
+//!   hands every held marker to the changelog, waits for those writes, and
+//!   only then reports the final position ([`Action::Closed`]).
+//!
+//! The state store is the core's memory, not its I/O: a local cache of the
+//! changelog, reached through [`MarkerStore`] so that the simulation can
+//! put a model with crash semantics in RocksDB's place.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use std::sync::Arc;
+
+use crate::codec::Codec;
+use crate::engine::{Event, Offer, Push, Table, TableConfig, TableStats};
+use crate::internal_events::{
+    ChangelogWritten, DeadLettered, EventMerged, KeysInFlight, PushAcknowledged, PushFailed,
+    RecordReceived, StaleEventDropped,
+};
+use crate::metrics::PartitionMetrics;
+use crate::processor::commit_gate::CommitGate;
+use crate::state::{Marker, MarkerStore, StateError};
+
+use super::InputRecord;
+
+/// What a task is configured with (from [`crate::config::Settings`]).
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub partition: i32,
+    pub table: TableConfig,
+    /// How old an open marker must be before the scan re-pushes it.
+    pub compensation_grace: Duration,
+    /// How often a commit also checkpoints the store (closing always does).
+    pub checkpoint_every: Duration,
+    /// Delay before a failed push or dead letter is tried again.
+    pub retry_backoff: Duration,
+}
+
+/// A timer the shell runs and reports with [`TaskCore::tick`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// Commit the covered position (`commit_interval`).
+    Commit,
+    /// Hand the held markers to the changelog ([`CHANGELOG_EVERY`]).
+    ChangelogFlush,
+    /// The compensation scan (`compensation.interval`).
+    Compensation,
+}
+
+/// How long a key's marker may wait in memory for a newer one before it is
+/// written to the changelog: a key's writes within this window become one
+/// record.
+pub const CHANGELOG_EVERY: Duration = Duration::from_millis(100);
+
+/// A push to produce, and what the core needs back with its outcome.
+#[derive(Clone, Debug)]
+pub struct Flight {
+    pub push: Push,
+    /// The marker markT1 wrote for this push. One push per key is in flight,
+    /// so it is still the key's marker when the push is acknowledged.
+    pub marker: Marker,
+    /// The push's value as produced (`None`: a tombstone).
+    pub value: Option<Bytes>,
+}
+
+/// A record on its way to the dead-letter topic.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// Names this dead letter in [`TaskCore::dead_letter_done`].
+    pub id: u64,
+    pub record: InputRecord,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// What the shell must carry out, in the order given.
+#[derive(Debug)]
+pub enum Action {
+    /// Produce this push after `delay` (a retry's backoff), then report
+    /// [`TaskCore::push_done`] with the flight.
+    Push { flight: Flight, delay: Duration },
+    /// Produce a changelog record (`None`: a tombstone) to the task's
+    /// changelog partition. Writes are acknowledged in `seq` order; report
+    /// each with [`TaskCore::changelog_done`].
+    WriteChangelog {
+        seq: u64,
+        key: Bytes,
+        value: Option<Vec<u8>>,
+    },
+    /// Produce a dead letter after `delay`, then report
+    /// [`TaskCore::dead_letter_done`].
+    DeadLetter { letter: DeadLetter, delay: Duration },
+    /// Commit the input partition at this position.
+    Commit(i64),
+    /// Checkpoint the store: it is complete up to this changelog offset.
+    Checkpoint(i64),
+    /// Closing is over: commit this final position, if any, and drop the task.
+    Closed(Option<i64>),
+}
+
+/// Where the task is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// No more records; pushes and dead letters in flight may finish.
+    Draining,
+    /// Every held marker is handed to the changelog; waiting for the writes
+    /// up to `until` (rewrites of failed ones are not waited for).
+    Flushing {
+        until: u64,
+        ok: bool,
+    },
+    Closed,
+}
+
+/// What a compensation scan did, for its metric.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scanned {
+    pub open_markers: usize,
+    pub repushed: u64,
+}
+
+/// The pure core of one partition's task.
+pub struct TaskCore<S> {
+    config: CoreConfig,
+    codec: Arc<Codec>,
+    table: Table,
+    store: S,
+    phase: Phase,
+    /// Records taken and not yet processed: a batch is taken whole and
+    /// processed while the table is not saturated.
+    inbox: std::vec::IntoIter<InputRecord>,
+    /// Pushes started in this turn, produced at its end
+    /// ([`TaskCore::end_turn`]) so that each carries what the turn merged
+    /// behind it.
+    starting: Vec<Push>,
+    /// Pushes handed to the shell whose outcome is not known yet.
+    pushes_in_flight: usize,
+    dead_letters: HashMap<u64, DeadLetter>,
+    next_dead_letter: u64,
+    /// Markers written to the store and not yet to the changelog, the
+    /// newest per key (`None`: a tombstone). Encoded only when written:
+    /// most are replaced before.
+    unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
+    /// Changelog writes not yet acknowledged, oldest first, with their key.
+    changelog_writes: VecDeque<(u64, Bytes)>,
+    /// `seq` of the newest changelog write.
+    changelog_seq: u64,
+    /// One past the newest acknowledged changelog offset (for checkpoints).
+    changelog_next: i64,
+    commit_gate: CommitGate,
+    committed: Option<i64>,
+    /// When the store was last checkpointed (ns).
+    checkpointed_at: u64,
+    actions: VecDeque<Action>,
+    metrics: PartitionMetrics,
+}
+
+impl<S: MarkerStore> TaskCore<S> {
+    /// A task over a restored store, complete up to changelog offset
+    /// `changelog_next`.
+    pub fn new(
+        config: CoreConfig,
+        codec: Arc<Codec>,
+        store: S,
+        changelog_next: i64,
+        metrics: PartitionMetrics,
+        now: u64,
+    ) -> Self {
+        TaskCore {
+            table: Table::new(config.table),
+            config,
+            codec,
+            store,
+            phase: Phase::Running,
+            inbox: Vec::new().into_iter(),
+            starting: Vec::new(),
+            pushes_in_flight: 0,
+            dead_letters: HashMap::new(),
+            next_dead_letter: 0,
+            unlogged: HashMap::default(),
+            changelog_writes: VecDeque::new(),
+            changelog_seq: 0,
+            changelog_next,
+            commit_gate: CommitGate::default(),
+            committed: None,
+            checkpointed_at: now,
+            actions: VecDeque::new(),
+            metrics,
+        }
+    }
+
+    /// The next action to carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Gives the store back (the task is over).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    pub fn stats(&self) -> TableStats {
+        self.table.stats()
+    }
+
+    /// Whether the task takes another batch: it is running, its inbox is
+    /// done and the table has room.
+    pub fn wants_records(&self) -> bool {
+        self.phase == Phase::Running
+            && self.inbox.as_slice().is_empty()
+            && !self.table.is_saturated()
+    }
+
+    /// Whether closing is over.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Pushes and dead letters whose outcome is awaited.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (self.pushes_in_flight, self.dead_letters.len())
+    }
+
+    /// A batch of records, in offset order, becomes the inbox (processed by
+    /// [`TaskCore::end_turn`]). Only when [`TaskCore::wants_records`].
+    pub fn take(&mut self, batch: Vec<InputRecord>) {
+        debug_assert!(self.wants_records());
+        self.inbox = batch.into_iter();
+    }
+
+    /// Ends a turn of the shell's loop: processes the inbox until it is
+    /// empty or the table is saturated (the rest waits for acknowledgements
+    /// to free keys), then produces the pushes started this turn, each
+    /// carrying the newest of the records in hand: a burst of a key read in
+    /// one batch is one push. Returns the (records, key and value bytes)
+    /// processed, for the backlog.
+    pub fn end_turn(&mut self, now: u64) -> (usize, usize) {
+        let (mut records, mut bytes) = (0, 0);
+        while self.phase == Phase::Running && !self.table.is_saturated() {
+            let Some(record) = self.inbox.next() else {
+                break;
+            };
+            records += 1;
+            bytes += record.bytes();
+            self.record(record, now);
+        }
+        let mut starting = std::mem::take(&mut self.starting);
+        for push in starting.drain(..) {
+            let push = self.table.catch_up(push);
+            self.start(push, Duration::ZERO);
+        }
+        self.starting = starting;
+        (records, bytes)
+    }
+
+    fn record(&mut self, record: InputRecord, now: u64) {
+        self.metrics.emit(RecordReceived);
+        let offset = record.offset;
+        let decoded = match self
+            .codec
+            .decode_record_bytes(record.key.as_deref(), record.payload.as_ref())
+        {
+            Ok(decoded) => decoded,
+            Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
+        };
+        let key = record.key.clone().unwrap_or_default();
+        // An unknown key's marker is read once, to seed it; from then on the
+        // table knows what its next marker needs.
+        if !self.table.knows(&key) {
+            self.seed(&key);
+        }
+        let event = Event {
+            key,
+            offset,
+            version: decoded.version,
+            payload: decoded.payload,
+        };
+        match self.table.offer(event, now) {
+            Ok(Offer::Started(push)) => self.starting.push(push),
+            Ok(Offer::Merged) => self.metrics.emit(EventMerged),
+            Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
+            Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
+        }
+    }
+
+    /// Starts the table's entry for a key from its stored marker, so replayed
+    /// events are not pushed again and patches fold onto the stored value.
+    fn seed(&mut self, key: &Bytes) {
+        match self.store.get(key) {
+            Ok(Some(marker)) => self.seed_from(key, &marker),
+            Ok(None) => {}
+            Err(e) => warn!(
+                partition = self.config.partition,
+                "reading the marker failed, key starts unseeded: {e}"
+            ),
+        }
+    }
+
+    /// The table learns a key's marker: its version, t1 and t2, and its value.
+    fn seed_from(&mut self, key: &Bytes, marker: &Marker) {
+        let payload = self.codec.stored(marker.value.as_ref());
+        self.table.seed(
+            key.clone(),
+            marker.version,
+            marker.t1,
+            marker.t2,
+            Some(payload),
+        );
+    }
+
+    /// markT1, then the push (after `delay`, for retries). The marker is
+    /// written from the push alone (its `acked_tn` is the t2 the marker
+    /// keeps), without reading the key's previous one; after an
+    /// acknowledgement it is also that push's markT2: one write, one
+    /// changelog record.
+    fn start(&mut self, push: Push, delay: Duration) {
+        let value = self.codec.encode(&push.payload, push.version);
+        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone());
+        self.mark(&push.key, Some(&marker));
+        self.metrics.emit(KeysInFlight(self.table.active_keys()));
+        self.pushes_in_flight += 1;
+        self.actions.push_back(Action::Push {
+            flight: Flight {
+                push,
+                marker,
+                value,
+            },
+            delay,
+        });
+    }
+
+    /// A push's outcome: acknowledged (`Ok`) after `latency`, or failed.
+    /// A failed push is tried again at once with the key's newest value,
+    /// after the backoff, while running; while closing it keeps its marker
+    /// open for compensation after the restart.
+    pub fn push_done(
+        &mut self,
+        now: u64,
+        flight: Flight,
+        outcome: Result<(), String>,
+        latency: Duration,
+    ) {
+        if self.phase == Phase::Closed {
+            return; // abandoned at the close's deadline
+        }
+        self.pushes_in_flight -= 1;
+        let Flight { push, marker, .. } = flight;
+        match outcome {
+            Ok(()) => self.acknowledge(push, marker, latency, now),
+            Err(error) => {
+                self.metrics.emit(PushFailed {
+                    key: &push.key,
+                    error: &error,
+                });
+                if self.phase != Phase::Running {
+                    return self.drained();
+                }
+                match self.table.fail(push, now) {
+                    Ok(retry) => self.start(retry, self.config.retry_backoff),
+                    Err(e) => debug!("failure of an unknown push: {e}"),
+                }
+            }
+        }
+    }
+
+    /// markT2 and the table's next step for the key. While closing there is
+    /// no next step: the events merged behind the push stay uncommitted and
+    /// are replayed by the next owner.
+    fn acknowledge(&mut self, push: Push, marker: Marker, latency: Duration, now: u64) {
+        self.metrics.emit(PushAcknowledged {
+            compensation: push.compensation,
+            latency,
+        });
+        let running = self.phase == Phase::Running;
+        let next = if running {
+            match self.table.complete(&push.key, push.tn, now) {
+                Ok(next) => next,
+                Err(e) => return debug!("acknowledgement of an unknown push: {e}"),
+            }
+        } else {
+            None
+        };
+        match next {
+            // markT2 and the next push's markT1 in one write: {t1: next, t2:
+            // this}, at the end of the turn (see `starting`).
+            Some(next) => self.starting.push(next),
+            None => {
+                let acknowledged = marker.acknowledged(push.tn);
+                if marker.value.is_none() && running {
+                    // A delete that stayed the key's last word: its state goes.
+                    self.mark(&push.key, None)
+                } else {
+                    self.mark(&push.key, Some(&acknowledged))
+                }
+                self.metrics.emit(KeysInFlight(self.table.active_keys()))
+            }
+        }
+        if !running {
+            self.drained();
+        }
+    }
+
+    /// Writes a marker (or removes it) in the store, and holds it for the
+    /// changelog (see [`TaskCore::log_markers`]).
+    fn mark(&mut self, key: &Bytes, marker: Option<&Marker>) {
+        let written = match marker {
+            Some(marker) => self.store.put(key, marker).map_err(|e| ("write", e)),
+            None => self.store.delete(key).map_err(|e| ("delete", e)),
+        };
+        if let Err((what, e)) = written {
+            return warn!(
+                partition = self.config.partition,
+                "store {what} failed: {e}"
+            );
+        }
+        self.unlogged.insert(key.clone(), marker.cloned());
+    }
+
+    /// Hands the held markers to the changelog, one record per key, after
+    /// another attempt at the keys whose failed write could not be written
+    /// again (see [`TaskCore::changelog_done`]).
+    fn log_markers(&mut self) {
+        for key in self.commit_gate.retry() {
+            match self.write_again(key) {
+                Ok(write) => self.commit_gate.wrote_again(write),
+                Err(e) => debug!(
+                    partition = self.config.partition,
+                    "marker still unreadable: {e}"
+                ),
+            }
+        }
+        for (key, marker) in std::mem::take(&mut self.unlogged) {
+            self.write_changelog(key, marker.as_ref());
+        }
+    }
+
+    /// One changelog record (`None`: a tombstone).
+    fn write_changelog(&mut self, key: Bytes, marker: Option<&Marker>) {
+        let value = marker.map(|m| self.store.encode(m));
+        self.changelog_seq += 1;
+        self.changelog_writes
+            .push_back((self.changelog_seq, key.clone()));
+        self.actions.push_back(Action::WriteChangelog {
+            seq: self.changelog_seq,
+            key,
+            value,
+        });
+    }
+
+    /// The oldest changelog write was acknowledged at `offset`, or failed.
+    /// A key whose write failed is written again from the store's *current*
+    /// marker (re-sending the failed bytes could let an older marker win
+    /// compaction over a newer one); a commit held behind the failed write
+    /// now waits for the rewrite. If the marker cannot be read back, no
+    /// commit goes out until a later attempt writes it.
+    pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, String>) {
+        let Some((seq, key)) = self.changelog_writes.pop_front() else {
+            return;
+        };
+        let ok = match outcome {
+            Ok(offset) => {
+                self.metrics.emit(ChangelogWritten(1));
+                self.changelog_next = self.changelog_next.max(offset + 1);
+                if self.phase == Phase::Running {
+                    self.release_held_commit(now);
+                }
+                true
+            }
+            Err(e) => {
+                warn!(
+                    partition = self.config.partition,
+                    "changelog write failed, will write the key again: {e}"
+                );
+                match self.write_again(key) {
+                    Ok(rewrite) => self.commit_gate.rewritten(seq, rewrite),
+                    Err(e) => warn!(
+                        partition = self.config.partition,
+                        "cannot re-read a marker to write it again; commits wait until it is written: {e}"
+                    ),
+                }
+                false
+            }
+        };
+        if let Phase::Flushing { until, ok: flushed } = &mut self.phase {
+            if seq <= *until {
+                *flushed &= ok;
+            }
+            self.flushed();
+        }
+    }
+
+    /// Writes a key whose changelog write failed again, with its current
+    /// marker (the one held for the changelog, else the store's): the new
+    /// write's `seq`. An error if the marker cannot be read back; the
+    /// commit gate then holds commits until a later attempt.
+    fn write_again(&mut self, key: Bytes) -> Result<u64, StateError> {
+        let marker = match self.unlogged.remove(&key) {
+            Some(held) => Ok(held),
+            None => self.store.get(&key),
+        };
+        match marker {
+            Ok(marker) => {
+                self.write_changelog(key, marker.as_ref());
+                Ok(self.changelog_seq)
+            }
+            Err(e) => {
+                self.commit_gate.unwritten(key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a record to the dead-letter topic unchanged, holding its offset
+    /// until the dead letter is acknowledged (retrying, never dropping).
+    fn dead_letter(&mut self, record: InputRecord, reason: &'static str, detail: String) {
+        let offset = record.offset;
+        if let Err(e) = self.table.hold(offset) {
+            return warn!(
+                partition = self.config.partition,
+                offset, "cannot hold the offset of a dead letter: {e}"
+            );
+        }
+        self.metrics.emit(DeadLettered {
+            offset,
+            reason,
+            detail: &detail,
+        });
+        self.next_dead_letter += 1;
+        let letter = DeadLetter {
+            id: self.next_dead_letter,
+            record,
+            reason,
+            detail,
+        };
+        self.dead_letters.insert(letter.id, letter.clone());
+        self.actions.push_back(Action::DeadLetter {
+            letter,
+            delay: Duration::ZERO,
+        });
+    }
+
+    /// A dead letter's outcome: acknowledged releases its offset; a failure
+    /// writes it again after the backoff.
+    pub fn dead_letter_done(&mut self, id: u64, outcome: Result<(), String>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        match outcome {
+            Ok(()) => {
+                if let Some(letter) = self.dead_letters.remove(&id) {
+                    self.table.release(letter.record.offset);
+                }
+                if self.phase != Phase::Running {
+                    self.drained();
+                }
+            }
+            Err(e) => {
+                let Some(letter) = self.dead_letters.get(&id) else {
+                    return;
+                };
+                warn!(
+                    partition = self.config.partition,
+                    offset = letter.record.offset,
+                    "dead letter not written, retrying: {e}"
+                );
+                self.actions.push_back(Action::DeadLetter {
+                    letter: letter.clone(),
+                    delay: self.config.retry_backoff,
+                });
+            }
+        }
+    }
+
+    /// A timer fired. The compensation scan returns what it did.
+    pub fn tick(&mut self, now: u64, timer: Timer) -> Option<Scanned> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        match timer {
+            Timer::Commit => self.commit(now),
+            Timer::ChangelogFlush => self.log_markers(),
+            Timer::Compensation => return Some(self.compensate(now)),
+        }
+        None
+    }
+
+    /// Commits the covered position once the changelog has caught up with
+    /// it: at once if every write is acknowledged, else held until the
+    /// writes made so far are (see [`TaskCore::release_held_commit`]).
+    fn commit(&mut self, now: u64) {
+        let Some(position) = self.table.commit_position() else {
+            return;
+        };
+        if self.committed == Some(position) {
+            return;
+        }
+        // The markers behind `position` may still be held: write them now,
+        // and hold the commit until they are acknowledged.
+        self.log_markers();
+        self.commit_gate.ask(position, self.changelog_seq);
+        self.release_held_commit(now);
+    }
+
+    /// Sends the held commit if the markers behind it are durable (see
+    /// [`CommitGate::release`]), and with it, every `checkpoint_every`, a
+    /// checkpoint.
+    fn release_held_commit(&mut self, now: u64) {
+        let oldest_pending = self.changelog_writes.front().map(|(seq, _)| *seq);
+        let Some(position) = self.commit_gate.release(oldest_pending) else {
+            return; // the markers behind the offsets are not durable yet
+        };
+        self.committed = Some(position);
+        self.actions.push_back(Action::Commit(position));
+        // A checkpoint flushes the store's memtables, synchronously: not at
+        // every commit (the stall shows in the push latency), but often
+        // enough that a restart after a crash replays little.
+        let every = self.config.checkpoint_every.as_nanos() as u64;
+        if now.saturating_sub(self.checkpointed_at) >= every {
+            self.checkpointed_at = now;
+            // Every marker in the checkpoint is at least on its way to the
+            // changelog.
+            self.log_markers();
+            self.actions
+                .push_back(Action::Checkpoint(self.changelog_next));
+        }
+    }
+
+    /// The compensation scan: re-push open markers older than the grace
+    /// period whose key is not in flight, through the table.
+    fn compensate(&mut self, now: u64) -> Scanned {
+        let grace = self.config.compensation_grace.as_nanos() as u64;
+        let due = match crate::compensation::due(&self.store, now, grace) {
+            Ok(due) => due,
+            Err(e) => {
+                warn!(
+                    partition = self.config.partition,
+                    "compensation scan failed: {e}"
+                );
+                return Scanned::default();
+            }
+        };
+        let mut repushed = 0;
+        for (key, marker) in due {
+            if self.table.in_flight(&key) {
+                continue;
+            }
+            if !self.table.knows(&key) {
+                // As for an event of an unknown key: the table learns the
+                // marker first (the push's marker keeps its t2).
+                self.seed_from(&key, &marker);
+            }
+            let payload = self.codec.stored(marker.value.as_ref());
+            if let Some(push) = self.table.compensate(&key, marker.version, payload, now) {
+                repushed += 1;
+                self.start(push, Duration::ZERO);
+            }
+        }
+        Scanned {
+            open_markers: self.store.open_count(),
+            repushed,
+        }
+    }
+
+    /// Closing (revoke or shutdown): stop taking events, let pushes and
+    /// dead letters in flight finish, then flush the markers, checkpoint and
+    /// report the final position. The shell bounds the wait with
+    /// [`TaskCore::close_timed_out`].
+    pub fn close(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        self.phase = Phase::Draining;
+        // Unprocessed records stay uncommitted: the next owner reads them.
+        self.inbox = Vec::new().into_iter();
+        // Pushes started this turn and not produced: their events are not
+        // committed either, and their markers, already in the store, close
+        // at the next owner's replay or compensation.
+        self.starting.clear();
+        self.drained();
+    }
+
+    /// The close's wait for pushes and dead letters ran out: they are
+    /// abandoned (their events stay uncommitted and are replayed).
+    pub fn close_timed_out(&mut self) {
+        if self.phase != Phase::Draining {
+            return;
+        }
+        warn!(
+            partition = self.config.partition,
+            pending = self.pushes_in_flight,
+            "pushes still in flight at the shutdown timeout; their events will be replayed"
+        );
+        self.pushes_in_flight = 0;
+        self.dead_letters.clear();
+        self.drained();
+    }
+
+    /// While draining: once nothing is in flight, hand every held marker to
+    /// the changelog and wait for those writes.
+    fn drained(&mut self) {
+        if self.phase != Phase::Draining
+            || self.pushes_in_flight > 0
+            || !self.dead_letters.is_empty()
+        {
+            return;
+        }
+        self.log_markers();
+        self.phase = Phase::Flushing {
+            until: self.changelog_seq,
+            ok: !self.commit_gate.is_blocked(),
+        };
+        self.flushed();
+    }
+
+    /// While flushing: once the writes it waits for are answered, the
+    /// checkpoint and the final position (only if they all succeeded), and
+    /// the end.
+    fn flushed(&mut self) {
+        let Phase::Flushing { until, ok } = self.phase else {
+            return;
+        };
+        if self
+            .changelog_writes
+            .front()
+            .is_some_and(|(seq, _)| *seq <= until)
+        {
+            return;
+        }
+        let position = if ok {
+            self.table.commit_position()
+        } else {
+            None
+        };
+        self.actions
+            .push_back(Action::Checkpoint(self.changelog_next));
+        self.actions.push_back(Action::Closed(position));
+        self.phase = Phase::Closed;
+    }
+}

@@ -1,0 +1,490 @@
+//! The async shell of a partition task: it opens and restores the store,
+//! then feeds the [`TaskCore`] what happens (records, push, changelog and
+//! dead-letter outcomes, timers, the close request) and carries out the
+//! actions the core asks for, in order, before the next input.
+//!
+//! Records are produced when the core asks, not in a task of their own:
+//! the changelog keeps the order of a key's markers (its compaction keeps
+//! the last one), and a delivery costs no tokio task. The shell awaits the
+//! deliveries itself (push and dead-letter outcomes in any order, changelog
+//! acknowledgements oldest first: they all go to one partition).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn, Instrument};
+
+use crate::codec::Codec;
+use crate::config::Settings;
+use crate::engine::{Push, TableConfig};
+use crate::internal_events::{CompensationScanned, PartitionRestored};
+use crate::kafka::{headers, send_waiting};
+use crate::metrics::Metrics;
+use crate::processor::restore;
+use crate::state::Store;
+
+use super::core::{Action, CoreConfig, DeadLetter, Flight, TaskCore, Timer, CHANGELOG_EVERY};
+use super::{Backlog, InputRecord, TaskInput};
+
+/// What every partition task of a member uses.
+pub struct TaskResources {
+    pub settings: Settings,
+    pub producer: FutureProducer,
+    pub codec: Arc<Codec>,
+    pub changelog: String,
+    /// Commit requests to the poll thread: (partition, offset).
+    pub commits: std::sync::mpsc::Sender<(i32, i64)>,
+    /// A partition task that cannot go on reports here; the process stops
+    /// with an error rather than hold a partition it does not process.
+    pub failures: std::sync::mpsc::Sender<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How often a commit also checkpoints the store (revoke and shutdown always do).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+/// Delay before a failed push or dead letter is tried again.
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Starts the task of one assigned partition on `runtime`.
+pub fn spawn(
+    resources: Arc<TaskResources>,
+    runtime: &tokio::runtime::Handle,
+    topic: String,
+    partition: i32,
+) -> TaskInput {
+    let (records_tx, records) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let (close_tx, close) = oneshot::channel();
+    let pipe = Pipe {
+        records,
+        backlog: backlog.clone(),
+    };
+    let span = tracing::info_span!("partition", topic = %topic, partition);
+    runtime.spawn(
+        async move {
+            let failures = resources.failures.clone();
+            if let Err(error) = run(resources, topic.clone(), partition, pipe, close).await {
+                tracing::error!("partition task failed: {error}");
+                let _ = failures.send(format!("partition {topic}[{partition}]: {error}"));
+            }
+        }
+        .instrument(span),
+    );
+    TaskInput {
+        records: records_tx,
+        backlog,
+        close: close_tx,
+    }
+}
+
+/// The task's end of its [`TaskInput`].
+struct Pipe {
+    records: mpsc::UnboundedReceiver<Vec<InputRecord>>,
+    backlog: Arc<Backlog>,
+}
+
+/// A push on its way (produced, or waiting out a retry's backoff),
+/// resolving to its outcome and its time from produce to outcome.
+type PushInFlight = Pin<Box<dyn Future<Output = (Flight, Result<(), String>, Duration)> + Send>>;
+
+/// A dead letter on its way, resolving to its id and outcome.
+type DeadLetterInFlight = Pin<Box<dyn Future<Output = (u64, Result<(), String>)> + Send>>;
+
+/// The shell's side of a running task: the core, and the deliveries it
+/// awaits on the core's behalf.
+struct Shell {
+    resources: Arc<TaskResources>,
+    topic: String,
+    partition: i32,
+    core: TaskCore<Store>,
+    pushes: FuturesUnordered<PushInFlight>,
+    dead_letters: FuturesUnordered<DeadLetterInFlight>,
+    /// Changelog writes not yet acknowledged, oldest first: the delivery,
+    /// or why the producer refused the record.
+    changelog_writes: VecDeque<Result<DeliveryFuture, String>>,
+    /// Where the final position goes once the core has closed.
+    reply: Option<std::sync::mpsc::Sender<Option<i64>>>,
+}
+
+async fn run(
+    resources: Arc<TaskResources>,
+    topic: String,
+    partition: i32,
+    mut pipe: Pipe,
+    mut close: oneshot::Receiver<std::sync::mpsc::Sender<Option<i64>>>,
+) -> Result<(), String> {
+    let settings = &resources.settings;
+    let dir = Store::dir(
+        &settings.state_dir,
+        &settings.application_id,
+        &topic,
+        partition,
+    );
+    let (store, opened) = Store::open(&dir).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let (store, restored) = {
+        let resources = resources.clone();
+        tokio::task::spawn_blocking(move || {
+            // Asked over the producer's open connections: a partition whose
+            // store is complete then needs no reader of its own (on a
+            // rebalance, one per assigned partition, each connecting). On
+            // failure the restore's own reader asks, and reports the error.
+            let watermarks = resources
+                .producer
+                .client()
+                .fetch_watermarks(&resources.changelog, partition, restore::WATERMARKS_TIMEOUT)
+                .ok();
+            let result = restore::restore(
+                &resources.settings,
+                &resources.changelog,
+                partition,
+                &store,
+                opened,
+                watermarks,
+                &mut |_, _| {},
+            );
+            (store, result)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
+    let restored = restored.map_err(|e| e.to_string())?;
+    let metrics = resources.metrics.partition(partition);
+    metrics.emit(PartitionRestored {
+        topic: &topic,
+        records: restored.records,
+        open_markers: store.open_count().unwrap_or(0),
+        from: opened,
+        elapsed: started.elapsed(),
+    });
+
+    let config = CoreConfig {
+        partition,
+        table: TableConfig {
+            policy: settings.singleflight.merge_policy,
+            max_active_keys: settings.singleflight.max_active_keys,
+        },
+        compensation_grace: settings.compensation.grace,
+        checkpoint_every: CHECKPOINT_EVERY,
+        retry_backoff: RETRY_BACKOFF,
+    };
+    let core = TaskCore::new(
+        config,
+        resources.codec.clone(),
+        store,
+        restored.next_offset,
+        metrics,
+        now_ns(),
+    );
+    let mut shell = Shell {
+        resources: resources.clone(),
+        topic,
+        partition,
+        core,
+        pushes: FuturesUnordered::new(),
+        dead_letters: FuturesUnordered::new(),
+        changelog_writes: VecDeque::new(),
+        reply: None,
+    };
+    let mut commit_tick = tokio::time::interval(settings.commit_interval);
+    let mut compensation_tick = tokio::time::interval(settings.compensation.interval);
+    let mut changelog_tick = tokio::time::interval(CHANGELOG_EVERY);
+    compensation_tick.tick().await; // the first tick is immediate; skip it
+
+    loop {
+        // One clock reading per turn: a turn takes well under a millisecond,
+        // and tn only has to grow per key, which the table ensures.
+        let reply = tokio::select! {
+            biased;
+            reply = &mut close => Some(reply.ok()),
+            Some((flight, outcome, latency)) = shell.pushes.next(), if !shell.pushes.is_empty() => {
+                shell.core.push_done(now_ns(), flight, outcome, latency);
+                None
+            }
+            acked = front_acknowledged(&mut shell.changelog_writes), if !shell.changelog_writes.is_empty() => {
+                shell.changelog_writes.pop_front();
+                shell.core.changelog_done(now_ns(), acked);
+                None
+            }
+            Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
+                shell.core.dead_letter_done(id, outcome);
+                None
+            }
+            _ = commit_tick.tick() => { shell.core.tick(now_ns(), Timer::Commit); None }
+            _ = changelog_tick.tick() => { shell.core.tick(now_ns(), Timer::ChangelogFlush); None }
+            _ = compensation_tick.tick() => {
+                let started = Instant::now();
+                if let Some(scanned) = shell.core.tick(now_ns(), Timer::Compensation) {
+                    shell.resources.metrics.partition(partition).emit(CompensationScanned {
+                        elapsed: started.elapsed(),
+                        open_markers: scanned.open_markers,
+                        repushed: scanned.repushed,
+                    });
+                }
+                None
+            }
+            batch = pipe.records.recv(), if shell.core.wants_records() => match batch {
+                Some(batch) => { shell.core.take(batch); None }
+                None => Some(None),
+            },
+        };
+        shell.carry_out();
+        if let Some(reply) = reply {
+            shell.reply = reply;
+            break;
+        }
+        // Records that are already waiting join this turn, so the pushes it
+        // starts (an acknowledgement's next push too) carry them.
+        if shell.core.wants_records() {
+            if let Ok(batch) = pipe.records.try_recv() {
+                shell.core.take(batch);
+            }
+        }
+        let (records, bytes) = shell.core.end_turn(now_ns());
+        if records > 0 {
+            pipe.backlog.processed(records, bytes);
+        }
+        shell.carry_out();
+    }
+
+    // Closing (revoke or shutdown): the core stops taking events, lets
+    // pushes in flight finish (bounded here), flushes its markers, and
+    // reports the position to commit.
+    pipe.records.close();
+    shell.core.close();
+    shell.carry_out();
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    let mut timed_out = false;
+    while !shell.core.is_closed() {
+        tokio::select! {
+            Some((flight, outcome, latency)) = shell.pushes.next(), if !shell.pushes.is_empty() => {
+                shell.core.push_done(now_ns(), flight, outcome, latency);
+            }
+            Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
+                shell.core.dead_letter_done(id, outcome);
+            }
+            acked = front_acknowledged(&mut shell.changelog_writes), if !shell.changelog_writes.is_empty() => {
+                shell.changelog_writes.pop_front();
+                shell.core.changelog_done(now_ns(), acked);
+            }
+            _ = tokio::time::sleep_until(deadline), if !timed_out => {
+                timed_out = true;
+                shell.core.close_timed_out();
+                shell.pushes.clear();
+                shell.dead_letters.clear();
+            }
+        }
+        shell.carry_out();
+    }
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Shell {
+    /// Carries out every action the core asked for, in order.
+    fn carry_out(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Push { flight, delay } => self.push(flight, delay),
+                Action::WriteChangelog { key, value, .. } => {
+                    let mut record = FutureRecord::to(&self.resources.changelog)
+                        .key(key.as_ref())
+                        .partition(self.partition);
+                    if let Some(value) = value.as_deref() {
+                        record = record.payload(value);
+                    }
+                    let delivery = produce_now(&self.resources.producer, record);
+                    self.changelog_writes.push_back(delivery);
+                }
+                Action::DeadLetter { letter, delay } => self.dead_letter(letter, delay),
+                Action::Commit(position) => {
+                    let _ = self.resources.commits.send((self.partition, position));
+                }
+                Action::Checkpoint(next_offset) => {
+                    if let Err(e) = self.core.store().checkpoint(next_offset) {
+                        warn!(
+                            partition = self.partition,
+                            "checkpoint failed (a restart restores in full): {e}"
+                        );
+                    }
+                }
+                Action::Closed(position) => {
+                    info!(partition = self.partition, ?position, stats = ?self.core.stats(), "partition closed");
+                    if let Some(reply) = self.reply.take() {
+                        let _ = reply.send(position);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Produces a push (after `delay`, for retries).
+    fn push(&mut self, flight: Flight, delay: Duration) {
+        let topic = &self.resources.settings.topics.pushed;
+        let in_flight: PushInFlight = if delay.is_zero() {
+            let produced = Instant::now();
+            let sent = produce_now(
+                &self.resources.producer,
+                push_record(topic, &flight.push, flight.value.as_deref()),
+            );
+            Box::pin(delivery(flight, sent, produced))
+        } else {
+            let (producer, topic) = (self.resources.producer.clone(), topic.clone());
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let produced = Instant::now();
+                let sent = produce_now(
+                    &producer,
+                    push_record(&topic, &flight.push, flight.value.as_deref()),
+                );
+                delivery(flight, sent, produced).await
+            })
+        };
+        self.pushes.push(in_flight);
+    }
+
+    /// Produces a record unchanged to the dead-letter topic (after `delay`,
+    /// for retries), with where it came from and why in its headers.
+    fn dead_letter(&mut self, letter: DeadLetter, delay: Duration) {
+        let producer = self.resources.producer.clone();
+        let topic = self.resources.settings.topics.dead_letter.clone();
+        let source = self.topic.clone();
+        let partition = self.partition;
+        self.dead_letters.push(Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let (partition, offset) = (partition.to_string(), letter.record.offset.to_string());
+            let headers = OwnedHeaders::new_with_capacity(5)
+                .insert(Header {
+                    key: headers::ERROR,
+                    value: Some(&letter.detail),
+                })
+                .insert(Header {
+                    key: headers::ERROR_REASON,
+                    value: Some(letter.reason),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_TOPIC,
+                    value: Some(&source),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_PARTITION,
+                    value: Some(&partition),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_OFFSET,
+                    value: Some(&offset),
+                });
+            let mut out = FutureRecord::to(&topic).headers(headers);
+            if let Some(key) = letter.record.key.as_deref() {
+                out = out.key(key);
+            }
+            if let Some(value) = letter.record.payload.as_deref() {
+                out = out.payload(value);
+            }
+            let outcome = match producer.send(out, Timeout::Never).await {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(e.to_string()),
+            };
+            (letter.id, outcome)
+        }));
+    }
+}
+
+/// The outcome of the oldest changelog write: its offset, or why it failed.
+/// Cancel-safe: the write stays at the front until the caller pops it.
+async fn front_acknowledged(
+    writes: &mut VecDeque<Result<DeliveryFuture, String>>,
+) -> Result<i64, String> {
+    match writes.front_mut() {
+        Some(Ok(delivery)) => acknowledged(delivery.await),
+        Some(Err(refused)) => Err(refused.clone()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Awaits a produced push's delivery.
+async fn delivery(
+    flight: Flight,
+    sent: Result<DeliveryFuture, String>,
+    produced: Instant,
+) -> (Flight, Result<(), String>, Duration) {
+    let outcome = match sent {
+        Ok(delivery) => acknowledged(delivery.await).map(drop),
+        Err(refused) => Err(refused),
+    };
+    (flight, outcome, produced.elapsed())
+}
+
+/// A delivery's offset, or its error.
+fn acknowledged(
+    delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, impl Sized>,
+) -> Result<i64, String> {
+    match delivery {
+        Ok(Ok(delivered)) => Ok(delivered.offset),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("the producer dropped the delivery report".into()),
+    }
+}
+
+/// Hands a record to the producer now, so records leave in the order they
+/// are written (a full queue is waited out: see [`send_waiting`]).
+#[allow(clippy::result_large_err)] // rust-rdkafka hands the record back
+fn produce_now(
+    producer: &FutureProducer,
+    record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, String> {
+    send_waiting(record, |r| producer.send_result(r)).map_err(|e| e.to_string())
+}
+
+/// A push as a record: the merged value, keyflight's metadata in headers.
+fn push_record<'a>(
+    topic: &'a str,
+    push: &'a Push,
+    value: Option<&'a [u8]>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let (mut version, mut tn, mut merged) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
+    let headers = OwnedHeaders::new_with_capacity(4)
+        .insert(Header {
+            key: headers::VERSION,
+            value: Some(version.format(push.version)),
+        })
+        .insert(Header {
+            key: headers::TN,
+            value: Some(tn.format(push.tn)),
+        })
+        .insert(Header {
+            key: headers::MERGED,
+            value: Some(merged.format(push.merged)),
+        })
+        .insert(Header {
+            key: headers::COMPENSATION,
+            value: Some(if push.compensation { "true" } else { "false" }),
+        });
+    let mut record = FutureRecord::to(topic)
+        .key(push.key.as_ref())
+        .headers(headers);
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    record
+}

@@ -1,0 +1,24 @@
+//! keyflight's integration tests, one crate (each test binary links RocksDB
+//! and librdkafka, so one binary builds and links once). A module per
+//! concern; `support` starts a real broker (Tansu) per test, `sim` and
+//! `task_sim` are the simulations' models.
+//!
+//! Run one module with `cargo test --test integration MODULE::`, e.g.
+//! `cargo test --test integration simulation::`.
+
+mod support;
+
+mod sim;
+
+mod bench_smoke;
+mod broker;
+mod cli;
+mod decoders;
+mod deploy;
+mod devtools;
+mod interop;
+mod operability;
+mod pipeline;
+mod recovery;
+mod schemas;
+mod simulation;
