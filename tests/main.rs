@@ -9,6 +9,7 @@
 mod support;
 
 mod sim;
+mod task_sim;
 
 mod bench_smoke;
 mod broker;
@@ -22,3 +23,4 @@ mod pipeline;
 mod recovery;
 mod schemas;
 mod simulation;
+mod task_simulation;

@@ -498,6 +498,18 @@ impl<S: MarkerStore> TaskCore<S> {
                 }
                 true
             }
+            Err(e) if matches!(self.phase, Phase::Flushing { .. }) => {
+                // No write outlives the close: one landing after the next
+                // owner restored would be missing from its store, or win
+                // compaction over its newer marker. The close then commits
+                // and checkpoints nothing, so the next owner replays from
+                // the last commit, whose markers the changelog has.
+                warn!(
+                    partition = self.config.partition,
+                    "changelog write failed while closing: {e}"
+                );
+                false
+            }
             Err(e) => {
                 warn!(
                     partition = self.config.partition,
@@ -758,13 +770,17 @@ impl<S: MarkerStore> TaskCore<S> {
         {
             return;
         }
+        // A checkpoint claims the store is complete up to what the
+        // changelog acknowledged: after a failed flush the store holds
+        // markers the changelog may never get, so there is none, and the
+        // next start here restores in full. Nor is anything committed.
         let position = if ok {
+            self.actions
+                .push_back(Action::Checkpoint(self.changelog_next));
             self.table.commit_position()
         } else {
             None
         };
-        self.actions
-            .push_back(Action::Checkpoint(self.changelog_next));
         self.actions.push_back(Action::Closed(position));
         self.phase = Phase::Closed;
     }
