@@ -223,6 +223,39 @@ impl MemberEvent for OffsetsCommitted<'_> {
     }
 }
 
+/// A partition's task fell behind: the partition is paused until it
+/// catches up (backpressure).
+pub struct PartitionPaused {
+    pub partition: i32,
+    /// Records handed to the task and not yet processed.
+    pub held: usize,
+}
+
+impl MemberEvent for PartitionPaused {
+    fn emit(self, m: &Metrics) {
+        debug!(
+            partition = self.partition,
+            held = self.held,
+            "partition paused: its task is saturated"
+        );
+        let label = self.partition.to_string();
+        m.partition_pauses.with_label_values(&[&label]).inc();
+        m.partition_paused.with_label_values(&[&label]).set(1);
+    }
+}
+
+/// A paused partition's task caught up: the partition is resumed.
+pub struct PartitionResumed(pub i32);
+
+impl MemberEvent for PartitionResumed {
+    fn emit(self, m: &Metrics) {
+        debug!(partition = self.0, "partition resumed");
+        m.partition_paused
+            .with_label_values(&[&self.0.to_string()])
+            .set(0);
+    }
+}
+
 /// A sample of how far the committed offset trails the partition's end.
 pub struct LagSampled {
     pub partition: i32,

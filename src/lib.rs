@@ -31,8 +31,8 @@
 //!   [`processor::task::core`] that decides everything (markers, changelog
 //!   writes, commits, checkpoints, dead letters, compensation, closing) and
 //!   an async [`processor::task::shell`] that carries out its actions;
-//!   [`processor::commit_gate`] holds commits until the changelog has the
-//!   markers behind them; [`processor::restore`] rebuilds a store from the
+//!   `processor::commit_gate` holds commits until the changelog has the
+//!   markers behind them; `processor::restore` rebuilds a store from the
 //!   changelog.
 //! * [`state`]: the per-partition RocksDB store of markers `{t1, t2,
 //!   version, value}` with an index of open markers and Kafka Streams'
@@ -40,7 +40,7 @@
 //!   changelog with `schemas/marker.avsc`.
 //! * [`kafka`]: the client layer only. Client configuration from
 //!   [`config::Settings`], the one produce-with-backpressure helper, every
-//!   raw librdkafka call behind safe wrappers ([`kafka::ffi`]), the header
+//!   raw librdkafka call behind safe wrappers (`kafka::ffi`), the header
 //!   names ([`kafka::headers`]), the one topic reader ([`kafka::reader`],
 //!   used by restore, `verify`, `replay` and the tests), admin, replay, the
 //!   embedded broker and the load producer.
@@ -54,15 +54,15 @@
 //! * [`config`]: one typed settings tree layered defaults < TOML file <
 //!   `KEYFLIGHT_*` environment < flags; every error names its source, its
 //!   key and the problem.
-//! * [`internal_events`] and [`metrics`]: every happening worth a log line
+//! * `internal_events` and [`metrics`]: every happening worth a log line
 //!   or a metric is an event value that does both in one place; the
 //!   Prometheus registry, readiness, and the `/metrics` `/healthz`
 //!   `/readyz` server.
-//! * [`verify`], [`loadgen`]: the pure oracle of `keyflight verify` and the
+//! * `verify`, [`loadgen`]: the pure oracle of `keyflight verify` and the
 //!   event stream of `load` and `demo`.
 //! * [`cli`]: the `keyflight` binary's subcommands, one module each.
 //!
-//! One record, by name: `FetchQueue::take` (poll thread) → `member::route`
+//! One record, by name: `FetchQueue::take` (poll thread) → `Router::route`
 //! → `TaskInput::records` → `TaskCore::take` → `TaskCore::end_turn`
 //! (`Codec::decode_record_bytes`, `Table::offer`, markT1 in the store) →
 //! `Action::Push` → `Shell::push` (produce to `events.pushed`) →
@@ -93,7 +93,7 @@
 //!   is in the changelog for compensation to repair) or whose marker the
 //!   changelog lacks, so the next owner restores markers at least as new as
 //!   the offsets it starts from (the task simulation's commit check, and
-//!   the [`processor::commit_gate`] proptest).
+//!   the `processor::commit_gate` proptest).
 //! * A checkpoint never claims more than the changelog holds, and after
 //!   every restore the store equals the changelog's view (the task
 //!   simulation's checkpoint and restore checks).
@@ -113,10 +113,10 @@ pub mod codec;
 pub mod compensation;
 pub mod config;
 pub mod engine;
-pub mod internal_events;
+pub(crate) mod internal_events;
 pub mod kafka;
 pub mod loadgen;
 pub mod metrics;
 pub mod processor;
 pub mod state;
-pub mod verify;
+pub(crate) mod verify;

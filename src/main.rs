@@ -1,6 +1,6 @@
 /// mimalloc: the processor allocates many small, short-lived buffers per
-/// push (records, headers, markers); glibc's malloc spent a quarter of the
-/// CPU on them in the benchmark's profile.
+/// push (records, headers, markers), which glibc's malloc serves slowly
+/// (BENCHMARKS.md has the profile).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -10,9 +10,8 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Transparent huge pages off for this process. mimalloc hands pages back
-/// and takes fresh ones all the time, and with THP each fresh fault zeroed
-/// 2 MiB: 10–17 % of keyflight's CPU in the benchmark's profile (0.5 %
-/// without THP; CPU per event 4.8 → 4.3 µs over three runs each).
+/// and takes fresh ones all the time, and with THP each fresh fault zeroes
+/// 2 MiB.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with integer arguments only; it cannot fail in a way

@@ -483,19 +483,14 @@ async fn saturated_partitions_pause_and_resume_without_losing_events() {
         1,
         "[singleflight]\nmax_active_keys = 2\nmax_held_bytes = 65536\n[kafka.consumer]\n\"fetch.wait.max.ms\" = 10\n",
     );
-    let config = std::fs::read_to_string(&app.config).unwrap();
-    std::fs::write(
-        &app.config,
-        config.replace(
-            "log_level = \"info,",
-            "log_level = \"info,keyflight::processor::member=debug,",
-        ),
-    )
-    .unwrap();
     let mut processor = app.start(&app.state_dir("a"));
     let events = bursty_events(200, 3, 5, 0);
     produce(&broker, &app.input, &events).await;
     let pushed = await_final_state(&broker, &app, &events, Duration::from_secs(120), &processor);
+    let addr = processor.metrics_addr(Duration::from_secs(30));
+    let (status, body) = crate::support::http_get(&addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    let metrics = crate::support::Scrape::parse(&body);
     processor.stop(Duration::from_secs(30));
     let merged: u64 = pushed
         .iter()
@@ -506,10 +501,14 @@ async fn saturated_partitions_pause_and_resume_without_losing_events() {
         events.len() as u64,
         "every event covered exactly once"
     );
-    let log = processor.log();
     assert!(
-        log.contains("partition paused") && log.contains("partition resumed"),
-        "backpressure engaged:\n{log}"
+        metrics.sum("keyflight_partition_pauses_total", &[]) >= 1.0,
+        "backpressure engaged: the partition was paused\n{body}"
+    );
+    assert_eq!(
+        metrics.sum("keyflight_partition_paused", &[]),
+        0.0,
+        "and resumed once its task caught up\n{body}"
     );
 }
 

@@ -175,9 +175,8 @@ pub fn run(
         }
         if let Some(rate) = rate {
             // Pacing to the requested rate, in steps of a millisecond: the
-            // events in between go back to back. A sleep per event (4 µs
-            // apart at 250 000/s) cost a syscall and a context switch each:
-            // about 7 % of the benchmark driver's CPU at that rate.
+            // events in between go back to back, since a sleep per event
+            // would cost a syscall and a context switch each.
             let due = started + Duration::from_secs_f64(count as f64 / rate);
             let now = Instant::now();
             if due > now + PACING_STEP {

@@ -8,7 +8,7 @@
 
 pub mod admin;
 pub mod embedded;
-pub mod ffi;
+pub(crate) mod ffi;
 pub mod headers;
 pub mod load;
 pub mod reader;
@@ -83,8 +83,7 @@ pub fn client_config(settings: &Settings, role: Role) -> ClientConfig {
                 .set("partitioner", "murmur2_random")
                 // A default, not a requirement: a key's next push waits for
                 // its previous push's acknowledgement, so every merged event
-                // pays the linger. librdkafka's 5 ms doubled keyflight's
-                // added p50 latency in the benchmark and made its p99 5×.
+                // pays the linger; keep it short (BENCHMARKS.md).
                 .set("linger.ms", DEFAULT_LINGER_MS);
         }
     }

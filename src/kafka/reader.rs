@@ -66,11 +66,11 @@ pub fn consumer(
     config
         .set("group.id", format!("{}-{purpose}", settings.application_id))
         .set("enable.partition.eof", "false");
-    // Restore runs one reader per assigned partition at once; librdkafka's
-    // default prefetch (64 MiB or 100 000 records each, and a queued record
-    // costs a few hundred bytes beyond its own) made restoring 1 000 000
-    // markers into 12 stores peak at 400 MB. Unless [kafka.consumer] says
-    // otherwise, 4 MiB or 10 000 records each.
+    // Restore runs one reader per assigned partition at once, so
+    // librdkafka's default prefetch (64 MiB or 100 000 records each, and a
+    // queued record costs a few hundred bytes beyond its own) would be
+    // paid per partition. Unless [kafka.consumer] says otherwise, 4 MiB or
+    // 10 000 records each.
     for (property, value) in [(PREFETCH, "4096"), (PREFETCH_RECORDS, "10000")] {
         if config.get(property).is_none() {
             config.set(property, value);

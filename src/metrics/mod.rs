@@ -4,7 +4,7 @@
 //! several processors can live in one test process) and every metric family,
 //! all named `keyflight_*` after Prometheus conventions. Code never touches
 //! the families directly: a happening is an internal event
-//! ([`crate::internal_events`]) that logs and counts itself in one place.
+//! (`crate::internal_events`) that logs and counts itself in one place.
 //! [`PartitionMetrics`] holds a partition's series resolved once, so the hot
 //! path is an atomic add, not a label lookup.
 //!
@@ -42,6 +42,8 @@ pub struct Metrics {
     pub(crate) restore_duration: prometheus::GaugeVec,
     pub(crate) committed_offset: IntGaugeVec,
     pub(crate) consumer_lag: IntGaugeVec,
+    pub(crate) partition_pauses: IntCounterVec,
+    pub(crate) partition_paused: IntGaugeVec,
     pub(crate) assigned_partitions: IntGauge,
     pub(crate) ready: IntGauge,
     pub health: Health,
@@ -217,6 +219,18 @@ impl Metrics {
                 "Input records after the committed offset (high watermark - committed).",
                 p,
             ),
+            partition_pauses: counter(
+                &registry,
+                "keyflight_partition_pauses_total",
+                "Times the input partition was paused because its task had fallen behind (backpressure).",
+                p,
+            ),
+            partition_paused: gauge(
+                &registry,
+                "keyflight_partition_paused",
+                "1 while the input partition is paused for backpressure, else 0.",
+                p,
+            ),
             assigned_partitions,
             ready,
             health: Health::default(),
@@ -261,6 +275,7 @@ impl Metrics {
         let _ = self.restore_duration.remove_label_values(l);
         let _ = self.committed_offset.remove_label_values(l);
         let _ = self.consumer_lag.remove_label_values(l);
+        let _ = self.partition_paused.remove_label_values(l);
     }
 
     /// The Prometheus text exposition of every metric.

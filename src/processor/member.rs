@@ -7,24 +7,12 @@
 //! one tokio task per assigned partition ([`super::task`]) and performs
 //! the commits those tasks ask for.
 //!
-//! Backpressure is one mechanism: a task whose table is saturated stops
-//! taking records from its channel; the poll thread counts what it has
-//! handed over and the task has not processed yet, in the channel or in
-//! the task's inbox (the task's [`task::Backlog`]), and pauses the
-//! partition once that passes [`PAUSE_RECORDS`] or
-//! `singleflight.max_held_bytes`; it resumes the partition once the task
-//! has processed half of it. Memory stays bounded whatever the input rate.
+//! Records reach the tasks through the `Router` (`super::router`), which also pauses a
+//! partition whose task has fallen behind.
 //!
 //! Records are taken from a fetch queue of keyflight's own, many per call
 //! (`FetchQueue`); the consumer queue keeps the events (rebalances, commit
 //! results, errors) that rust-rdkafka's `poll` serves.
-//!
-//! Why not a bounded channel: pausing at every full channel made librdkafka
-//! drop and fetch again a paused partition's prefetched records (3.6×
-//! slower in the benchmark), and holding records in the poll thread to
-//! avoid that meant refilling the channel only between polls: 1 024
-//! records per 100 ms poll, about 10 000 events/s for a partition that had
-//! fallen behind.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +25,9 @@ use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
+use super::router::Router;
 use super::task::shell::TaskResources;
-use super::task::{self, InputRecord, TaskInput};
+use super::task::{self, InputRecord};
 use crate::config::Settings;
 use crate::internal_events::{LagSampled, OffsetsCommitted, PartitionsAssigned, PartitionsRevoked};
 use crate::kafka::ffi::{self, FetchQueue};
@@ -61,32 +50,11 @@ pub enum RunError {
     Partition(String),
 }
 
-/// Records waiting for a task before its partition is paused (bytes: the
-/// `singleflight.max_held_bytes` setting).
-pub const PAUSE_RECORDS: usize = 32 * 1024;
-
-/// A partition's task, as the poll thread sees it.
-struct Assigned {
-    input: TaskInput,
-    /// Paused since its backlog passed a bound.
-    paused: bool,
-}
-
-/// Whether a backlog of (records, bytes) is past a bound.
-fn over_bound((records, bytes): (usize, usize), max_bytes: usize) -> bool {
-    records >= PAUSE_RECORDS || bytes >= max_bytes
-}
-
-/// Whether a paused partition's backlog is down to half its bounds.
-fn resumable((records, bytes): (usize, usize), max_bytes: usize) -> bool {
-    records <= PAUSE_RECORDS / 2 && bytes <= max_bytes / 2
-}
-
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
 struct GroupMember {
     resources: Arc<TaskResources>,
     runtime: tokio::runtime::Handle,
-    assigned: Mutex<HashMap<i32, Assigned>>,
+    router: Router,
     /// The offsets this member last committed, per partition (for the lag).
     committed: Mutex<HashMap<i32, i64>>,
     fetch: FetchQueue,
@@ -116,27 +84,17 @@ impl ConsumerContext for GroupMember {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
-                let mut assigned = self.assigned.lock().expect("assignment lock");
-                let new: Vec<i32> = list
-                    .elements()
-                    .iter()
-                    .map(|e| e.partition())
-                    .filter(|p| !assigned.contains_key(p))
-                    .collect();
+                let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                let topic = &self.resources.settings.topics.input;
+                let new = self.router.assign(&partitions, |partition| {
+                    task::spawn(
+                        self.resources.clone(),
+                        &self.runtime,
+                        topic.clone(),
+                        partition,
+                    )
+                });
                 self.resources.metrics.emit(PartitionsAssigned(&new));
-                for element in list.elements() {
-                    assigned
-                        .entry(element.partition())
-                        .or_insert_with(|| Assigned {
-                            input: task::spawn(
-                                self.resources.clone(),
-                                &self.runtime,
-                                element.topic().to_string(),
-                                element.partition(),
-                            ),
-                            paused: false,
-                        });
-                }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!("rebalance error: {e}"),
@@ -163,31 +121,20 @@ impl GroupMember {
     /// [`FetchQueue`]).
     fn reforward(&self, consumer: &BaseConsumer<GroupMember>) {
         let topic = &self.resources.settings.topics.input;
-        for partition in self.assigned_partitions() {
+        for partition in self.router.partitions() {
             self.fetch.forward(consumer, topic, partition);
         }
-    }
-
-    fn assigned_partitions(&self) -> Vec<i32> {
-        let assigned = self.assigned.lock().expect("assignment lock");
-        assigned.keys().copied().collect()
     }
 
     /// Stops the tasks of `partitions` (bounded by the shutdown timeout),
     /// then commits their final positions synchronously.
     fn close(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
-        let closing: Vec<(i32, Assigned)> = {
-            let mut assigned = self.assigned.lock().expect("assignment lock");
-            partitions
-                .iter()
-                .filter_map(|p| assigned.remove(p).map(|a| (*p, a)))
-                .collect()
-        };
+        let closing = self.router.revoke(partitions);
         let revoked: Vec<i32> = closing.iter().map(|(p, _)| *p).collect();
         let mut waiting = Vec::new();
         for (partition, task) in closing {
             let (tx, rx) = std::sync::mpsc::channel();
-            if task.input.close.send(tx).is_ok() {
+            if task.close.send(tx).is_ok() {
                 waiting.push((partition, rx));
             }
         }
@@ -256,7 +203,11 @@ pub fn run(
     let member = GroupMember {
         resources: resources.clone(),
         runtime,
-        assigned: Mutex::new(HashMap::new()),
+        router: Router::new(
+            resources.settings.topics.input.clone(),
+            resources.settings.singleflight.max_held_bytes,
+            resources.metrics.clone(),
+        ),
         committed: Mutex::new(HashMap::new()),
         fetch: FetchQueue::default(),
     };
@@ -307,10 +258,10 @@ pub fn run(
                 None => break,
             }
         }
-        route(&consumer, stray, &input);
+        consumer.context().router.route(&consumer, stray);
         // While a partition is paused, wait briefly, to resume it as soon
         // as its task has room.
-        let any_paused = resume_ready(&consumer, &input);
+        let any_paused = consumer.context().router.resume_ready(&consumer);
         let timeout = Duration::from_millis(if any_paused { 5 } else { 100 });
         // Records come in batches (a fetch's worth): take what is ready and
         // route it under one lock, then do the housekeeping above again.
@@ -321,7 +272,7 @@ pub fn run(
             .take::<ROUTE_BATCH>(timeout, |partition, offset, key, value| {
                 batch.push((partition, InputRecord::copied(offset, key, value)));
             });
-        route(&consumer, batch, &input);
+        consumer.context().router.route(&consumer, batch);
     }
 
     info!(
@@ -329,7 +280,7 @@ pub fn run(
         "shutting down: finishing pushes in flight"
     );
     resources.metrics.health.stopping();
-    let partitions = consumer.context().assigned_partitions();
+    let partitions = consumer.context().router.partitions();
     consumer.context().close(&consumer, &partitions);
     consumer.unsubscribe();
     consumer.context().fetch.close();
@@ -357,7 +308,7 @@ const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// member last committed, or, before its first commit, its fetch position.
 fn sample_lag(consumer: &BaseConsumer<GroupMember>, topic: &str) {
     let context = consumer.context();
-    let partitions = context.assigned_partitions();
+    let partitions = context.router.partitions();
     let committed = context.committed.lock().expect("committed lock").clone();
     let position = consumer.position().unwrap_or_default();
     for partition in partitions {
@@ -390,98 +341,17 @@ fn commit_requested(
     if latest.is_empty() {
         return;
     }
-    let assigned = consumer.context().assigned.lock().expect("assignment lock");
+    let router = &consumer.context().router;
     let mut offsets = TopicPartitionList::new();
     for (partition, offset) in latest {
         // A partition that moved to another member is that member's to commit.
-        if assigned.contains_key(&partition) {
+        if router.holds(partition) {
             let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(offset));
         }
     }
-    drop(assigned);
     if offsets.count() > 0 {
         if let Err(e) = ffi::commit_async(consumer, &offsets) {
             warn!("commit failed (retried at the next interval): {e}");
         }
     }
-}
-
-/// Hands records to their partitions' tasks; pauses a partition whose
-/// task's backlog is past a bound.
-fn route(consumer: &BaseConsumer<GroupMember>, batch: Vec<(i32, InputRecord)>, topic: &str) {
-    if batch.is_empty() {
-        return;
-    }
-    let max_bytes = max_held_bytes(consumer);
-    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    // A fetch's records come one partition at a time: each run of records
-    // of one partition goes to its task as one batch.
-    let mut batch = batch.into_iter().peekable();
-    while let Some((partition, first)) = batch.next() {
-        let mut records = vec![first];
-        while let Some((_, record)) = batch.next_if(|(p, _)| *p == partition) {
-            records.push(record);
-        }
-        let Some(task) = assigned.get_mut(&partition) else {
-            continue; // revoked meanwhile: the next owner reads it from the committed offset
-        };
-        task.input.backlog.handed(&records);
-        if task.input.records.send(records).is_err() {
-            continue; // the task is closing; its events stay uncommitted
-        }
-        let backlog = task.input.backlog.size();
-        if !task.paused && over_bound(backlog, max_bytes) {
-            match consumer.pause(&one_partition(topic, partition)) {
-                Ok(()) => {
-                    task.paused = true;
-                    debug!(
-                        partition,
-                        held = backlog.0,
-                        "partition paused: its task is saturated"
-                    );
-                }
-                Err(e) => warn!(partition, "pause failed: {e}"),
-            }
-        }
-    }
-}
-
-fn max_held_bytes(consumer: &BaseConsumer<GroupMember>) -> usize {
-    consumer
-        .context()
-        .resources
-        .settings
-        .singleflight
-        .max_held_bytes
-}
-
-/// Resumes paused partitions whose tasks have processed half their backlog;
-/// true if some partition stays paused.
-fn resume_ready(consumer: &BaseConsumer<GroupMember>, topic: &str) -> bool {
-    let max_bytes = max_held_bytes(consumer);
-    let mut assigned = consumer.context().assigned.lock().expect("assignment lock");
-    let mut still_paused = false;
-    for (partition, task) in assigned.iter_mut().filter(|(_, t)| t.paused) {
-        if !resumable(task.input.backlog.size(), max_bytes) {
-            still_paused = true;
-            continue;
-        }
-        match consumer.resume(&one_partition(topic, *partition)) {
-            Ok(()) => {
-                task.paused = false;
-                debug!(partition, "partition resumed");
-            }
-            Err(e) => {
-                still_paused = true;
-                warn!(partition, "resume failed: {e}");
-            }
-        }
-    }
-    still_paused
-}
-
-fn one_partition(topic: &str, partition: i32) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    list
 }

@@ -12,9 +12,7 @@
 //! one batch once [`PENDING_LIMIT`] keys have changed, and before every
 //! checkpoint: a push's markT1 and markT2 usually meet there and reach
 //! RocksDB as one write, and a marker that opens and closes in between never
-//! touches the `open` family. Reads see the held writes first. Writing every
-//! marker through RocksDB at once was a fifth of the processor's CPU
-//! profile, most of it memtable inserts.
+//! touches the `open` family. Reads see the held writes first.
 //!
 //! The changelog topic is the durable log, so RocksDB's WAL is off. The
 //! checkpoint file records the changelog offset the store is complete up to;
@@ -65,9 +63,8 @@ pub enum StateError {
 }
 
 /// Memtable bytes of every store of the process together: past this, the
-/// largest memtables are flushed. A bound instead of up to 12 × 2 × 8 MiB
-/// for twelve partitions (in the benchmark it did not move peak RSS: the
-/// restore readers' prefetch was the memory, see `kafka::reader`).
+/// largest memtables are flushed, so memory does not grow with the number
+/// of assigned partitions.
 const WRITE_BUFFERS: usize = 64 << 20;
 
 fn write_buffers() -> &'static rocksdb::WriteBufferManager {
@@ -79,8 +76,7 @@ fn write_buffers() -> &'static rocksdb::WriteBufferManager {
 /// Memory per store is bounded, because a process holds one per assigned
 /// partition: memtables of `write_buffer` bytes (two at most), and one block
 /// cache shared by every store of the process instead of RocksDB's default
-/// of one per store. Restoring 1 000 000 markers into 12 stores peaked at
-/// 312 MB with the defaults.
+/// of one per store.
 fn family_options(write_buffer: usize) -> Options {
     static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(32 << 20));

@@ -1,20 +1,11 @@
 //! The processor under test: an application's topics and config, and
 //! `keyflight run` as a child process.
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::process::{Child, Command};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::*;
 
@@ -283,7 +274,6 @@ impl Processor {
     }
 }
 
-#[allow(unused_imports)] // not every test binary scrapes
 pub use keyflight::metrics::scrape::{http_get, Scrape};
 
 impl Drop for Processor {

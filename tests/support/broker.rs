@@ -1,6 +1,5 @@
 //! The broker: one Tansu per test, and direct topic administration.
 
-use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -11,11 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-
-use super::*;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub static TOPIC_COUNTER: AtomicUsize = AtomicUsize::new(0);
 

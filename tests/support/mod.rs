@@ -10,7 +10,7 @@
 //! The broker binary: `$TANSU_BIN`, else `$HOME/.cache/keyflight/tansu/bin/tansu`
 //! (where `scripts/test.sh` installs it), else `tansu` on `PATH`.
 
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 mod app;
 mod broker;

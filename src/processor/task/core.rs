@@ -17,7 +17,7 @@
 //!   for the changelog) before the [`Action::Push`] that produces it.
 //! * **Durable before committed.** An [`Action::Commit`] goes out only once
 //!   every changelog write made before it was asked is acknowledged (or
-//!   written again and acknowledged): the [`CommitGate`].
+//!   written again and acknowledged): the `CommitGate`.
 //! * **A checkpoint never claims an unwritten marker.** Every marker in the
 //!   store is at least on its way to the changelog when an
 //!   [`Action::Checkpoint`] is emitted, and the offset it claims is one past
