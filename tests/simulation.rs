@@ -221,13 +221,6 @@ fn merge_patch_collapse_keeps_every_field() {
     );
 }
 
-fn schedules() -> u64 {
-    std::env::var("SIM_SCHEDULES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000)
-}
-
 /// Never two pushes in flight for a key; the last push of every key carries
 /// its latest event (folded by the policy); the commit position never passes
 /// an uncovered event and ends past the last one; pushes ≤ events. Random
@@ -239,26 +232,8 @@ fn random_schedules_keep_every_invariant() {
         assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
         return;
     }
-    let total = schedules();
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    let failures: Vec<(u64, Vec<String>)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    (t..total)
-                        .step_by(threads as usize)
-                        .map(|seed| (seed, crate::sim::check_engine_schedule(seed)))
-                        .filter(|(_, problems)| !problems.is_empty())
-                        .take(3)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
-    });
+    let total = crate::sim::schedules();
+    let failures = crate::sim::failing_seeds(total, || crate::sim::check_engine_schedule);
     if let Some((seed, problems)) = failures.first() {
         panic!(
             "{} of {total} schedules failed; first: seed {seed} (rerun: SIM_SEED={seed} cargo test --test integration simulation::random_schedules)\n{}",

@@ -14,13 +14,6 @@ use keyflight::metrics::Metrics;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn schedules() -> u64 {
-    std::env::var("SIM_SCHEDULES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000)
-}
-
 fn replay(classes: FaultClasses) -> bool {
     let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
         return false;
@@ -57,7 +50,7 @@ fn random_schedules_keep_every_task_invariant() {
     if replay(FaultClasses::HANDLED) {
         return;
     }
-    let total = schedules();
+    let total = crate::sim::schedules();
     let failures = run_many(total, FaultClasses::HANDLED);
     if let Some((seed, problems)) = failures.first() {
         panic!(
@@ -108,15 +101,19 @@ fn a_crash_at_every_action_boundary_keeps_every_task_invariant() {
 mod known_defects {
     use super::*;
 
-    /// Runs schedules of `classes` until `want` shows in a violation; the
-    /// seed that showed it.
-    fn first_seed_showing(classes: FaultClasses, want: &str, limit: u64) -> Option<u64> {
+    /// Runs up to 20 000 schedules of `classes` and asserts that `want`
+    /// shows in a violation of one of them.
+    fn assert_still_seen(classes: FaultClasses, want: &str) {
         let metrics = Arc::new(Metrics::new());
-        (0..limit).find(|&seed| {
+        let seen = (0..20_000u64).any(|seed| {
             check_seed(seed, classes, &metrics)
                 .iter()
                 .any(|v| v.contains(want))
-        })
+        });
+        assert!(
+            seen,
+            "the harness no longer sees `{want}`: make this an invariant test"
+        );
     }
 
     /// A mid-run checkpoint (every 30 s with a commit) flushes a store that
@@ -130,15 +127,7 @@ mod known_defects {
             mid_run_checkpoints: true,
             ..FaultClasses::HANDLED
         };
-        let seed = first_seed_showing(
-            classes,
-            "the store differs from the changelog's view",
-            20_000,
-        );
-        assert!(
-            seed.is_some(),
-            "the harness no longer sees the defect: make this an invariant test"
-        );
+        assert_still_seen(classes, "the store differs from the changelog's view");
     }
 
     /// An acknowledged delete removes its key's marker, so after a restart
@@ -150,11 +139,7 @@ mod known_defects {
             stragglers_after_deletes: true,
             ..FaultClasses::HANDLED
         };
-        let seed = first_seed_showing(classes, "the last push is", 20_000);
-        assert!(
-            seed.is_some(),
-            "the harness no longer sees the defect: make this an invariant test"
-        );
+        assert_still_seen(classes, "the last push is");
     }
 
     /// An owner frozen with pushes in flight loses the partition; when it
@@ -167,10 +152,6 @@ mod known_defects {
             freeze: true,
             ..FaultClasses::HANDLED
         };
-        let seed = first_seed_showing(classes, "the last push is", 20_000);
-        assert!(
-            seed.is_some(),
-            "the harness no longer sees the defect: make this an invariant test"
-        );
+        assert_still_seen(classes, "the last push is");
     }
 }

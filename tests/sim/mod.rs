@@ -703,3 +703,43 @@ pub fn check_engine_schedule(seed: u64) -> Vec<String> {
     }
     problems
 }
+
+/// How many random schedules a simulation test runs: `SIM_SCHEDULES`, else
+/// 100 000.
+pub fn schedules() -> u64 {
+    std::env::var("SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Checks seeds `0..total` on every core and returns the failing ones with
+/// their violations (a few per thread at most: the first one is what to
+/// replay). `checker` makes each thread's check (a thread may keep state,
+/// such as a metrics registry, across its seeds).
+pub fn failing_seeds<C>(total: u64, checker: impl Fn() -> C + Sync) -> Vec<(u64, Vec<String>)>
+where
+    C: FnMut(u64) -> Vec<String>,
+{
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let checker = &checker;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut check = checker();
+                    (t..total)
+                        .step_by(threads as usize)
+                        .map(|seed| (seed, check(seed)))
+                        .filter(|(_, problems)| !problems.is_empty())
+                        .take(3)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+}

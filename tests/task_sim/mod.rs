@@ -120,6 +120,21 @@ pub struct Pushed {
     pub owner: u32,
 }
 
+impl Pushed {
+    /// A push of `owner` as it lands.
+    fn of(flight: &Flight, owner: u32) -> Pushed {
+        Pushed {
+            key: flight.push.key.clone(),
+            version: flight.push.version,
+            value: flight
+                .value
+                .as_ref()
+                .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
+            owner,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Broker {
     /// The compacted changelog (what a restore reads).
@@ -630,15 +645,7 @@ impl<'a> Sim<'a> {
                 latency,
             } => {
                 if ok {
-                    self.broker.pushed.push(Pushed {
-                        key: flight.push.key.clone(),
-                        version: flight.push.version,
-                        value: flight
-                            .value
-                            .as_ref()
-                            .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
-                        owner,
-                    });
+                    self.broker.pushed.push(Pushed::of(&flight, owner));
                 }
                 if let Some(i) = self.owner_index(owner) {
                     self.owners[i].pushes_pending -= 1;
@@ -1041,15 +1048,9 @@ impl<'a> Sim<'a> {
             match slot.take() {
                 Some(Happening::PushDone {
                     flight, ok: true, ..
-                }) if self.rng.random_bool(0.5) => self.broker.pushed.push(Pushed {
-                    key: flight.push.key.clone(),
-                    version: flight.push.version,
-                    value: flight
-                        .value
-                        .as_ref()
-                        .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
-                    owner: owner.id,
-                }),
+                }) if self.rng.random_bool(0.5) => {
+                    self.broker.pushed.push(Pushed::of(&flight, owner.id))
+                }
                 Some(Happening::DeadLetterDone {
                     offset, ok: true, ..
                 }) if self.rng.random_bool(0.5) => self.broker.dead_letters.push(offset),
@@ -1199,27 +1200,11 @@ impl<'a> Sim<'a> {
 }
 
 /// Runs `total` random schedules of the given fault classes on every core;
-/// the failing seeds (at most a few per thread) and their violations.
+/// the failing seeds (a few per thread at most) and their violations.
 pub fn run_many(total: u64, classes: FaultClasses) -> Vec<(u64, Vec<String>)> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    let metrics = Arc::new(Metrics::new());
-                    (t..total)
-                        .step_by(threads as usize)
-                        .map(|seed| (seed, check_seed(seed, classes, &metrics)))
-                        .filter(|(_, problems)| !problems.is_empty())
-                        .take(3)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
+    crate::sim::failing_seeds(total, || {
+        let metrics = Arc::new(Metrics::new());
+        move |seed| check_seed(seed, classes, &metrics)
     })
 }
 
