@@ -63,7 +63,7 @@
 //! * [`cli`]: the `keyflight` binary's subcommands, one module each.
 //!
 //! One record, by name: `FetchQueue::take` (poll thread) → `Router::route`
-//! → `TaskInput::records` → `TaskCore::take` → `TaskCore::end_turn`
+//! → `TaskInput::records` → `TaskCore::take_batch` → `TaskCore::end_turn`
 //! (`Codec::decode_record_bytes`, `Table::offer`, markT1 in the store) →
 //! `Action::Push` → `Shell::push` (produce to `events.pushed`) →
 //! `TaskCore::push_done` (markT2, the key's next push) →

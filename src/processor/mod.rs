@@ -20,7 +20,7 @@
 //!   processes any event.
 //!
 //! One record's path, by name: `FetchQueue::take` (the poll thread, [`member`]) →
-//! `Router::route` → `TaskInput::records` → `TaskCore::take` /
+//! `Router::route` → `TaskInput::records` → `TaskCore::take_batch` /
 //! `TaskCore::end_turn` (decode, `Table::offer`, markT1) →
 //! `Action::Push` → `shell::Shell::push` (produce to `events.pushed`) →
 //! `TaskCore::push_done` (markT2, the key's next push) → `Action::WriteChangelog`

@@ -875,7 +875,7 @@ impl<'a> Sim<'a> {
                 .map(|o| self.schedule.inputs[o].record(o as i64))
                 .collect();
             owner.position += take;
-            owner.core.take(batch);
+            owner.core.take_batch(batch);
         }
         let now = self.clock();
         self.owners[i].core.end_turn(now);

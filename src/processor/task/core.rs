@@ -2,7 +2,7 @@
 //! shell ([`super::shell`]) feeds it what happened and carries out the
 //! [`Action`]s it asks for, in order, before it feeds the next input.
 //!
-//! Inputs: records ([`TaskCore::take`], processed by
+//! Inputs: records ([`TaskCore::take_batch`], processed by
 //! [`TaskCore::end_turn`]), a push's outcome ([`TaskCore::push_done`]), the
 //! oldest changelog write's outcome ([`TaskCore::changelog_done`]), a dead
 //! letter's outcome ([`TaskCore::dead_letter_done`]), timers
@@ -255,7 +255,7 @@ impl<S: MarkerStore> TaskCore<S> {
 
     /// A batch of records, in offset order, becomes the inbox (processed by
     /// [`TaskCore::end_turn`]). Only when [`TaskCore::wants_records`].
-    pub fn take(&mut self, batch: Vec<InputRecord>) {
+    pub fn take_batch(&mut self, batch: Vec<InputRecord>) {
         debug_assert!(self.wants_records());
         self.inbox = batch.into_iter();
     }
@@ -274,18 +274,18 @@ impl<S: MarkerStore> TaskCore<S> {
             };
             records += 1;
             bytes += record.bytes();
-            self.record(record, now);
+            self.process(record, now);
         }
         let mut starting = std::mem::take(&mut self.starting);
         for push in starting.drain(..) {
             let push = self.table.catch_up(push);
-            self.start(push, Duration::ZERO);
+            self.start_push(push, Duration::ZERO);
         }
         self.starting = starting;
         (records, bytes)
     }
 
-    fn record(&mut self, record: InputRecord, now: u64) {
+    fn process(&mut self, record: InputRecord, now: u64) {
         self.metrics.emit(RecordReceived);
         let offset = record.offset;
         let decoded = match self
@@ -345,10 +345,10 @@ impl<S: MarkerStore> TaskCore<S> {
     /// keeps), without reading the key's previous one; after an
     /// acknowledgement it is also that push's markT2: one write, one
     /// changelog record.
-    fn start(&mut self, push: Push, delay: Duration) {
+    fn start_push(&mut self, push: Push, delay: Duration) {
         let value = self.codec.encode(&push.payload, push.version);
         let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone());
-        self.mark(&push.key, Some(&marker));
+        self.write_marker(&push.key, Some(&marker));
         self.metrics.emit(KeysInFlight(self.table.active_keys()));
         self.pushes_in_flight += 1;
         self.actions.push_back(Action::Push {
@@ -388,7 +388,7 @@ impl<S: MarkerStore> TaskCore<S> {
                     return self.drained();
                 }
                 match self.table.fail(push, now) {
-                    Ok(retry) => self.start(retry, self.config.retry_backoff),
+                    Ok(retry) => self.start_push(retry, self.config.retry_backoff),
                     Err(e) => debug!("failure of an unknown push: {e}"),
                 }
             }
@@ -420,9 +420,9 @@ impl<S: MarkerStore> TaskCore<S> {
                 let acknowledged = marker.acknowledged(push.tn);
                 if marker.value.is_none() && running {
                     // A delete that stayed the key's last word: its state goes.
-                    self.mark(&push.key, None)
+                    self.write_marker(&push.key, None)
                 } else {
-                    self.mark(&push.key, Some(&acknowledged))
+                    self.write_marker(&push.key, Some(&acknowledged))
                 }
                 self.metrics.emit(KeysInFlight(self.table.active_keys()))
             }
@@ -433,8 +433,8 @@ impl<S: MarkerStore> TaskCore<S> {
     }
 
     /// Writes a marker (or removes it) in the store, and holds it for the
-    /// changelog (see [`TaskCore::log_markers`]).
-    fn mark(&mut self, key: &Bytes, marker: Option<&Marker>) {
+    /// changelog (see [`TaskCore::hand_markers_to_changelog`]).
+    fn write_marker(&mut self, key: &Bytes, marker: Option<&Marker>) {
         let written = match marker {
             Some(marker) => self.store.put(key, marker).map_err(|e| ("write", e)),
             None => self.store.delete(key).map_err(|e| ("delete", e)),
@@ -451,7 +451,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// Hands the held markers to the changelog, one record per key, after
     /// another attempt at the keys whose failed write could not be written
     /// again (see [`TaskCore::changelog_done`]).
-    fn log_markers(&mut self) {
+    fn hand_markers_to_changelog(&mut self) {
         for key in self.commit_gate.retry() {
             match self.write_again(key) {
                 Ok(write) => self.commit_gate.wrote_again(write),
@@ -622,7 +622,7 @@ impl<S: MarkerStore> TaskCore<S> {
         }
         match timer {
             Timer::Commit => self.commit(now),
-            Timer::ChangelogFlush => self.log_markers(),
+            Timer::ChangelogFlush => self.hand_markers_to_changelog(),
             Timer::Compensation => return Some(self.compensate(now)),
         }
         None
@@ -640,7 +640,7 @@ impl<S: MarkerStore> TaskCore<S> {
         }
         // The markers behind `position` may still be held: write them now,
         // and hold the commit until they are acknowledged.
-        self.log_markers();
+        self.hand_markers_to_changelog();
         self.commit_gate.ask(position, self.changelog_seq);
         self.release_held_commit(now);
     }
@@ -663,7 +663,7 @@ impl<S: MarkerStore> TaskCore<S> {
             self.checkpointed_at = now;
             // Every marker in the checkpoint is at least on its way to the
             // changelog.
-            self.log_markers();
+            self.hand_markers_to_changelog();
             self.actions
                 .push_back(Action::Checkpoint(self.changelog_next));
         }
@@ -696,7 +696,7 @@ impl<S: MarkerStore> TaskCore<S> {
             let payload = self.codec.stored(marker.value.as_ref());
             if let Some(push) = self.table.compensate(&key, marker.version, payload, now) {
                 repushed += 1;
-                self.start(push, Duration::ZERO);
+                self.start_push(push, Duration::ZERO);
             }
         }
         Scanned {
@@ -748,7 +748,7 @@ impl<S: MarkerStore> TaskCore<S> {
         {
             return;
         }
-        self.log_markers();
+        self.hand_markers_to_changelog();
         self.phase = Phase::Flushing {
             until: self.changelog_seq,
             ok: !self.commit_gate.is_blocked(),

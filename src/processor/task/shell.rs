@@ -233,7 +233,7 @@ async fn run(
                 None
             }
             batch = pipe.records.recv(), if shell.core.wants_records() => match batch {
-                Some(batch) => { shell.core.take(batch); None }
+                Some(batch) => { shell.core.take_batch(batch); None }
                 None => Some(None),
             },
         };
@@ -246,7 +246,7 @@ async fn run(
         // starts (an acknowledgement's next push too) carry them.
         if shell.core.wants_records() {
             if let Ok(batch) = pipe.records.try_recv() {
-                shell.core.take(batch);
+                shell.core.take_batch(batch);
             }
         }
         let (records, bytes) = shell.core.end_turn(now_ns());
