@@ -103,10 +103,12 @@
 //! * Pushes carry a per-key version so consumers can drop duplicates
 //!   (compensation re-pushes are duplicates by design).
 //!
-//! What is not guaranteed yet, and seen by the task simulation: a store
-//! ahead of the changelog after a mid-run checkpoint and a crash, and the
-//! stale pushes of a frozen owner that wakes after another took over
-//! (`task_simulation::known_defects`).
+//! What is not guaranteed yet, and seen by the task simulation
+//! (`task_simulation::known_defects`, each to become an invariant test
+//! with its fix): a store ahead of the changelog after a mid-run checkpoint
+//! and a crash; a straggler older than an acknowledged delete pushed after
+//! a handover; and the late pushes of an owner that lost its partition
+//! (frozen, or unaware its session expired) after another took over.
 
 pub mod cli;
 pub mod codec;

@@ -142,6 +142,19 @@ mod known_defects {
         assert_still_seen(classes, "the last push is");
     }
 
+    /// An owner whose session expired goes on pushing until it hears of
+    /// the rebalance, and then closes gracefully: its pushes and markers
+    /// land after the new owner's (the "one owner per partition" issue:
+    /// lost is not revoked).
+    #[test]
+    fn an_owner_that_lost_the_partition_unknowingly_can_leave_a_stale_last_push() {
+        let classes = FaultClasses {
+            lost: true,
+            ..FaultClasses::HANDLED
+        };
+        assert_still_seen(classes, "the last push is");
+    }
+
     /// An owner frozen with pushes in flight loses the partition; when it
     /// wakes it still finishes its pushes and closes gracefully, so its
     /// older values can land after the new owner's newer ones (the "one

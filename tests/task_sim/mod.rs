@@ -248,6 +248,10 @@ pub struct Faults {
     /// owner takes the partition meanwhile. The woken one then carries on
     /// until it hears of the rebalance and closes (as today: a revoke).
     pub freeze: Option<(u64, u64)>,
+    /// The owner loses the partition at this time (ms) without knowing (its
+    /// session expired) and goes on working; a new owner takes over; at the
+    /// second time it hears of it and closes (as today: a revoke).
+    pub lost: Option<(u64, u64)>,
 }
 
 /// One random schedule.
@@ -264,6 +268,7 @@ pub struct Schedule {
 pub struct FaultClasses {
     pub mid_run_checkpoints: bool,
     pub freeze: bool,
+    pub lost: bool,
     /// Stragglers older than a delete of their key, which a restart or a
     /// move may take for new (the delete removed the key's marker).
     pub stragglers_after_deletes: bool,
@@ -274,6 +279,7 @@ impl FaultClasses {
     pub const HANDLED: FaultClasses = FaultClasses {
         mid_run_checkpoints: false,
         freeze: false,
+        lost: false,
         stragglers_after_deletes: false,
     };
 }
@@ -357,6 +363,10 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
             let from = rng.random_range(0..span);
             (from, from + rng.random_range(300..1500))
         }),
+        lost: (classes.lost && rng.random_bool(0.7)).then(|| {
+            let from = rng.random_range(0..span);
+            (from, from + SESSION + rng.random_range(0..1000))
+        }),
     };
     Schedule {
         inputs,
@@ -432,6 +442,11 @@ enum Happening {
     Compact,
     Freeze,
     Wake,
+    /// The member's session expires: it no longer holds the partition, and
+    /// does not know it yet.
+    Lose,
+    /// The owner that lost the partition hears of it.
+    Hear,
     /// The group assigns the partition to a new owner on this host.
     Start {
         host: usize,
@@ -486,6 +501,8 @@ pub struct Sim<'a> {
     owners: Vec<Owner>,
     next_owner: u32,
     arrived: usize,
+    /// The owner that lost the partition and has not heard of it yet.
+    lost_owner: Option<u32>,
     /// Input offsets below this were checked by an earlier commit.
     commit_checked: usize,
     /// Actions carried out so far (crash points count these).
@@ -520,6 +537,7 @@ impl<'a> Sim<'a> {
             owners: Vec::new(),
             next_owner: 0,
             arrived: 0,
+            lost_owner: None,
             commit_checked: 0,
             actions: 0,
             crashes,
@@ -572,6 +590,10 @@ impl<'a> Sim<'a> {
         if let Some((freeze, wake)) = schedule.faults.freeze {
             self.at(freeze, Happening::Freeze);
             self.at(wake, Happening::Wake);
+        }
+        if let Some((lost, heard)) = schedule.faults.lost {
+            self.at(lost, Happening::Lose);
+            self.at(heard, Happening::Hear);
         }
         let mut t = 0;
         while t < schedule.faults.until {
@@ -732,6 +754,19 @@ impl<'a> Sim<'a> {
                     // What completed while it was frozen reaches it now (its
                     // queued happenings were held); then it hears of the
                     // rebalance and closes, as a revoke.
+                    self.close(i);
+                }
+            }
+            Happening::Lose => {
+                if let Some(i) = self.owners.iter().position(|o| o.member && !o.frozen) {
+                    self.owners[i].member = false;
+                    self.lost_owner = Some(self.owners[i].id);
+                    let host = 1 - self.owners[i].host;
+                    self.at(self.now + SESSION, Happening::Start { host });
+                }
+            }
+            Happening::Hear => {
+                if let Some(i) = self.lost_owner.take().and_then(|id| self.owner_index(id)) {
                     self.close(i);
                 }
             }
