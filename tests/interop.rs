@@ -8,6 +8,7 @@
 //! `scripts/test.sh` makes at `$HOME/.cache/keyflight/venv`. Missing, the
 //! test fails and says how to install it; it never skips.
 
+use keyflight::kafka::headers as header;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -144,7 +145,7 @@ async fn round_trip(framing: &str, schema_id: u32) {
         let last = last_per_key(&read_all(&broker, &app.pushed));
         let done = want.keys().all(|k| {
             last.get(k)
-                .is_some_and(|p| p.headers["keyflight-version"] == "4")
+                .is_some_and(|p| p.headers[header::VERSION] == "4")
         });
         done.then_some(last.clone())
             .ok_or_else(|| format!("{} keys pushed:\n{}", last.len(), processor.log()))
@@ -169,9 +170,9 @@ async fn round_trip(framing: &str, schema_id: u32) {
     if framing == "confluent" {
         let dead = read_all(&broker, &app.dlq);
         assert_eq!(dead.len(), 1, "{dead:?}");
-        assert_eq!(dead[0].headers["keyflight-error-reason"], "invalid-avro");
+        assert_eq!(dead[0].headers[header::ERROR_REASON], "invalid-avro");
         assert!(
-            dead[0].headers["keyflight-error"].contains(&format!("schema id {foreign_id}")),
+            dead[0].headers[header::ERROR].contains(&format!("schema id {foreign_id}")),
             "{:?}",
             dead[0].headers
         );

@@ -1,6 +1,7 @@
 //! `keyflight run` against a real broker: consume, collapse, push, mark,
 //! restore. Every test starts its own Tansu broker and keyflight process.
 
+use keyflight::kafka::headers as header;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -66,7 +67,7 @@ async fn bursts_collapse_and_every_key_ends_on_its_latest_event() {
 
     let normal = pushed
         .iter()
-        .filter(|p| p.headers["keyflight-compensation"] == "false")
+        .filter(|p| p.headers[header::COMPENSATION] == "false")
         .count();
     assert!(
         normal < events.len(),
@@ -75,7 +76,7 @@ async fn bursts_collapse_and_every_key_ends_on_its_latest_event() {
     );
     let merged: u64 = pushed
         .iter()
-        .map(|p| p.headers["keyflight-merged"].parse::<u64>().unwrap())
+        .map(|p| p.headers[header::MERGED].parse::<u64>().unwrap())
         .sum();
     assert_eq!(
         merged,
@@ -84,8 +85,8 @@ async fn bursts_collapse_and_every_key_ends_on_its_latest_event() {
     );
     for p in &pushed {
         assert!(
-            p.headers["keyflight-version"].parse::<u64>().is_ok()
-                && p.headers["keyflight-tn"].parse::<u64>().is_ok()
+            p.headers[header::VERSION].parse::<u64>().is_ok()
+                && p.headers[header::TN].parse::<u64>().is_ok()
         );
     }
     println!(
@@ -220,10 +221,11 @@ async fn compensation_repairs_failed_pushes_after_a_crash() {
     );
     for p in &pushed {
         assert_eq!(
-            p.headers["keyflight-compensation"], "true",
+            p.headers[header::COMPENSATION],
+            "true",
             "only compensation can repair: {p:?}"
         );
-        assert_eq!(p.headers["keyflight-merged"], "0");
+        assert_eq!(p.headers[header::MERGED], "0");
     }
     // Repaired markers are closed: a later scan has nothing to do.
     let markers = stored_markers(&app, &app.state_dir("b"));
@@ -318,7 +320,7 @@ async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
     let sequence: Vec<_> = pushed.iter().map(|p| p.value.clone().unwrap()).collect();
     let merged: Vec<_> = pushed
         .iter()
-        .map(|p| p.headers["keyflight-merged"].clone())
+        .map(|p| p.headers[header::MERGED].clone())
         .collect();
     assert_eq!(
         sequence,
@@ -332,7 +334,7 @@ async fn article_case_1_through_the_pipeline_ends_on_the_newest_value() {
     assert_eq!(merged, ["1", "3", "1"], "B, C, D merged into one push");
     let tns: Vec<u64> = pushed
         .iter()
-        .map(|p| p.headers["keyflight-tn"].parse().unwrap())
+        .map(|p| p.headers[header::TN].parse().unwrap())
         .collect();
     assert!(
         tns.windows(2).all(|w| w[0] < w[1]),
@@ -457,8 +459,8 @@ async fn avro_merge_patch_deletes_and_dead_letters_through_the_pipeline() {
         Some(&b"this is not avro"[..]),
         "dead letters keep the record unchanged"
     );
-    assert_eq!(dead[0].headers["keyflight-error-reason"], "invalid-avro");
-    assert_eq!(dead[0].headers["keyflight-source-offset"], "3");
+    assert_eq!(dead[0].headers[header::ERROR_REASON], "invalid-avro");
+    assert_eq!(dead[0].headers[header::SOURCE_OFFSET], "3");
     processor.stop(Duration::from_secs(30));
     let markers = stored_markers(&app, &app.state_dir("a"));
     assert!(markers.keys().any(|(_, k)| k == "user-1"));
@@ -494,7 +496,7 @@ async fn saturated_partitions_pause_and_resume_without_losing_events() {
     processor.stop(Duration::from_secs(30));
     let merged: u64 = pushed
         .iter()
-        .map(|p| p.headers["keyflight-merged"].parse::<u64>().unwrap())
+        .map(|p| p.headers[header::MERGED].parse::<u64>().unwrap())
         .sum();
     assert_eq!(
         merged,
@@ -564,7 +566,7 @@ async fn pushes_failing_during_shutdown_keep_their_markers_open() {
     assert!(
         pushed
             .iter()
-            .all(|p| p.headers["keyflight-compensation"] == "true"),
+            .all(|p| p.headers[header::COMPENSATION] == "true"),
         "{pushed:?}"
     );
 }

@@ -6,6 +6,7 @@
 //!
 //! `RECOVERY_LONG=1` runs the long versions (more kills, more load).
 
+use keyflight::kafka::headers as header;
 use std::time::{Duration, Instant};
 
 use crate::support::{
@@ -191,10 +192,10 @@ async fn bad_input_mixed_with_good_is_dead_lettered_and_good_keys_verify() {
     let mut reasons = std::collections::BTreeMap::new();
     for record in &dead {
         *reasons
-            .entry(record.headers["keyflight-error-reason"].clone())
+            .entry(record.headers[header::ERROR_REASON].clone())
             .or_insert(0) += 1;
-        assert!(!record.headers["keyflight-error"].is_empty());
-        assert_eq!(record.headers["keyflight-source-topic"], app.input);
+        assert!(!record.headers[header::ERROR].is_empty());
+        assert_eq!(record.headers[header::SOURCE_TOPIC], app.input);
     }
     assert_eq!(
         reasons.into_iter().collect::<Vec<_>>(),
@@ -266,7 +267,7 @@ async fn an_unwritable_dead_letter_holds_the_offset_until_it_lands() {
     let dead = read_all(&broker, &app.dlq);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].raw.as_deref(), Some(&b"{broken"[..]));
-    assert_eq!(dead[0].headers["keyflight-source-offset"], "1");
+    assert_eq!(dead[0].headers[header::SOURCE_OFFSET], "1");
     app.await_verified(Duration::from_secs(30), || processor.log());
 }
 
