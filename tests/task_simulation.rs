@@ -155,6 +155,19 @@ mod known_defects {
         assert_still_seen(classes, "the last push is");
     }
 
+    /// A close whose wait for pushes in flight runs out abandons them, but
+    /// the producer still delivers them: they can land after the next
+    /// owner's newer pushes (the "one owner per partition" issue: closing
+    /// never hangs a rebalance, and nothing of the old owner lands after).
+    #[test]
+    fn a_push_abandoned_at_the_close_deadline_can_land_last() {
+        let classes = FaultClasses {
+            close_timeouts: true,
+            ..FaultClasses::HANDLED
+        };
+        assert_still_seen(classes, "the last push is");
+    }
+
     /// An owner frozen with pushes in flight loses the partition; when it
     /// wakes it still finishes its pushes and closes gracefully, so its
     /// older values can land after the new owner's newer ones (the "one

@@ -252,6 +252,8 @@ pub struct Faults {
     /// session expired) and goes on working; a new owner takes over; at the
     /// second time it hears of it and closes (as today: a revoke).
     pub lost: Option<(u64, u64)>,
+    /// How long a graceful close waits for pushes in flight (ms).
+    pub close_timeout: u64,
 }
 
 /// One random schedule.
@@ -269,6 +271,8 @@ pub struct FaultClasses {
     pub mid_run_checkpoints: bool,
     pub freeze: bool,
     pub lost: bool,
+    /// Closes whose wait for pushes in flight runs out.
+    pub close_timeouts: bool,
     /// Stragglers older than a delete of their key, which a restart or a
     /// move may take for new (the delete removed the key's marker).
     pub stragglers_after_deletes: bool,
@@ -280,6 +284,7 @@ impl FaultClasses {
         mid_run_checkpoints: false,
         freeze: false,
         lost: false,
+        close_timeouts: false,
         stragglers_after_deletes: false,
     };
 }
@@ -367,6 +372,11 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
             let from = rng.random_range(0..span);
             (from, from + SESSION + rng.random_range(0..1000))
         }),
+        close_timeout: if classes.close_timeouts {
+            rng.random_range(1..300)
+        } else {
+            CLOSE_TIMEOUT
+        },
     };
     Schedule {
         inputs,
@@ -1102,7 +1112,7 @@ impl<'a> Sim<'a> {
     fn close(&mut self, i: usize) {
         let id = self.owners[i].id;
         self.at(
-            self.now + CLOSE_TIMEOUT,
+            self.now + self.schedule.faults.close_timeout,
             Happening::CloseDeadline { owner: id },
         );
         self.turn(i, |core| core.close());

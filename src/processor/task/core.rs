@@ -372,7 +372,7 @@ impl<S: MarkerStore> TaskCore<S> {
         outcome: Result<(), String>,
         latency: Duration,
     ) {
-        if self.phase == Phase::Closed {
+        if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
             return; // abandoned at the close's deadline
         }
         self.pushes_in_flight -= 1;
@@ -586,8 +586,8 @@ impl<S: MarkerStore> TaskCore<S> {
     /// A dead letter's outcome: acknowledged releases its offset; a failure
     /// writes it again after the backoff.
     pub fn dead_letter_done(&mut self, id: u64, outcome: Result<(), String>) {
-        if self.phase == Phase::Closed {
-            return;
+        if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
+            return; // abandoned at the close's deadline
         }
         match outcome {
             Ok(()) => {
