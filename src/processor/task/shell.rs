@@ -282,6 +282,9 @@ async fn run(
                 shell.pushes.clear();
                 shell.dead_letters.clear();
             }
+            // Nothing left that could finish the close (the core waits only
+            // on what the shell awaits, so this is a guard, not a path).
+            else => break,
         }
         shell.carry_out();
     }
