@@ -65,7 +65,7 @@ pub enum Mismatch {
         input: String,
         input_partitions: i32,
     },
-    #[error("changelog topic `{topic}` has cleanup.policy={policy}; it must include `compact` (kafka-configs --alter --add-config cleanup.policy=compact)")]
+    #[error("changelog topic `{topic}` has cleanup.policy={policy}; it must be `compact` alone: `delete` lets retention remove markers a restore needs, so a restore would miss their keys (kafka-configs --alter --add-config cleanup.policy=compact)")]
     ChangelogNotCompacted { topic: String, policy: String },
 }
 
@@ -117,11 +117,7 @@ pub fn plan(
                     input_partitions,
                 });
             }
-            if let Some(policy) = found
-                .cleanup_policy
-                .as_ref()
-                .filter(|p| !p.contains("compact"))
-            {
+            if let Some(policy) = found.cleanup_policy.as_ref().filter(|p| !compact_only(p)) {
                 mismatches.push(Mismatch::ChangelogNotCompacted {
                     topic: name.clone(),
                     policy: policy.clone(),
@@ -251,6 +247,12 @@ pub async fn create_topics(
     Ok(Report(plans))
 }
 
+/// Whether a `cleanup.policy` keeps every key's last record for good:
+/// `compact` and nothing else (`compact,delete` also drops old segments).
+fn compact_only(policy: &str) -> bool {
+    policy.split(',').all(|p| p.trim() == "compact")
+}
+
 /// The topic's `cleanup.policy`, or `None` when the broker does not say
 /// (some Kafka-compatible brokers do not implement DescribeConfigs).
 async fn cleanup_policy(
@@ -335,5 +337,29 @@ mod tests {
             .to_string()
             .contains("has 2 partitions but input topic `events.in` has 4"));
         assert!(err[2].to_string().contains("cleanup.policy=delete"));
+    }
+
+    #[test]
+    fn a_changelog_that_also_deletes_is_refused() {
+        for policy in ["compact,delete", "delete,compact", "delete"] {
+            let err = plan(
+                &Settings::default(),
+                Some(2),
+                &existing(&[("keyflight-markers-changelog", 2, Some(policy))]),
+            )
+            .unwrap_err();
+            assert_eq!(err.len(), 1, "{policy}: {err:?}");
+            assert!(
+                err[0].to_string().contains("must be `compact` alone"),
+                "{policy}: {}",
+                err[0]
+            );
+        }
+        let ok = plan(
+            &Settings::default(),
+            Some(2),
+            &existing(&[("keyflight-markers-changelog", 2, Some("compact"))]),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 }

@@ -72,7 +72,23 @@ pub fn restore(
         }
     };
     let start = match opened {
-        Opened::FromCheckpoint(next) => next.max(low),
+        // A checkpoint outside the changelog's offsets belongs to another
+        // log (the topic was recreated or truncated) or to records that
+        // retention removed: the store cannot be trusted, so it starts over
+        // and reads the whole changelog, as after an unclean stop.
+        Opened::FromCheckpoint(next) if next < low || next > high => {
+            tracing::warn!(
+                topic,
+                partition,
+                checkpoint = next,
+                low,
+                high,
+                "the store's checkpoint is outside the changelog's offsets: restoring in full"
+            );
+            store.clear()?;
+            low
+        }
+        Opened::FromCheckpoint(next) => next,
         Opened::Empty => low,
     };
     if start >= high {
@@ -202,6 +218,74 @@ mod tests {
                 }
             );
         });
+    }
+
+    /// A checkpoint past the changelog's end (the topic was recreated, say)
+    /// is not trusted: the store starts over and the whole changelog is
+    /// read, so nothing the old store held outlives it.
+    #[test]
+    fn a_checkpoint_past_the_changelog_end_restores_in_full() {
+        use crate::state::Marker;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let settings = Settings {
+            brokers: cluster.bootstrap_servers(),
+            ..Settings::default()
+        };
+        let marker = |version| Marker {
+            t1: 7,
+            t2: 7,
+            version,
+            value: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        // The old store: a key the new changelog does not have, and a
+        // checkpoint at offset 12 of a log that is gone.
+        store.put(b"z", &marker(9)).unwrap();
+        store.checkpoint(12).unwrap();
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .create()
+            .unwrap();
+        for (key, version) in [("a", 1), ("b", 2), ("c", 3)] {
+            let value = store.encode(&marker(version));
+            producer
+                .send(BaseRecord::to("changelog").key(key).payload(&value))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        drop(store);
+
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::FromCheckpoint(12));
+        let restored = restore(
+            &settings,
+            "changelog",
+            0,
+            &store,
+            opened,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(
+            restored,
+            Restored {
+                records: 3,
+                next_offset: 3
+            }
+        );
+        let keys: Vec<_> = store
+            .markers()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, [&b"a"[..], b"b", b"c"], "z went with the old log");
+        assert_eq!(store.open_count().unwrap(), 0);
     }
 
     #[test]

@@ -447,6 +447,27 @@ impl Store {
         Ok(self.memory().open.len())
     }
 
+    /// Removes every marker, as a store opened without a checkpoint starts
+    /// (a restore that cannot trust its checkpoint reads the whole
+    /// changelog into an empty store).
+    pub fn clear(&self) -> Result<(), StateError> {
+        let mut memory = self.memory();
+        memory.pending.clear();
+        memory.open.clear();
+        memory.open_on_disk.clear();
+        let mut batch = WriteBatch::default();
+        for family in [MARKERS, OPEN] {
+            let cf = self.cf(family);
+            for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+                let (key, _) = item.map_err(|e| self.rocks(e))?;
+                batch.delete_cf(cf, key);
+            }
+        }
+        self.db
+            .write_opt(batch, &self.no_wal)
+            .map_err(|e| self.rocks(e))
+    }
+
     /// Every marker (for restore checks and `state inspect`).
     pub fn markers(&self) -> Result<Vec<(Bytes, Marker)>, StateError> {
         self.apply(&mut self.memory())?;
