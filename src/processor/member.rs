@@ -102,16 +102,30 @@ impl ConsumerContext for GroupMember {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                let offsets = positions(offsets);
-                self.committed
-                    .lock()
-                    .expect("committed lock")
-                    .extend(offsets.iter().copied());
-                self.resources.metrics.emit(OffsetsCommitted(&offsets));
+        // A partition's commit went through if the request did and its own
+        // entry carries no error; a task whose commit did not asks again.
+        let mut done = Vec::new();
+        for element in offsets.elements() {
+            let Some(offset) = element.offset().to_raw() else {
+                continue;
+            };
+            match result.as_ref().and(element.error().as_ref()) {
+                Ok(()) => done.push((element.partition(), offset)),
+                Err(e) => {
+                    debug!(
+                        partition = element.partition(),
+                        offset, "commit not acknowledged (asked again at the next interval): {e}"
+                    );
+                    self.router.commit_failed(element.partition(), offset);
+                }
             }
-            Err(e) => debug!("commit not acknowledged (retried at the next interval): {e}"),
+        }
+        if !done.is_empty() {
+            self.committed
+                .lock()
+                .expect("committed lock")
+                .extend(done.iter().copied());
+            self.resources.metrics.emit(OffsetsCommitted(&done));
         }
     }
 }
@@ -351,7 +365,10 @@ fn commit_requested(
     }
     if offsets.count() > 0 {
         if let Err(e) = ffi::commit_async(consumer, &offsets) {
-            warn!("commit failed (retried at the next interval): {e}");
+            warn!("commit failed (asked again at the next interval): {e}");
+            for (partition, offset) in positions(&offsets) {
+                router.commit_failed(partition, offset);
+            }
         }
     }
 }

@@ -85,6 +85,14 @@ impl Router {
         self.tasks().keys().copied().collect()
     }
 
+    /// Tells the task of `partition`, if still assigned here, that its
+    /// commit of `position` did not go through.
+    pub fn commit_failed(&self, partition: i32, position: i64) {
+        if let Some(task) = self.tasks().get(&partition) {
+            let _ = task.input.commit_failures.send(position);
+        }
+    }
+
     /// Whether `partition` is assigned here.
     pub fn holds(&self, partition: i32) -> bool {
         self.tasks().contains_key(&partition)

@@ -240,6 +240,8 @@ pub struct Faults {
     pub push_failure: f64,
     pub changelog_failure: f64,
     pub dead_letter_failure: f64,
+    /// Failure rate of commits (the broker refuses or the request is lost).
+    pub commit_failure: f64,
     /// Until when (ms) failures are injected; afterwards the run settles.
     pub until: u64,
     /// Take mid-run checkpoints (every `checkpoint_every` ms of commits).
@@ -358,6 +360,7 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
         push_failure: rate(rng),
         changelog_failure: rate(rng),
         dead_letter_failure: rate(rng),
+        commit_failure: rate(rng),
         until: span,
         checkpoint_every: if classes.mid_run_checkpoints {
             rng.random_range(0..200)
@@ -440,6 +443,11 @@ enum Happening {
         id: u64,
         offset: i64,
         ok: bool,
+    },
+    /// A commit of `owner` did not go through.
+    CommitFailed {
+        owner: u32,
+        position: i64,
     },
     Tick {
         owner: u32,
@@ -723,6 +731,11 @@ impl<'a> Sim<'a> {
                     });
                 }
             }
+            Happening::CommitFailed { owner, position } => {
+                if let Some(i) = self.owner_index(owner) {
+                    self.turn(i, move |core| core.commit_failed(position));
+                }
+            }
             Happening::Tick { owner, timer } => {
                 let Some(i) = self.owner_index(owner) else {
                     return;
@@ -800,6 +813,7 @@ impl<'a> Sim<'a> {
             | Happening::ChangelogDone { owner }
             | Happening::DeadLetterDone { owner, .. }
             | Happening::Tick { owner, .. }
+            | Happening::CommitFailed { owner, .. }
             | Happening::CloseDeadline { owner } => *owner,
             _ => return None,
         };
@@ -1006,7 +1020,16 @@ impl<'a> Sim<'a> {
                 }
                 Action::Commit(position) => {
                     self.check_commit(position);
-                    if self.owners[i].member {
+                    if self.fails(self.schedule.faults.commit_failure) {
+                        let latency = self.latency();
+                        self.at(
+                            self.now + latency,
+                            Happening::CommitFailed {
+                                owner: id,
+                                position,
+                            },
+                        );
+                    } else if self.owners[i].member {
                         self.broker.committed = position;
                     }
                 }
@@ -1084,6 +1107,7 @@ impl<'a> Sim<'a> {
                 | Some(Happening::DeadLetterDone { owner: o, .. })
                 | Some(Happening::ChangelogDone { owner: o })
                 | Some(Happening::Tick { owner: o, .. })
+                | Some(Happening::CommitFailed { owner: o, .. })
                 | Some(Happening::CloseDeadline { owner: o }) => *o == owner.id,
                 _ => false,
             };

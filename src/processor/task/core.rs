@@ -5,7 +5,8 @@
 //! Inputs: records ([`TaskCore::take_batch`], processed by
 //! [`TaskCore::end_turn`]), a push's outcome ([`TaskCore::push_done`]), the
 //! oldest changelog write's outcome ([`TaskCore::changelog_done`]), a dead
-//! letter's outcome ([`TaskCore::dead_letter_done`]), timers
+//! letter's outcome ([`TaskCore::dead_letter_done`]), a commit that did
+//! not go through ([`TaskCore::commit_failed`]), timers
 //! ([`TaskCore::tick`]), and closing ([`TaskCore::close`],
 //! [`TaskCore::close_timed_out`]). Every input carries the clock (`now`, ns
 //! since the epoch) it happened at.
@@ -643,6 +644,15 @@ impl<S: MarkerStore> TaskCore<S> {
         self.hand_markers_to_changelog();
         self.commit_gate.ask(position, self.changelog_seq);
         self.release_held_commit(now);
+    }
+
+    /// The commit of `position` did not go through (the broker refused it,
+    /// or it could not be sent): the next commit tick asks for it again. A
+    /// newer commit sent since makes the failure moot.
+    pub fn commit_failed(&mut self, position: i64) {
+        if self.committed == Some(position) {
+            self.committed = None;
+        }
     }
 
     /// Sends the held commit if the markers behind it are durable (see

@@ -27,6 +27,8 @@ pub struct TaskInput {
     pub backlog: Arc<Backlog>,
     /// Asks the task to stop; it answers with its final commit position.
     pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
+    /// Commits of the task's positions that did not go through.
+    pub commit_failures: mpsc::UnboundedSender<i64>,
 }
 
 /// Records handed to a task and not yet processed by it (in its channel or

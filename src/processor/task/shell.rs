@@ -64,9 +64,11 @@ pub fn spawn(
     let (records_tx, records) = mpsc::unbounded_channel();
     let backlog = Arc::new(Backlog::default());
     let (close_tx, close) = oneshot::channel();
+    let (commit_failures_tx, commit_failures) = mpsc::unbounded_channel();
     let pipe = Pipe {
         records,
         backlog: backlog.clone(),
+        commit_failures,
     };
     let span = tracing::info_span!("partition", topic = %topic, partition);
     runtime.spawn(
@@ -83,6 +85,7 @@ pub fn spawn(
         records: records_tx,
         backlog,
         close: close_tx,
+        commit_failures: commit_failures_tx,
     }
 }
 
@@ -90,6 +93,7 @@ pub fn spawn(
 struct Pipe {
     records: mpsc::UnboundedReceiver<Vec<InputRecord>>,
     backlog: Arc<Backlog>,
+    commit_failures: mpsc::UnboundedReceiver<i64>,
 }
 
 /// A push on its way (produced, or waiting out a retry's backoff),
@@ -217,6 +221,10 @@ async fn run(
             }
             Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
                 shell.core.dead_letter_done(id, outcome);
+                None
+            }
+            Some(position) = pipe.commit_failures.recv() => {
+                shell.core.commit_failed(position);
                 None
             }
             _ = commit_tick.tick() => { shell.core.tick(now_ns(), Timer::Commit); None }
