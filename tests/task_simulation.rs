@@ -93,6 +93,40 @@ fn a_crash_at_every_action_boundary_keeps_every_task_invariant() {
     }
 }
 
+/// While the dead-letter topic refuses a record, the task takes no more
+/// records (the router then pauses the partition), so a failing
+/// dead-letter topic cannot make memory grow with the input; once the
+/// dead letter lands, records flow again.
+#[test]
+fn a_task_whose_dead_letter_fails_takes_no_more_records_until_it_lands() {
+    use keyflight::engine::MergePolicy;
+    use keyflight::processor::task::{Action, InputRecord};
+
+    let metrics = Arc::new(Metrics::new());
+    let mut core = crate::task_sim::new_core(MergePolicy::Latest, &metrics);
+    let now = 1_700_000_000_000_000_000;
+    core.take_batch(vec![InputRecord::copied(0, Some(b"k"), Some(b"not json"))]);
+    core.end_turn(now);
+    let Some(Action::DeadLetter { letter, .. }) = core.poll_action() else {
+        panic!("a record that is not JSON is dead-lettered");
+    };
+    assert!(core.wants_records(), "in flight, not failing yet");
+
+    core.dead_letter_done(letter.id, Err("the topic refuses writes".into()));
+    let Some(Action::DeadLetter {
+        letter: retry,
+        delay,
+    }) = core.poll_action()
+    else {
+        panic!("a failed dead letter is written again");
+    };
+    assert!(!delay.is_zero(), "after a backoff");
+    assert!(!core.wants_records(), "no more records while it fails");
+
+    core.dead_letter_done(retry.id, Ok(()));
+    assert!(core.wants_records(), "records flow again once it landed");
+}
+
 /// Defects the task simulation sees in today's code, each fixed by a
 /// companion issue; until then these tests prove that the harness finds
 /// them (as `simulation::random_schedules_catch_the_reference_model_stale`

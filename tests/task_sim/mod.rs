@@ -62,6 +62,61 @@ pub struct ModelStore {
     codec: MarkerCodec,
 }
 
+impl ModelStore {
+    pub fn new(markers: BTreeMap<Bytes, Marker>) -> Self {
+        ModelStore {
+            markers: RefCell::new(markers),
+            codec: MarkerCodec::new(),
+        }
+    }
+}
+
+/// A task core over an empty model store, as the simulation configures it.
+pub fn new_core(policy: MergePolicy, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
+    let store = ModelStore::new(BTreeMap::new());
+    core_with(
+        policy,
+        4,
+        Duration::from_secs(3600),
+        store,
+        0,
+        metrics,
+        EPOCH,
+    )
+}
+
+/// A task core as the simulation configures it (JSON input, version field
+/// `v`, the model's grace period and retry backoff).
+fn core_with(
+    policy: MergePolicy,
+    max_active_keys: usize,
+    checkpoint_every: Duration,
+    store: ModelStore,
+    changelog_next: i64,
+    metrics: &Arc<Metrics>,
+    now: u64,
+) -> TaskCore<ModelStore> {
+    let config = CoreConfig {
+        partition: 0,
+        table: TableConfig {
+            policy,
+            max_active_keys,
+        },
+        compensation_grace: Duration::from_millis(GRACE),
+        checkpoint_every,
+        retry_backoff: Duration::from_millis(100),
+    };
+    let codec = Arc::new(Codec::new(InputFormat::Json, policy, "v"));
+    TaskCore::new(
+        config,
+        codec,
+        store,
+        changelog_next,
+        metrics.partition(0),
+        now,
+    )
+}
+
 impl MarkerStore for ModelStore {
     fn get(&self, key: &[u8]) -> Result<Option<Marker>, StateError> {
         Ok(self.markers.borrow().get(key).cloned())
@@ -858,28 +913,14 @@ impl<'a> Sim<'a> {
                 differs.unwrap_or_default()
             ));
         }
-        let store = ModelStore {
-            markers: RefCell::new(markers),
-            codec: MarkerCodec::new(),
-        };
         let schedule = self.schedule;
-        let config = CoreConfig {
-            partition: 0,
-            table: TableConfig {
-                policy: schedule.policy,
-                max_active_keys: schedule.max_active_keys,
-            },
-            compensation_grace: Duration::from_millis(GRACE),
-            checkpoint_every: Duration::from_millis(schedule.faults.checkpoint_every),
-            retry_backoff: Duration::from_millis(100),
-        };
-        let codec = Arc::new(Codec::new(InputFormat::Json, schedule.policy, "v"));
-        let core = TaskCore::new(
-            config,
-            codec,
-            store,
+        let core = core_with(
+            schedule.policy,
+            schedule.max_active_keys,
+            Duration::from_millis(schedule.faults.checkpoint_every),
+            ModelStore::new(markers),
             self.broker.changelog_next,
-            self.metrics.partition(0),
+            &self.metrics,
             self.clock(),
         );
         let id = self.next_owner;

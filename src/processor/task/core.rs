@@ -31,7 +31,7 @@
 //! changelog, reached through [`MarkerStore`] so that the simulation can
 //! put a model with crash semantics in RocksDB's place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -165,6 +165,10 @@ pub struct TaskCore<S> {
     /// Pushes handed to the shell whose outcome is not known yet.
     pushes_in_flight: usize,
     dead_letters: HashMap<u64, DeadLetter>,
+    /// Dead letters whose last attempt failed: while there are any, the
+    /// task takes no more records (the partition pauses), so a dead-letter
+    /// topic that refuses writes cannot make memory grow with the input.
+    dead_letters_failing: HashSet<u64>,
     next_dead_letter: u64,
     /// Markers written to the store and not yet to the changelog, the
     /// newest per key (`None`: a tombstone). Encoded only when written:
@@ -205,6 +209,7 @@ impl<S: MarkerStore> TaskCore<S> {
             starting: Vec::new(),
             pushes_in_flight: 0,
             dead_letters: HashMap::new(),
+            dead_letters_failing: HashSet::new(),
             next_dead_letter: 0,
             unlogged: HashMap::default(),
             changelog_writes: VecDeque::new(),
@@ -237,11 +242,12 @@ impl<S: MarkerStore> TaskCore<S> {
     }
 
     /// Whether the task takes another batch: it is running, its inbox is
-    /// done and the table has room.
+    /// done, the table has room and no dead letter is failing.
     pub fn wants_records(&self) -> bool {
         self.phase == Phase::Running
             && self.inbox.as_slice().is_empty()
             && !self.table.is_saturated()
+            && self.dead_letters_failing.is_empty()
     }
 
     /// Whether closing is over.
@@ -592,6 +598,7 @@ impl<S: MarkerStore> TaskCore<S> {
         }
         match outcome {
             Ok(()) => {
+                self.dead_letters_failing.remove(&id);
                 if let Some(letter) = self.dead_letters.remove(&id) {
                     self.table.release(letter.record.offset);
                 }
@@ -606,8 +613,9 @@ impl<S: MarkerStore> TaskCore<S> {
                 warn!(
                     partition = self.config.partition,
                     offset = letter.record.offset,
-                    "dead letter not written, retrying: {e}"
+                    "dead letter not written, retrying (no more records until it is): {e}"
                 );
+                self.dead_letters_failing.insert(id);
                 self.actions.push_back(Action::DeadLetter {
                     letter: letter.clone(),
                     delay: self.config.retry_backoff,
@@ -746,6 +754,7 @@ impl<S: MarkerStore> TaskCore<S> {
         );
         self.pushes_in_flight = 0;
         self.dead_letters.clear();
+        self.dead_letters_failing.clear();
         self.drained();
     }
 
