@@ -127,6 +127,53 @@ fn a_task_whose_dead_letter_fails_takes_no_more_records_until_it_lands() {
     assert!(core.wants_records(), "records flow again once it landed");
 }
 
+/// A changelog write the producer refuses is written again with the next
+/// hand-over of markers (a flush or commit tick), not in the same turn: a
+/// write refused outright fails again at once, and retrying it at once
+/// would spin the partition's loop. No commit goes out until it lands.
+#[test]
+fn a_refused_changelog_write_is_written_again_at_the_next_tick_not_at_once() {
+    use keyflight::engine::MergePolicy;
+    use keyflight::processor::task::{Action, InputRecord, Timer};
+
+    let metrics = Arc::new(Metrics::new());
+    let mut core = crate::task_sim::new_core(MergePolicy::Latest, &metrics);
+    let now = 1_700_000_000_000_000_000;
+    core.take_batch(vec![InputRecord::copied(
+        0,
+        Some(b"k"),
+        Some(br#"{"v":0}"#),
+    )]);
+    core.end_turn(now);
+    let Some(Action::Push { flight, .. }) = core.poll_action() else {
+        panic!("the event is pushed");
+    };
+    core.push_done(now, flight, Ok(()), std::time::Duration::ZERO);
+    core.end_turn(now);
+    core.tick(now, Timer::ChangelogFlush);
+    assert!(
+        matches!(core.poll_action(), Some(Action::WriteChangelog { .. })),
+        "the marker goes to the changelog"
+    );
+    core.changelog_done(now, Err("Message size too large".into()));
+    assert!(
+        core.poll_action().is_none(),
+        "not written again in the same turn"
+    );
+
+    core.tick(now, Timer::Commit);
+    let actions: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+    assert!(
+        matches!(actions[..], [Action::WriteChangelog { .. }]),
+        "the next tick writes it again, and no commit goes out: {actions:?}"
+    );
+    core.changelog_done(now, Ok(0));
+    assert!(
+        matches!(core.poll_action(), Some(Action::Commit(1))),
+        "the commit goes out once the rewrite landed"
+    );
+}
+
 /// Defects the task simulation sees in today's code, each fixed by a
 /// companion issue; until then these tests prove that the harness finds
 /// them (as `simulation::random_schedules_catch_the_reference_model_stale`

@@ -3,11 +3,12 @@
 //! task reports its changelog writes and their outcomes, and asks.
 //!
 //! A commit asked for at write `n` (the newest changelog write then) waits
-//! until every write up to `n` is acknowledged. A write that failed is
-//! written again from the store's current marker, and the commit waits for
-//! the rewrite instead. A key whose marker could not even be read back for
-//! its rewrite holds every commit until a later attempt writes it: the next
-//! owner must never start from offsets whose markers the changelog lacks.
+//! until every write up to `n` is acknowledged. A key whose write failed is
+//! [`unwritten`](CommitGate::unwritten): it holds every commit until it is
+//! written again (from the store's current marker, with the task's next
+//! hand-over of markers), and the held commit then waits for that write
+//! too: the next owner must never start from offsets whose markers the
+//! changelog lacks.
 
 use std::collections::HashSet;
 
@@ -40,19 +41,9 @@ impl CommitGate {
         });
     }
 
-    /// Write `failed` failed and the key was written again as `rewrite`: a
-    /// held commit that waited for `failed` waits for `rewrite` instead.
-    pub fn rewritten(&mut self, failed: u64, rewrite: u64) {
-        if let Some(held) = &mut self.held {
-            if held.after_write >= failed {
-                held.after_write = held.after_write.max(rewrite);
-            }
-        }
-    }
-
-    /// The write of `key` failed and its marker could not be read back to
-    /// write it again: commits wait until [`CommitGate::retry`] hands it out
-    /// and the caller writes it.
+    /// The write of `key` failed (or its marker could not be read back to
+    /// write it again): commits wait until [`CommitGate::retry`] hands it
+    /// out and the caller writes it.
     pub fn unwritten(&mut self, key: Bytes) {
         self.unwritten.insert(key);
     }
@@ -115,19 +106,6 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_moves_the_commit_behind_its_rewrite() {
-        let mut gate = CommitGate::default();
-        gate.ask(10, 3);
-        gate.rewritten(2, 7);
-        assert_eq!(gate.release(Some(4)), None, "waits for write 7");
-        assert_eq!(gate.release(Some(8)), Some(10));
-        // A failure after the commit's writes does not hold it.
-        gate.ask(20, 9);
-        gate.rewritten(12, 13);
-        assert_eq!(gate.release(Some(10)), Some(20));
-    }
-
-    #[test]
     fn a_marker_that_could_not_be_written_again_holds_every_commit_until_it_is() {
         let mut gate = CommitGate::default();
         gate.ask(10, 3);
@@ -153,7 +131,7 @@ mod tests {
     enum Step {
         Write,
         Ack,
-        Fail { rewrite: bool },
+        Fail,
         Retry { readable: bool },
         Ask,
     }
@@ -162,7 +140,7 @@ mod tests {
         prop_oneof![
             3 => Just(Step::Write),
             3 => Just(Step::Ack),
-            1 => any::<bool>().prop_map(|rewrite| Step::Fail { rewrite }),
+            1 => Just(Step::Fail),
             1 => any::<bool>().prop_map(|readable| Step::Retry { readable }),
             2 => Just(Step::Ask),
         ]
@@ -198,15 +176,9 @@ mod tests {
                             missing.remove(&key);
                         }
                     }
-                    Step::Fail { rewrite } => {
-                        if let Some((failed, key)) = pending.pop_front() {
-                            if rewrite {
-                                seq += 1;
-                                pending.push_back((seq, key));
-                                gate.rewritten(failed, seq);
-                            } else {
-                                gate.unwritten(Bytes::from(key.to_be_bytes().to_vec()));
-                            }
+                    Step::Fail => {
+                        if let Some((_, key)) = pending.pop_front() {
+                            gate.unwritten(Bytes::from(key.to_be_bytes().to_vec()));
                         }
                     }
                     Step::Retry { readable } => {

@@ -487,11 +487,11 @@ impl<S: MarkerStore> TaskCore<S> {
     }
 
     /// The oldest changelog write was acknowledged at `offset`, or failed.
-    /// A key whose write failed is written again from the store's *current*
-    /// marker (re-sending the failed bytes could let an older marker win
-    /// compaction over a newer one); a commit held behind the failed write
-    /// now waits for the rewrite. If the marker cannot be read back, no
-    /// commit goes out until a later attempt writes it.
+    /// A key whose write failed is written again, with the next hand-over
+    /// of markers, from the store's *current* marker (re-sending the failed
+    /// bytes could let an older marker win compaction over a newer one); no
+    /// commit goes out until it is written, and then a held commit waits
+    /// for the rewrite.
     pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, String>) {
         let Some((seq, key)) = self.changelog_writes.pop_front() else {
             return;
@@ -518,17 +518,16 @@ impl<S: MarkerStore> TaskCore<S> {
                 false
             }
             Err(e) => {
+                // Written again with the next hand-over of markers (the
+                // flush tick), not at once: a write the producer refuses
+                // outright fails again at once, and retrying it in the same
+                // turn would starve the loop's other work. No commit goes
+                // out meanwhile.
                 warn!(
                     partition = self.config.partition,
                     "changelog write failed, will write the key again: {e}"
                 );
-                match self.write_again(key) {
-                    Ok(rewrite) => self.commit_gate.rewritten(seq, rewrite),
-                    Err(e) => warn!(
-                        partition = self.config.partition,
-                        "cannot re-read a marker to write it again; commits wait until it is written: {e}"
-                    ),
-                }
+                self.commit_gate.unwritten(key);
                 false
             }
         };
