@@ -15,7 +15,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
-use crate::*;
+use crate::{Child, Result};
 
 // Broker and topics
 

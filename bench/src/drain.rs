@@ -9,7 +9,7 @@ use keyflight::metrics::scrape::{http_get, Scrape};
 use rdkafka::message::Headers;
 use rdkafka::Message;
 
-use crate::*;
+use crate::{path_str, sibling, stats, App, Drain, Result};
 
 pub(crate) fn scrape(addr: &str) -> Result<Scrape> {
     let (status, body) = http_get(addr, "/metrics").map_err(|e| e.to_string())?;

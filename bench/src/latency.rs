@@ -5,7 +5,10 @@ use std::time::Duration;
 use keyflight::loadgen::LoadSpec;
 use keyflight::metrics::scrape::{http_get, Scrape};
 
-use crate::*;
+use crate::{
+    drain_limit, drained, machine_cpu_ticks, process_cpu_seconds, produce, read_consumer,
+    records_with, scrape, stats, versions, App, Env, Result, SystemLatency,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 pub(crate) enum System {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::*;
+use crate::Result;
 
 pub(crate) struct Child {
     pub(crate) child: std::process::Child,

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::stats::Latency;
 
-use crate::*;
+use crate::Reference;
 
 // The report
 

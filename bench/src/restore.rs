@@ -7,7 +7,7 @@ use keyflight::metrics::scrape::http_get;
 use keyflight::state::{Marker, MarkerCodec};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-use crate::*;
+use crate::{drain_limit, scrape, App, Env, Restore, Result};
 
 /// Restores `markers` markers in a fresh `keyflight run`.
 pub(crate) fn restore(env: &Env, markers: u64) -> Result<Restore> {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use keyflight::state::{Marker, Store};
 
-use crate::*;
+use crate::{Result, Scan};
 
 /// Times the compensation scan (open index) against a full scan.
 pub(crate) fn scan(markers: u64, open: u64, work: &Path) -> Result<Scan> {
