@@ -163,17 +163,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_restore_waits_for_a_broker_that_went_down_and_finishes_when_it_is_back() {
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        use tracing_subscriber::layer::SubscriberExt;
-
+    /// A mock cluster with an empty one-partition topic `changelog`, and
+    /// settings pointing at it.
+    fn mock_changelog() -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        Settings,
+    ) {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("changelog", 1, 1).unwrap();
         let settings = Settings {
             brokers: cluster.bootstrap_servers(),
             ..Settings::default()
         };
+        (cluster, settings)
+    }
+
+    #[test]
+    fn a_restore_waits_for_a_broker_that_went_down_and_finishes_when_it_is_back() {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let (cluster, settings) = mock_changelog();
         // Three tombstones: each is a record to restore (as a delete).
         let producer: BaseProducer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
@@ -228,12 +238,7 @@ mod tests {
         use crate::state::Marker;
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("changelog", 1, 1).unwrap();
-        let settings = Settings {
-            brokers: cluster.bootstrap_servers(),
-            ..Settings::default()
-        };
+        let (_cluster, settings) = mock_changelog(); // the broker lives to the end
         let marker = |version| Marker {
             t1: 7,
             t2: 7,
