@@ -15,7 +15,7 @@
 
 # --- build ------------------------------------------------------------------
 # At least Cargo.toml's rust-version (which the locked dependencies set:
-# uuid 1.29 wants 1.89); tests/deploy.rs checks this tag against both.
+# uuid 1.29 wants 1.89); tests/deploy/ checks this tag against both.
 FROM rust:1.93-bookworm AS builder
 
 # RocksDB: a C++ compiler and libclang (bindgen, loaded at build time);
