@@ -39,11 +39,7 @@ impl FetchQueue {
         // SAFETY: the client pointer is valid while `consumer` lives; the
         // queue is destroyed in `close`, before the consumer.
         let queue = unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) };
-        let old = self.0.swap(queue, Ordering::AcqRel);
-        if !old.is_null() {
-            // SAFETY: created by an earlier `open`, swapped out: destroyed once.
-            unsafe { rd::rd_kafka_queue_destroy(old) };
-        }
+        self.0.store(queue, Ordering::Release);
     }
 
     /// Destroys the queue; records still in it are not committed, so the
@@ -146,12 +142,6 @@ impl FetchQueue {
             }
         }
         taken
-    }
-}
-
-impl Drop for FetchQueue {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 

@@ -39,27 +39,16 @@ pub async fn produce_bytes(broker: &Broker, topic: &str, records: &[(String, Opt
 
 /// Produces events in order (keys hash to partitions like Java clients).
 pub async fn produce(broker: &Broker, topic: &str, events: &[TestEvent]) {
-    let producer: FutureProducer = broker
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut pending = Vec::with_capacity(events.len());
-    for event in events {
-        let mut record = FutureRecord::to(topic).key(&event.key);
-        if let Some(value) = &event.value {
-            record = record.payload(value);
-        }
-        match producer.send_result(record) {
-            Ok(delivery) => pending.push(delivery),
-            Err((e, _)) => panic!("produce failed: {e}"),
-        }
-    }
-    for delivery in pending {
-        delivery.await.expect("delivery future").expect("delivered");
-    }
+    let records: Vec<Record> = events
+        .iter()
+        .map(|e| {
+            (
+                Some(e.key.clone().into_bytes()),
+                e.value.clone().map(String::into_bytes),
+            )
+        })
+        .collect();
+    produce_records(broker, topic, &records).await;
 }
 
 /// One record of an output topic.
@@ -186,7 +175,8 @@ pub fn wait_until<T>(
     }
 }
 
-/// Produces records with optional keys and values, in order.
+/// Produces records with optional keys and values, in order (keys hash
+/// to partitions like Java clients).
 pub async fn produce_records(broker: &Broker, topic: &str, records: &[Record]) {
     let producer: FutureProducer = broker
         .client_config()

@@ -232,11 +232,6 @@ impl<S: MarkerStore> TaskCore<S> {
         &self.store
     }
 
-    /// Gives the store back (the task is over).
-    pub fn into_store(self) -> S {
-        self.store
-    }
-
     pub fn stats(&self) -> TableStats {
         self.table.stats()
     }

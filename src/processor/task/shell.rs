@@ -199,14 +199,14 @@ async fn run(
         changelog_writes: VecDeque::new(),
         reply: None,
     };
+    // The scan's duration is the shell's to measure (the core has no clock).
+    let scan_metrics = resources.metrics.partition(partition);
     let mut commit_tick = tokio::time::interval(settings.commit_interval);
     let mut compensation_tick = tokio::time::interval(settings.compensation.interval);
     let mut changelog_tick = tokio::time::interval(CHANGELOG_EVERY);
     compensation_tick.tick().await; // the first tick is immediate; skip it
 
     loop {
-        // One clock reading per turn: a turn takes well under a millisecond,
-        // and tn only has to grow per key, which the table ensures.
         let reply = tokio::select! {
             biased;
             reply = &mut close => Some(reply.ok()),
@@ -232,7 +232,7 @@ async fn run(
             _ = compensation_tick.tick() => {
                 let started = Instant::now();
                 if let Some(scanned) = shell.core.tick(now_ns(), Timer::Compensation) {
-                    shell.resources.metrics.partition(partition).emit(CompensationScanned {
+                    scan_metrics.emit(CompensationScanned {
                         elapsed: started.elapsed(),
                         open_markers: scanned.open_markers,
                         repushed: scanned.repushed,
