@@ -23,4 +23,5 @@ mod pipeline;
 mod recovery;
 mod schemas;
 mod simulation;
+mod state_crash;
 mod task_simulation;

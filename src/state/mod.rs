@@ -14,7 +14,11 @@
 //! RocksDB as one write, and a marker that opens and closes in between never
 //! touches the `open` family. Reads see the held writes first.
 //!
-//! The changelog topic is the durable log, so RocksDB's WAL is off. The
+//! The changelog topic is the durable log, so RocksDB's WAL is off, and the
+//! task writes a marker here only once the changelog acknowledged it: what a
+//! crash leaves on disk is never ahead of the changelog. Flushes are atomic
+//! across the two column families (RocksDB's `atomic_flush`), so the `open`
+//! index on disk always agrees with `markers`. The
 //! checkpoint file records the changelog offset the store is complete up to;
 //! it is written only after a flush (on revoke and shutdown, and with a
 //! commit at most every 30 s) and removed when the store opens. A crash
@@ -213,6 +217,9 @@ impl Store {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_write_buffer_manager(write_buffers());
+        // Without a WAL, a column family flushed alone (a full memtable)
+        // would leave the other's matching writes to die with the process.
+        options.set_atomic_flush(true);
         if checkpoint.is_none() {
             // Whatever is there may be older or newer than the changelog: start over.
             DB::destroy(&options, &db_path).map_err(rocks)?;
@@ -485,9 +492,11 @@ impl Store {
     pub fn checkpoint(&self, next_offset: i64) -> Result<(), StateError> {
         self.apply(&mut self.memory())?;
         self.db
-            .flush_cf(self.cf(MARKERS))
+            .flush_cfs_opt(
+                &[self.cf(MARKERS), self.cf(OPEN)],
+                &rocksdb::FlushOptions::default(),
+            )
             .map_err(|e| self.rocks(e))?;
-        self.db.flush_cf(self.cf(OPEN)).map_err(|e| self.rocks(e))?;
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
@@ -495,6 +504,16 @@ impl Store {
         let tmp = self.path.join(format!("{CHECKPOINT}.tmp"));
         std::fs::write(&tmp, format!("{next_offset}\n")).map_err(io)?;
         std::fs::rename(&tmp, self.path.join(CHECKPOINT)).map_err(io)
+    }
+
+    /// Applies the held writes and waits until RocksDB's background flushes
+    /// and compactions are done, without flushing the memtables: what is on
+    /// disk then stays as it is until the next write.
+    pub fn settle(&self) -> Result<(), StateError> {
+        self.apply(&mut self.memory())?;
+        let mut wait = rocksdb::WaitForCompactOptions::default();
+        wait.set_flush(false);
+        self.db.wait_for_compact(&wait).map_err(|e| self.rocks(e))
     }
 
     pub fn path(&self) -> &Path {

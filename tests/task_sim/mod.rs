@@ -13,8 +13,9 @@
 //! a flush and removes it when it opens). A crash happens between two
 //! actions, at a chosen action boundary: the owner's queued writes land or
 //! not (changelog writes as a prefix, they share a partition), its store
-//! falls back to the disk image, and a new owner restores from disk and the
-//! changelog. A revoke is a graceful handover to an owner on either host.
+//! falls back to the disk image plus a random prefix of the store's writes
+//! since (RocksDB flushes full memtables on its own, every column family
+//! at once), and a new owner restores from disk and the changelog. A revoke is a graceful handover to an owner on either host.
 //!
 //! The oracle is independent of keyflight's code: the expected final value
 //! of every key comes from the input alone, coverage is checked against
@@ -54,11 +55,15 @@ pub struct Disk {
     image: BTreeMap<Bytes, Marker>,
     /// The checkpoint file: the changelog offset the image is complete up to.
     checkpoint: Option<i64>,
+    /// The owner whose store wrote the checkpoint.
+    written_by: u32,
 }
 
-/// The store of one owner: its markers in memory, and the disk of its host.
+/// The store of one owner: its markers in memory, and the writes since
+/// its last checkpoint (any prefix of which a crash may leave on disk).
 pub struct ModelStore {
     markers: RefCell<BTreeMap<Bytes, Marker>>,
+    since_checkpoint: RefCell<Vec<(Bytes, Option<Marker>)>>,
     codec: MarkerCodec,
 }
 
@@ -66,6 +71,7 @@ impl ModelStore {
     pub fn new(markers: BTreeMap<Bytes, Marker>) -> Self {
         ModelStore {
             markers: RefCell::new(markers),
+            since_checkpoint: RefCell::default(),
             codec: MarkerCodec::new(),
         }
     }
@@ -122,13 +128,20 @@ impl MarkerStore for ModelStore {
         Ok(self.markers.borrow().get(key).cloned())
     }
     fn put(&self, key: &[u8], marker: &Marker) -> Result<(), StateError> {
+        let key = Bytes::copy_from_slice(key);
         self.markers
             .borrow_mut()
-            .insert(Bytes::copy_from_slice(key), marker.clone());
+            .insert(key.clone(), marker.clone());
+        self.since_checkpoint
+            .borrow_mut()
+            .push((key, Some(marker.clone())));
         Ok(())
     }
     fn delete(&self, key: &[u8]) -> Result<(), StateError> {
         self.markers.borrow_mut().remove(key);
+        self.since_checkpoint
+            .borrow_mut()
+            .push((Bytes::copy_from_slice(key), None));
         Ok(())
     }
     fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
@@ -338,7 +351,7 @@ pub struct FaultClasses {
 impl FaultClasses {
     /// What keyflight holds against today.
     pub const HANDLED: FaultClasses = FaultClasses {
-        mid_run_checkpoints: false,
+        mid_run_checkpoints: true,
         freeze: false,
         lost: false,
         close_timeouts: false,
@@ -417,7 +430,7 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
         dead_letter_failure: rate(rng),
         commit_failure: rate(rng),
         until: span,
-        checkpoint_every: if classes.mid_run_checkpoints {
+        checkpoint_every: if classes.mid_run_checkpoints && rng.random_bool(0.5) {
             rng.random_range(0..200)
         } else {
             u64::MAX / MS
@@ -1011,14 +1024,12 @@ impl<'a> Sim<'a> {
                     let key = &flight.push.key;
                     let marked = self.owners[i]
                         .core
-                        .store()
-                        .markers
-                        .borrow()
-                        .get(key)
+                        .marker(key)
+                        .expect("the model store reads")
                         .map(|m| m.t1);
                     if marked != Some(flight.push.tn) {
                         self.violation(format!(
-                            "the push of {key:?} (tn {}) is produced before its markT1 (store t1 {marked:?})",
+                            "the push of {key:?} (tn {}) is produced before its markT1 (marker t1 {marked:?})",
                             flight.push.tn
                         ));
                     }
@@ -1079,10 +1090,12 @@ impl<'a> Sim<'a> {
                         .push(format!("t={}: owner {id} checkpoints at {next}", self.now));
                     self.check_checkpoint(i, next);
                     let owner = &self.owners[i];
-                    let image = owner.core.store().markers.borrow().clone();
+                    let store = owner.core.store();
+                    store.since_checkpoint.borrow_mut().clear();
                     self.disks[owner.host] = Disk {
-                        image,
+                        image: store.markers.borrow().clone(),
                         checkpoint: Some(next),
+                        written_by: owner.id,
                     };
                 }
                 Action::Closed(position) => {
@@ -1134,6 +1147,19 @@ impl<'a> Sim<'a> {
         let owner = self.owners.remove(i);
         self.log
             .push(format!("t={}: owner {} crashes", self.now, owner.id));
+        // Its store's writes since its checkpoint reach the disk up to a
+        // point (a flush of full memtables).
+        let disk = &mut self.disks[owner.host];
+        if disk.checkpoint.is_some() && disk.written_by == owner.id {
+            let writes = owner.core.store().since_checkpoint.take();
+            let flushed = self.rng.random_range(0..=writes.len());
+            for (key, marker) in writes.into_iter().take(flushed) {
+                match marker {
+                    Some(marker) => disk.image.insert(key, marker),
+                    None => disk.image.remove(&key),
+                };
+            }
+        }
         // Changelog writes share a partition: a prefix of them lands.
         let mut landing = true;
         for write in owner.writes {

@@ -14,21 +14,23 @@
 //! The rules it keeps, each checked by the task simulation
 //! (`tests/task_simulation.rs`):
 //!
-//! * **markT1 before the push.** A push's marker is in the store (and held
+//! * **markT1 before the push.** A push's marker is the key's marker (held
 //!   for the changelog) before the [`Action::Push`] that produces it.
 //! * **Durable before committed.** An [`Action::Commit`] goes out only once
 //!   every changelog write made before it was asked is acknowledged (or
 //!   written again and acknowledged): the `CommitGate`.
-//! * **A checkpoint never claims an unwritten marker.** Every marker in the
-//!   store is at least on its way to the changelog when an
-//!   [`Action::Checkpoint`] is emitted, and the offset it claims is one past
-//!   the newest acknowledged changelog record.
+//! * **The store is never ahead of the changelog.** A marker reaches the
+//!   store only once the changelog acknowledged it; until then it is held in
+//!   memory (and read from there). So whatever part of the store a crash
+//!   leaves on disk, replaying the changelog from the last checkpoint (the
+//!   offset one past the newest acknowledged record) gives the changelog's
+//!   view.
 //! * **Closing** lets pushes in flight finish (without follow-up pushes),
 //!   hands every held marker to the changelog, waits for those writes, and
 //!   only then reports the final position ([`Action::Closed`]).
 //!
 //! The state store is the core's memory, not its I/O: a local cache of the
-//! changelog, reached through [`MarkerStore`] so that the simulation can
+//! acknowledged changelog, reached through [`MarkerStore`] so that the simulation can
 //! put a model with crash semantics in RocksDB's place.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -126,6 +128,13 @@ pub enum Action {
     Closed(Option<i64>),
 }
 
+/// A changelog write awaiting its acknowledgement.
+struct ChangelogWrite {
+    seq: u64,
+    key: Bytes,
+    marker: Option<Marker>,
+}
+
 /// Where the task is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -170,12 +179,15 @@ pub struct TaskCore<S> {
     /// topic that refuses writes cannot make memory grow with the input.
     dead_letters_failing: HashSet<u64>,
     next_dead_letter: u64,
-    /// Markers written to the store and not yet to the changelog, the
-    /// newest per key (`None`: a tombstone). Encoded only when written:
-    /// most are replaced before.
+    /// Markers not yet handed to the changelog, the newest per key (`None`:
+    /// a tombstone). Encoded only when written: most are replaced before.
     unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
-    /// Changelog writes not yet acknowledged, oldest first, with their key.
-    changelog_writes: VecDeque<(u64, Bytes)>,
+    /// Changelog writes not yet acknowledged, oldest first: each goes to the
+    /// store once acknowledged.
+    changelog_writes: VecDeque<ChangelogWrite>,
+    /// The `seq` of each key's newest write in `changelog_writes` (whose
+    /// `seq`s are consecutive, so it indexes the queue).
+    newest_write: HashMap<Bytes, u64, ahash::RandomState>,
     /// `seq` of the newest changelog write.
     changelog_seq: u64,
     /// One past the newest acknowledged changelog offset (for checkpoints).
@@ -213,6 +225,7 @@ impl<S: MarkerStore> TaskCore<S> {
             next_dead_letter: 0,
             unlogged: HashMap::default(),
             changelog_writes: VecDeque::new(),
+            newest_write: HashMap::default(),
             changelog_seq: 0,
             changelog_next,
             commit_gate: CommitGate::default(),
@@ -320,7 +333,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// Starts the table's entry for a key from its stored marker, so replayed
     /// events are not pushed again and patches fold onto the stored value.
     fn seed(&mut self, key: &Bytes) {
-        match self.store.get(key) {
+        match self.marker(key) {
             Ok(Some(marker)) => self.seed_from(key, &marker),
             Ok(None) => {}
             Err(e) => warn!(
@@ -434,20 +447,46 @@ impl<S: MarkerStore> TaskCore<S> {
         }
     }
 
-    /// Writes a marker (or removes it) in the store, and holds it for the
-    /// changelog (see [`TaskCore::hand_markers_to_changelog`]).
+    /// Writes a key's marker (`None`: removes it): held for the changelog
+    /// (see [`TaskCore::hand_markers_to_changelog`]), and in the store once
+    /// the changelog acknowledged it.
     fn write_marker(&mut self, key: &Bytes, marker: Option<&Marker>) {
+        self.unlogged.insert(key.clone(), marker.cloned());
+    }
+
+    /// A key's newest marker: held for the changelog, on its way there, or
+    /// in the store.
+    pub fn marker(&self, key: &Bytes) -> Result<Option<Marker>, StateError> {
+        if let Some(held) = self.unlogged.get(key) {
+            return Ok(held.clone());
+        }
+        let on_its_way = self.newest_write.get(key).and_then(|seq| {
+            let oldest = self.changelog_writes.front()?.seq;
+            self.changelog_writes.get((seq - oldest) as usize)
+        });
+        match on_its_way {
+            Some(write) => Ok(write.marker.clone()),
+            None => self.store.get(key),
+        }
+    }
+
+    /// Whether a key has a marker newer than the store's, in memory.
+    fn holds_marker(&self, key: &Bytes) -> bool {
+        self.unlogged.contains_key(key) || self.newest_write.contains_key(key)
+    }
+
+    /// The store learns an acknowledged changelog record.
+    fn store_acknowledged(&mut self, key: &Bytes, marker: Option<&Marker>) {
         let written = match marker {
             Some(marker) => self.store.put(key, marker).map_err(|e| ("write", e)),
             None => self.store.delete(key).map_err(|e| ("delete", e)),
         };
         if let Err((what, e)) = written {
-            return warn!(
+            warn!(
                 partition = self.config.partition,
                 "store {what} failed: {e}"
             );
         }
-        self.unlogged.insert(key.clone(), marker.cloned());
     }
 
     /// Hands the held markers to the changelog, one record per key, after
@@ -464,16 +503,20 @@ impl<S: MarkerStore> TaskCore<S> {
             }
         }
         for (key, marker) in std::mem::take(&mut self.unlogged) {
-            self.write_changelog(key, marker.as_ref());
+            self.write_changelog(key, marker);
         }
     }
 
     /// One changelog record (`None`: a tombstone).
-    fn write_changelog(&mut self, key: Bytes, marker: Option<&Marker>) {
-        let value = marker.map(|m| self.store.encode(m));
+    fn write_changelog(&mut self, key: Bytes, marker: Option<Marker>) {
+        let value = marker.as_ref().map(|m| self.store.encode(m));
         self.changelog_seq += 1;
-        self.changelog_writes
-            .push_back((self.changelog_seq, key.clone()));
+        self.newest_write.insert(key.clone(), self.changelog_seq);
+        self.changelog_writes.push_back(ChangelogWrite {
+            seq: self.changelog_seq,
+            key: key.clone(),
+            marker,
+        });
         self.actions.push_back(Action::WriteChangelog {
             seq: self.changelog_seq,
             key,
@@ -481,19 +524,23 @@ impl<S: MarkerStore> TaskCore<S> {
         });
     }
 
-    /// The oldest changelog write was acknowledged at `offset`, or failed.
-    /// A key whose write failed is written again, with the next hand-over
-    /// of markers, from the store's *current* marker (re-sending the failed
-    /// bytes could let an older marker win compaction over a newer one); no
-    /// commit goes out until it is written, and then a held commit waits
-    /// for the rewrite.
+    /// The oldest changelog write was acknowledged at `offset` (its marker
+    /// goes to the store), or failed. A key whose write failed is written
+    /// again, with the next hand-over of markers, with its *current* marker
+    /// (re-sending the failed bytes after a newer write could let an older
+    /// marker win compaction); no commit goes out until it is written, and
+    /// then a held commit waits for the rewrite.
     pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, String>) {
-        let Some((seq, key)) = self.changelog_writes.pop_front() else {
+        let Some(ChangelogWrite { seq, key, marker }) = self.changelog_writes.pop_front() else {
             return;
         };
+        if self.newest_write.get(&key) == Some(&seq) {
+            self.newest_write.remove(&key);
+        }
         let ok = match outcome {
             Ok(offset) => {
                 self.metrics.emit(ChangelogWritten(1));
+                self.store_acknowledged(&key, marker.as_ref());
                 self.changelog_next = self.changelog_next.max(offset + 1);
                 if self.phase == Phase::Running {
                     self.release_held_commit(now);
@@ -522,6 +569,9 @@ impl<S: MarkerStore> TaskCore<S> {
                     partition = self.config.partition,
                     "changelog write failed, will write the key again: {e}"
                 );
+                if !self.holds_marker(&key) {
+                    self.unlogged.insert(key.clone(), marker);
+                }
                 self.commit_gate.unwritten(key);
                 false
             }
@@ -535,17 +585,16 @@ impl<S: MarkerStore> TaskCore<S> {
     }
 
     /// Writes a key whose changelog write failed again, with its current
-    /// marker (the one held for the changelog, else the store's): the new
-    /// write's `seq`. An error if the marker cannot be read back; the
-    /// commit gate then holds commits until a later attempt.
+    /// marker: the new write's `seq`. An error if the marker cannot be read
+    /// back; the commit gate then holds commits until a later attempt.
     fn write_again(&mut self, key: Bytes) -> Result<u64, StateError> {
         let marker = match self.unlogged.remove(&key) {
             Some(held) => Ok(held),
-            None => self.store.get(&key),
+            None => self.marker(&key),
         };
         match marker {
             Ok(marker) => {
-                self.write_changelog(key, marker.as_ref());
+                self.write_changelog(key, marker);
                 Ok(self.changelog_seq)
             }
             Err(e) => {
@@ -661,7 +710,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// [`CommitGate::release`]), and with it, every `checkpoint_every`, a
     /// checkpoint.
     fn release_held_commit(&mut self, now: u64) {
-        let oldest_pending = self.changelog_writes.front().map(|(seq, _)| *seq);
+        let oldest_pending = self.changelog_writes.front().map(|w| w.seq);
         let Some(position) = self.commit_gate.release(oldest_pending) else {
             return; // the markers behind the offsets are not durable yet
         };
@@ -673,9 +722,6 @@ impl<S: MarkerStore> TaskCore<S> {
         let every = self.config.checkpoint_every.as_nanos() as u64;
         if now.saturating_sub(self.checkpointed_at) >= every {
             self.checkpointed_at = now;
-            // Every marker in the checkpoint is at least on its way to the
-            // changelog.
-            self.hand_markers_to_changelog();
             self.actions
                 .push_back(Action::Checkpoint(self.changelog_next));
         }
@@ -697,7 +743,10 @@ impl<S: MarkerStore> TaskCore<S> {
         };
         let mut repushed = 0;
         for (key, marker) in due {
-            if self.table.in_flight(&key) {
+            // A key whose newest marker is in memory has moved on from the
+            // store's open one (a marker in memory is open only while its
+            // push is in flight).
+            if self.table.in_flight(&key) || self.holds_marker(&key) {
                 continue;
             }
             if !self.table.knows(&key) {
@@ -779,7 +828,7 @@ impl<S: MarkerStore> TaskCore<S> {
         if self
             .changelog_writes
             .front()
-            .is_some_and(|(seq, _)| *seq <= until)
+            .is_some_and(|w| w.seq <= until)
         {
             return;
         }
