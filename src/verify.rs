@@ -77,6 +77,9 @@ pub struct Report {
     pub dead_letters_expected: u64,
     pub dead_letters_found: u64,
     pub dead_letters_missing: Vec<MissingDeadLetter>,
+    /// Keys whose latest events went to the dead-letter topic in a push the
+    /// broker refused (`push-refused`): they pass, as dead letters do.
+    pub refused_pushes: u64,
 }
 
 impl Report {
@@ -93,7 +96,7 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "verify: {} — {} keys checked, {} matched, {} missing, {} stale, {} differing, {} unexpected; \
-             {} events ({} behind their last push), {} pushes; dead letters: {} expected, {} found, {} missing",
+             {} events ({} behind their last push), {} pushes; dead letters: {} expected, {} found, {} missing, {} keys' refused pushes",
             if self.passed() { "PASS" } else { "FAIL" },
             self.keys,
             self.matched,
@@ -107,6 +110,7 @@ impl Report {
             self.dead_letters_expected,
             self.dead_letters_found,
             self.dead_letters_missing.len(),
+            self.refused_pushes,
         )
     }
 }
@@ -122,6 +126,8 @@ pub struct Verifier {
     /// Rejected input records: (partition, offset) → reason.
     rejected: HashMap<(i32, i64), &'static str, ahash::RandomState>,
     dead_lettered: BTreeSet<(i32, i64)>,
+    /// The newest version of each key's refused pushes (`push-refused`).
+    refused: HashMap<Bytes, u64, ahash::RandomState>,
     events: u64,
     push_count: u64,
     /// Only part of the history is read (`verify --since`).
@@ -138,6 +144,7 @@ impl Verifier {
             pushes: HashMap::default(),
             rejected: HashMap::default(),
             dead_lettered: BTreeSet::new(),
+            refused: HashMap::default(),
             events: 0,
             push_count: 0,
             partial: false,
@@ -223,6 +230,17 @@ impl Verifier {
         }
     }
 
+    /// One dead letter of a push the broker refused (`push-refused`): the
+    /// key's events up to `version` are accounted for there.
+    pub fn refused_push(&mut self, source_topic: Option<&str>, key: Option<&[u8]>, version: u64) {
+        if source_topic.is_some_and(|t| t != self.input_topic) {
+            return;
+        }
+        let key = Bytes::copy_from_slice(key.unwrap_or_default());
+        let newest = self.refused.entry(key).or_default();
+        *newest = (*newest).max(version);
+    }
+
     /// Compares what the input expects with what was pushed.
     pub fn report(&self) -> Report {
         let mut report = Report {
@@ -248,6 +266,14 @@ impl Verifier {
                     events_behind: behind as u64,
                 }
             };
+            let refused = self.refused.get(key).copied();
+            if refused.is_some() && refused >= expected_version {
+                let pushed = self.pushes.get(key).and_then(|p| p.version);
+                if pushed.is_none() || pushed < expected_version {
+                    report.refused_pushes += 1;
+                    continue;
+                }
+            }
             let Some(push) = self.pushes.get(key) else {
                 let problem = problem(None);
                 report.events_behind += problem.events_behind;
@@ -374,6 +400,27 @@ mod tests {
         assert_eq!(report.stale[0].events_behind, 2);
         assert_eq!(report.stale[0].pushed_version, Some(1));
         assert_eq!(report.stale[0].expected_version, Some(3));
+    }
+
+    #[test]
+    fn a_key_whose_latest_events_were_refused_and_dead_lettered_passes_and_is_counted() {
+        let mut v = verifier(MergePolicy::Latest);
+        for (offset, body) in [r#"{"version":1}"#, r#"{"version":2}"#, r#"{"version":3}"#]
+            .iter()
+            .enumerate()
+        {
+            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()));
+        }
+        push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
+        v.refused_push(Some("in"), Some(b"k"), 2);
+        assert_eq!(v.report().stale.len(), 1, "a refusal older than the latest event");
+        v.refused_push(Some("other-input"), Some(b"k"), 3);
+        assert_eq!(v.report().stale.len(), 1, "another input's refusal");
+        v.refused_push(Some("in"), Some(b"k"), 3);
+        let report = v.report();
+        assert!(report.passed(), "{}", report.summary());
+        assert_eq!(report.refused_pushes, 1);
+        assert!(report.summary().contains("1 keys' refused pushes"));
     }
 
     #[test]

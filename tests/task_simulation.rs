@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::task_sim::{check_seed, random_schedule, run_many, FaultClasses, Sim};
 use keyflight::metrics::Metrics;
+use keyflight::processor::task::core::ProduceError;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -112,7 +113,11 @@ fn a_task_whose_dead_letter_fails_takes_no_more_records_until_it_lands() {
     };
     assert!(core.wants_records(), "in flight, not failing yet");
 
-    core.dead_letter_done(letter.id, Err("the topic refuses writes".into()));
+    core.dead_letter_done(
+        now,
+        letter.id,
+        Err(ProduceError::Retriable("the topic refuses writes".into())),
+    );
     let Some(Action::DeadLetter {
         letter: retry,
         delay,
@@ -123,7 +128,7 @@ fn a_task_whose_dead_letter_fails_takes_no_more_records_until_it_lands() {
     assert!(!delay.is_zero(), "after a backoff");
     assert!(!core.wants_records(), "no more records while it fails");
 
-    core.dead_letter_done(retry.id, Ok(()));
+    core.dead_letter_done(now, retry.id, Ok(()));
     assert!(core.wants_records(), "records flow again once it landed");
 }
 
@@ -155,7 +160,10 @@ fn a_refused_changelog_write_is_written_again_at_the_next_tick_not_at_once() {
         matches!(core.poll_action(), Some(Action::WriteChangelog { .. })),
         "the marker goes to the changelog"
     );
-    core.changelog_done(now, Err("Message size too large".into()));
+    core.changelog_done(
+        now,
+        Err(ProduceError::Retriable("Broker: Not enough in-sync replicas".into())),
+    );
     assert!(
         core.poll_action().is_none(),
         "not written again in the same turn"

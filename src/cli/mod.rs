@@ -121,6 +121,9 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Topics(#[from] crate::kafka::admin::TopicsError),
+    /// The configuration's record sizes do not fit the cluster's limits.
+    #[error(transparent)]
+    Limits(#[from] crate::kafka::limits::LimitsError),
     #[error("{0}")]
     Runtime(String),
     /// A check that ran and said no (verify found problems, replay refused).
@@ -131,7 +134,7 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Config(_) => ExitCode::from(2),
+            CliError::Config(_) | CliError::Limits(_) => ExitCode::from(2),
             CliError::Topics(_) | CliError::Runtime(_) | CliError::Failed(_) => ExitCode::from(1),
         }
     }

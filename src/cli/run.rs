@@ -91,6 +91,7 @@ pub fn run_announcing(
     });
     match result {
         Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(member::RunError::Limits(e)))) => Err(CliError::Limits(e)),
         Ok(Ok(Err(e))) => Err(CliError::Runtime(e.to_string())),
         Ok(Err(_)) | Err(_) => Err(CliError::Runtime("the consumer thread panicked".into())),
     }

@@ -8,6 +8,7 @@ use super::{progress_bar, CliError};
 use crate::config::Settings;
 use crate::kafka::headers;
 use crate::kafka::reader::{self, ReadError, Start};
+use crate::processor::task::core::PUSH_REFUSED;
 use crate::verify::{Report, Verifier};
 
 pub const VERIFY_ABOUT: &str = "\
@@ -123,7 +124,12 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     reader::read(&consumer, &topics.dead_letter, &dead, |m| {
         let partition = header(m, headers::SOURCE_PARTITION).and_then(|v| v.parse().ok());
         let offset = header(m, headers::SOURCE_OFFSET).and_then(|v| v.parse().ok());
-        if let (Some(partition), Some(offset)) = (partition, offset) {
+        let reason = header(m, headers::ERROR_REASON);
+        let version = header(m, headers::VERSION).and_then(|v| v.parse().ok());
+        if let (Some(PUSH_REFUSED), Some(version)) = (reason.as_deref(), version) {
+            let topic = header(m, headers::SOURCE_TOPIC);
+            verifier.refused_push(topic.as_deref(), m.key(), version);
+        } else if let (Some(partition), Some(offset)) = (partition, offset) {
             let topic = header(m, headers::SOURCE_TOPIC);
             verifier.dead_letter(topic.as_deref(), partition, offset);
         }

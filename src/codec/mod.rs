@@ -96,9 +96,10 @@ pub struct Codec {
     schema_id: u32,
 }
 
-/// Values above this are refused unless configured otherwise (Kafka's own
-/// default `max.message.bytes`).
-pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Values above this are refused unless configured otherwise: 960 KiB, so
+/// that a value with its key and headers fits librdkafka's default
+/// `message.max.bytes` (1 000 000; see [`crate::kafka::limits`]).
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 960 * 1024;
 
 impl Codec {
     pub fn new(format: InputFormat, policy: MergePolicy, version_field: impl Into<String>) -> Self {

@@ -56,8 +56,36 @@ pub struct Settings {
     pub input: Input,
     pub topics: Topics,
     pub singleflight: Singleflight,
+    pub push: PushSettings,
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
+}
+
+/// How failed pushes are retried, and when they are given up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushSettings {
+    /// Delay before a failed push is tried again; it doubles with each further failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// The longest delay between two attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+    /// A key whose pushes keep failing with retriable errors this long is
+    /// dead-lettered (reason `push-refused`): the longest one key holds its
+    /// partition's commits.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        Self {
+            retry_backoff: Duration::from_millis(100),
+            max_retry_backoff: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +96,9 @@ pub struct Input {
     /// Top-level JSON field holding the event's version (else its offset orders it).
     pub version_field: String,
     /// Values larger than this are dead-lettered (reason `too-large`) instead of processed.
+    /// With up to 4 KiB of key and headers it must fit the producer's
+    /// `message.max.bytes` and the pushed and changelog topics' `max.message.bytes`
+    /// (`run` checks at start).
     pub max_value_bytes: usize,
     /// How `avro` values are framed: `single-object` or `confluent`.
     pub avro_framing: AvroFraming,
@@ -81,7 +112,7 @@ impl Default for Input {
         Self {
             format: InputFormat::Json,
             version_field: "version".into(),
-            max_value_bytes: 1024 * 1024,
+            max_value_bytes: crate::codec::DEFAULT_MAX_VALUE_BYTES,
             avro_framing: AvroFraming::SingleObject,
             schema_id: 0,
         }
@@ -161,6 +192,7 @@ impl Default for Settings {
             input: Input::default(),
             topics: Topics::default(),
             singleflight: Singleflight::default(),
+            push: PushSettings::default(),
             compensation: Compensation::default(),
             kafka: KafkaSettings::default(),
         }

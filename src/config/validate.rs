@@ -41,6 +41,17 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
     );
     check("metrics_addr", parse_metrics_addr(&s.metrics_addr).err());
     check("commit_interval", positive(s.commit_interval));
+    check("push.retry_backoff", positive(s.push.retry_backoff));
+    check(
+        "push.max_retry_backoff",
+        (s.push.max_retry_backoff < s.push.retry_backoff).then(|| {
+            format!(
+                "must be at least push.retry_backoff ({})",
+                humantime::format_duration(s.push.retry_backoff)
+            )
+        }),
+    );
+    check("push.give_up_after", positive(s.push.give_up_after));
     check("shutdown_timeout", positive(s.shutdown_timeout));
     check(
         "input.version_field",

@@ -619,6 +619,13 @@ impl Table {
         }
     }
 
+    /// Whether an event at `offset` can be offered or held: it is above
+    /// every offset the table tracked (records come in offset order, unless
+    /// the partition was read again from further back).
+    pub fn accepts(&self, offset: i64) -> Result<(), EngineError> {
+        Ok(self.offsets.check(offset)?)
+    }
+
     /// Holds the commit position at `offset` for a record handled outside the
     /// table (a dead letter being written); release it with [`Self::release`].
     pub fn hold(&mut self, offset: i64) -> Result<(), EngineError> {

@@ -20,3 +20,6 @@ pub const ERROR_REASON: &str = "keyflight-error-reason";
 pub const SOURCE_TOPIC: &str = "keyflight-source-topic";
 pub const SOURCE_PARTITION: &str = "keyflight-source-partition";
 pub const SOURCE_OFFSET: &str = "keyflight-source-offset";
+/// On a dead letter whose value the dead-letter topic refused whole: the
+/// value's size in bytes before it was cut to what the topic takes.
+pub const VALUE_CUT_FROM: &str = "keyflight-value-cut-from";

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod embedded;
 pub(crate) mod ffi;
 pub mod headers;
+pub mod limits;
 pub mod load;
 pub mod reader;
 pub mod replay;

@@ -31,6 +31,7 @@ use super::task::{self, InputRecord};
 use crate::config::Settings;
 use crate::internal_events::{LagSampled, OffsetsCommitted, PartitionsAssigned, PartitionsRevoked};
 use crate::kafka::ffi::{self, FetchQueue};
+use crate::kafka::limits::Limits;
 use crate::kafka::{client_config, Role};
 use crate::metrics::Metrics;
 
@@ -48,6 +49,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Partition(String),
+    #[error(transparent)]
+    Limits(#[from] crate::kafka::limits::LimitsError),
 }
 
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
@@ -197,6 +200,8 @@ pub fn run(
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
+    let limits = runtime.block_on(Limits::read(&settings, LIMITS_TIMEOUT));
+    limits.check(&settings)?;
     let producer = client_config(&settings, Role::Producer)
         .create()
         .map_err(|source| RunError::Client {
@@ -213,6 +218,7 @@ pub fn run(
         failures,
         settings,
         metrics,
+        dead_letter_max_value: limits.dead_letter_max_value(),
     });
     let member = GroupMember {
         resources: resources.clone(),
@@ -309,6 +315,10 @@ pub fn run(
 /// Records taken from the fetch queue per call and routed per lock of the
 /// assignment, at most.
 const ROUTE_BATCH: usize = 512;
+
+/// How long the start waits for the topics' size limits (a broker that
+/// does not answer leaves them unknown, and the producer's limit decides).
+const LIMITS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the assigned partitions are forwarded to the fetch queue again
 /// (see [`FetchQueue`]).

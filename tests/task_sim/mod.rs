@@ -34,7 +34,10 @@ use keyflight::codec::{Codec, InputFormat};
 use keyflight::engine::{MergePolicy, TableConfig};
 use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::Scanned;
-use keyflight::processor::task::{Action, CoreConfig, Flight, InputRecord, TaskCore, Timer};
+use keyflight::processor::task::core::{ProduceError, PUSH_REFUSED};
+use keyflight::processor::task::{
+    Action, CoreConfig, DeadLetter, Flight, InputRecord, TaskCore, Timer,
+};
 use keyflight::state::{Marker, MarkerCodec, MarkerStore, StateError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -86,6 +89,23 @@ pub fn new_core(policy: MergePolicy, metrics: &Arc<Metrics>) -> TaskCore<ModelSt
         Duration::from_secs(3600),
         store,
         0,
+        Duration::from_secs(3600),
+        metrics,
+        EPOCH,
+    )
+}
+
+/// [`new_core`] (latest policy), giving a failing key's pushes up after
+/// `give_up_after`.
+pub fn core_giving_up_after(give_up_after: Duration, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
+    let store = ModelStore::new(BTreeMap::new());
+    core_with(
+        MergePolicy::Latest,
+        4,
+        Duration::from_secs(3600),
+        store,
+        0,
+        give_up_after,
         metrics,
         EPOCH,
     )
@@ -99,6 +119,7 @@ fn core_with(
     checkpoint_every: Duration,
     store: ModelStore,
     changelog_next: i64,
+    give_up_after: Duration,
     metrics: &Arc<Metrics>,
     now: u64,
 ) -> TaskCore<ModelStore> {
@@ -111,6 +132,9 @@ fn core_with(
         compensation_grace: Duration::from_millis(GRACE),
         checkpoint_every,
         retry_backoff: Duration::from_millis(100),
+        max_retry_backoff: Duration::from_millis(800),
+        give_up_after,
+        dead_letter_max_value: 1 << 20,
     };
     let codec = Arc::new(Codec::new(InputFormat::Json, policy, "v"));
     TaskCore::new(
@@ -189,6 +213,20 @@ pub struct Pushed {
 }
 
 impl Pushed {
+    /// A refused push's dead letter, as it lands.
+    fn refused(letter: &DeadLetter, owner: u32) -> Pushed {
+        Pushed {
+            key: letter.record.key.clone().expect("a refused push has its key"),
+            version: letter.version.expect("a refused push has its version"),
+            value: letter
+                .record
+                .payload
+                .as_ref()
+                .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
+            owner,
+        }
+    }
+
     /// A push of `owner` as it lands.
     fn of(flight: &Flight, owner: u32) -> Pushed {
         Pushed {
@@ -306,6 +344,12 @@ pub struct Faults {
     /// Failure rates of pushes, changelog writes and dead letters while
     /// faults are on.
     pub push_failure: f64,
+    /// Of the failed pushes, the share the broker refuses for good (too
+    /// large, invalid): dead-lettered as `push-refused`.
+    pub push_refusal: f64,
+    /// How long a key's pushes may fail with retriable errors before they
+    /// are dead-lettered (ms).
+    pub give_up_after: u64,
     pub changelog_failure: f64,
     pub dead_letter_failure: f64,
     /// Failure rate of commits (the broker refuses or the request is lost).
@@ -426,6 +470,16 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
         crashes,
         revokes,
         push_failure: rate(rng),
+        push_refusal: if rng.random_bool(0.3) {
+            rng.random_range(0.0..1.0)
+        } else {
+            0.0
+        },
+        give_up_after: if rng.random_bool(0.3) {
+            rng.random_range(50..1000)
+        } else {
+            3_600_000
+        },
         changelog_failure: rate(rng),
         dead_letter_failure: rate(rng),
         commit_failure: rate(rng),
@@ -500,6 +554,8 @@ enum Happening {
         owner: u32,
         flight: Box<Flight>,
         ok: bool,
+        /// Failed for good (else retriable), when not `ok`.
+        refused: bool,
         latency: u64,
     },
     /// The oldest pending changelog write of `owner` completes.
@@ -510,6 +566,8 @@ enum Happening {
         owner: u32,
         id: u64,
         offset: i64,
+        /// A refused push's dead letter: it stands for the push.
+        refused_push: Option<Pushed>,
         ok: bool,
     },
     /// A commit of `owner` did not go through.
@@ -750,6 +808,7 @@ impl<'a> Sim<'a> {
                 owner,
                 flight,
                 ok,
+                refused,
                 latency,
             } => {
                 if ok {
@@ -759,7 +818,11 @@ impl<'a> Sim<'a> {
                     self.owners[i].pushes_pending -= 1;
                     let now = self.clock();
                     self.turn(i, move |core| {
-                        let outcome = if ok { Ok(()) } else { Err("injected".into()) };
+                        let outcome = match (ok, refused) {
+                            (true, _) => Ok(()),
+                            (false, true) => Err(ProduceError::Refused("injected refusal".into())),
+                            (false, false) => Err(ProduceError::Retriable("injected".into())),
+                        };
                         core.push_done(now, *flight, outcome, Duration::from_millis(latency));
                     });
                 }
@@ -773,7 +836,7 @@ impl<'a> Sim<'a> {
                 let outcome = if write.ok {
                     Ok(self.land_changelog(write))
                 } else {
-                    Err("injected".to_string())
+                    Err(ProduceError::Retriable("injected".into()))
                 };
                 self.log.push(format!(
                     "t={}: owner {owner}: changelog write of {key:?}: {outcome:?}",
@@ -786,16 +849,22 @@ impl<'a> Sim<'a> {
                 owner,
                 id,
                 offset,
+                refused_push,
                 ok,
             } => {
                 if ok {
-                    self.broker.dead_letters.push(offset);
+                    self.land_dead_letter(offset, refused_push);
                 }
                 if let Some(i) = self.owner_index(owner) {
                     self.owners[i].pushes_pending -= 1;
+                    let now = self.clock();
                     self.turn(i, move |core| {
-                        let outcome = if ok { Ok(()) } else { Err("injected".into()) };
-                        core.dead_letter_done(id, outcome)
+                        let outcome = if ok {
+                            Ok(())
+                        } else {
+                            Err(ProduceError::Retriable("injected".into()))
+                        };
+                        core.dead_letter_done(now, id, outcome)
                     });
                 }
             }
@@ -933,6 +1002,7 @@ impl<'a> Sim<'a> {
             Duration::from_millis(schedule.faults.checkpoint_every),
             ModelStore::new(markers),
             self.broker.changelog_next,
+            Duration::from_millis(schedule.faults.give_up_after),
             &self.metrics,
             self.clock(),
         );
@@ -1034,6 +1104,7 @@ impl<'a> Sim<'a> {
                         ));
                     }
                     let ok = !self.fails(self.schedule.faults.push_failure);
+                    let refused = !ok && self.rng.random_bool(self.schedule.faults.push_refusal);
                     let latency = self.latency();
                     self.owners[i].pushes_pending += 1;
                     let done = self.now + delay.as_millis() as u64 + latency;
@@ -1043,6 +1114,7 @@ impl<'a> Sim<'a> {
                             owner: id,
                             flight: Box::new(flight),
                             ok,
+                            refused,
                             latency,
                         },
                     );
@@ -1066,6 +1138,8 @@ impl<'a> Sim<'a> {
                             owner: id,
                             id: letter.id,
                             offset: letter.record.offset,
+                            refused_push: (letter.reason == PUSH_REFUSED)
+                                .then(|| Pushed::refused(&letter, id)),
                             ok,
                         },
                     );
@@ -1115,6 +1189,15 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// A dead letter lands. A refused push's stands for the push: it is
+    /// the key's last word until a later push.
+    fn land_dead_letter(&mut self, offset: i64, refused_push: Option<Pushed>) {
+        match refused_push {
+            Some(push) => self.broker.pushed.push(push),
+            None => self.broker.dead_letters.push(offset),
         }
     }
 
@@ -1188,8 +1271,14 @@ impl<'a> Sim<'a> {
                     self.broker.pushed.push(Pushed::of(&flight, owner.id))
                 }
                 Some(Happening::DeadLetterDone {
-                    offset, ok: true, ..
-                }) if self.rng.random_bool(0.5) => self.broker.dead_letters.push(offset),
+                    offset,
+                    refused_push,
+                    ok: true,
+                    ..
+                }) if self.rng.random_bool(0.5) => match refused_push {
+                    Some(push) => self.broker.pushed.push(push),
+                    None => self.broker.dead_letters.push(offset),
+                },
                 _ => {}
             }
         }

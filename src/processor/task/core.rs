@@ -62,9 +62,47 @@ pub struct CoreConfig {
     pub compensation_grace: Duration,
     /// How often a commit also checkpoints the store (closing always does).
     pub checkpoint_every: Duration,
-    /// Delay before a failed push or dead letter is tried again.
+    /// Delay before a failed push or dead letter is tried again the first
+    /// time; it doubles with every further attempt, up to
+    /// `max_retry_backoff`.
     pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+    /// How long a key's push may keep failing with retriable errors before
+    /// it is dead-lettered (`push-refused`): the bound on how long one key
+    /// holds the partition's commits.
+    pub give_up_after: Duration,
+    /// The largest dead-letter value the dead-letter topic takes whole: a
+    /// dead letter refused as too large is written again with its value cut
+    /// to this many bytes.
+    pub dead_letter_max_value: usize,
 }
+
+/// Why a produce failed, as far as the core's decision goes (the shell
+/// classifies the client's errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProduceError {
+    /// Worth another attempt: a broker away, a leader moving, a timeout.
+    Retriable(String),
+    /// The record is larger than the producer or the topic takes.
+    TooLarge(String),
+    /// Refused for good: an invalid record, no authorisation, ...
+    Refused(String),
+}
+
+impl std::fmt::Display for ProduceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProduceError::Retriable(e) | ProduceError::TooLarge(e) | ProduceError::Refused(e) => {
+                f.write_str(e)
+            }
+        }
+    }
+}
+
+/// The reason a refused push's dead letter carries.
+pub const PUSH_REFUSED: &str = "push-refused";
+/// The reason of a record read again at an offset the task already passed.
+pub const REDELIVERED: &str = "redelivered";
 
 /// A timer the shell runs and reports with [`TaskCore::tick`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +129,11 @@ pub struct Flight {
     pub marker: Marker,
     /// The push's value as produced (`None`: a tombstone).
     pub value: Option<Bytes>,
+    /// Failed attempts so far at pushing the key (this flight's value or
+    /// an older one it replaces), and since when (ns): for the backoff and
+    /// the give-up bound.
+    pub failures: u32,
+    pub failing_since: u64,
 }
 
 /// A record on its way to the dead-letter topic.
@@ -98,9 +141,32 @@ pub struct Flight {
 pub struct DeadLetter {
     /// Names this dead letter in [`TaskCore::dead_letter_done`].
     pub id: u64,
+    /// The record (a refused push's: its key and value, offset -1).
     pub record: InputRecord,
     pub reason: &'static str,
     pub detail: String,
+    /// A refused push's version (its `keyflight-version` header).
+    pub version: Option<u64>,
+    /// Write the value cut to this many bytes: the topic refused it whole.
+    pub cut_to: Option<usize>,
+    /// What the dead letter holds until it lands.
+    pub holds: Holds,
+    /// Failed attempts so far (for the backoff).
+    failures: u32,
+}
+
+/// What a dead letter holds back until it lands, so that nothing is
+/// committed past a record that is in neither the output nor the
+/// dead-letter topic.
+#[derive(Clone, Debug)]
+pub enum Holds {
+    /// Its record's offset.
+    Offset,
+    /// Every commit (a record below the position already read).
+    Commits,
+    /// A refused push: the key stays in flight until its events are
+    /// dead-lettered.
+    Push(Box<Flight>),
 }
 
 /// What the shell must carry out, in the order given.
@@ -179,6 +245,9 @@ pub struct TaskCore<S> {
     /// topic that refuses writes cannot make memory grow with the input.
     dead_letters_failing: HashSet<u64>,
     next_dead_letter: u64,
+    /// Dead letters of records read again below the position already read:
+    /// no commit goes out while any is in flight.
+    commits_held: usize,
     /// Markers not yet handed to the changelog, the newest per key (`None`:
     /// a tombstone). Encoded only when written: most are replaced before.
     unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
@@ -223,6 +292,7 @@ impl<S: MarkerStore> TaskCore<S> {
             dead_letters: HashMap::new(),
             dead_letters_failing: HashSet::new(),
             next_dead_letter: 0,
+            commits_held: 0,
             unlogged: HashMap::default(),
             changelog_writes: VecDeque::new(),
             newest_write: HashMap::default(),
@@ -303,12 +373,20 @@ impl<S: MarkerStore> TaskCore<S> {
     fn process(&mut self, record: InputRecord, now: u64) {
         self.metrics.emit(RecordReceived);
         let offset = record.offset;
+        if let Err(e) = self.table.accepts(offset) {
+            // The partition was read again from further back (an offset
+            // reset after log truncation, or a seek): the record cannot be
+            // ordered among what the table tracks, so it goes to the
+            // dead-letter topic, and no commit goes out until it is there.
+            let detail = format!("{e}: the partition was read again from an earlier offset (an offset reset after log truncation, or a seek)");
+            return self.dead_letter(record, REDELIVERED, detail, Holds::Commits);
+        }
         let decoded = match self
             .codec
             .decode_record_bytes(record.key.as_deref(), record.payload.as_ref())
         {
             Ok(decoded) => decoded,
-            Err(e) => return self.dead_letter(record, e.reason(), e.to_string()),
+            Err(e) => return self.dead_letter(record, e.reason(), e.to_string(), Holds::Offset),
         };
         let key = record.key.clone().unwrap_or_default();
         // An unknown key's marker is read once, to seed it; from then on the
@@ -326,7 +404,7 @@ impl<S: MarkerStore> TaskCore<S> {
             Ok(Offer::Started(push)) => self.starting.push(push),
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
             Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
-            Err(e) => self.dead_letter(record, "unprocessable", e.to_string()),
+            Err(e) => self.dead_letter(record, "unprocessable", e.to_string(), Holds::Offset),
         }
     }
 
@@ -361,6 +439,12 @@ impl<S: MarkerStore> TaskCore<S> {
     /// acknowledgement it is also that push's markT2: one write, one
     /// changelog record.
     fn start_push(&mut self, push: Push, delay: Duration) {
+        self.start_retry(push, delay, 0, 0);
+    }
+
+    /// [`TaskCore::start_push`], for a key whose pushes failed `failures`
+    /// times since `failing_since`.
+    fn start_retry(&mut self, push: Push, delay: Duration, failures: u32, failing_since: u64) {
         let value = self.codec.encode(&push.payload, push.version);
         let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone());
         self.write_marker(&push.key, Some(&marker));
@@ -371,42 +455,121 @@ impl<S: MarkerStore> TaskCore<S> {
                 push,
                 marker,
                 value,
+                failures,
+                failing_since,
             },
             delay,
         });
     }
 
+    /// The delay before attempt `failures + 1`: the backoff, doubled with
+    /// every failure after the first, up to the maximum.
+    fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(20);
+        (self.config.retry_backoff * 2u32.pow(doublings)).min(self.config.max_retry_backoff)
+    }
+
     /// A push's outcome: acknowledged (`Ok`) after `latency`, or failed.
-    /// A failed push is tried again at once with the key's newest value,
-    /// after the backoff, while running; while closing it keeps its marker
-    /// open for compensation after the restart.
+    ///
+    /// While running, a retriable failure is tried again with the key's
+    /// newest value after a backoff that grows with each failure, until the
+    /// key has been failing for `give_up_after`; then, or at once for a
+    /// push the broker refuses for good (too large, invalid, not
+    /// authorised), its value goes to the dead-letter topic (`push-refused`)
+    /// and the key moves on once it landed. While closing a failed push
+    /// keeps its marker open for compensation after the restart.
     pub fn push_done(
         &mut self,
         now: u64,
         flight: Flight,
-        outcome: Result<(), String>,
+        outcome: Result<(), ProduceError>,
         latency: Duration,
     ) {
         if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
             return; // abandoned at the close's deadline
         }
         self.pushes_in_flight -= 1;
-        let Flight { push, marker, .. } = flight;
-        match outcome {
-            Ok(()) => self.acknowledge(push, marker, latency, now),
-            Err(error) => {
-                self.metrics.emit(PushFailed {
-                    key: &push.key,
-                    error: &error,
-                });
-                if self.phase != Phase::Running {
-                    return self.drained();
-                }
-                match self.table.fail(push, now) {
-                    Ok(retry) => self.start_push(retry, self.config.retry_backoff),
+        let error = match outcome {
+            Ok(()) => return self.acknowledge(flight.push, flight.marker, latency, now),
+            Err(error) => error,
+        };
+        self.metrics.emit(PushFailed {
+            key: &flight.push.key,
+            error: &error.to_string(),
+        });
+        if self.phase != Phase::Running {
+            return self.drained();
+        }
+        let failing_since = if flight.failures == 0 {
+            now
+        } else {
+            flight.failing_since
+        };
+        let failing_for = Duration::from_nanos(now.saturating_sub(failing_since));
+        let detail = match error {
+            ProduceError::Retriable(_) if failing_for < self.config.give_up_after => {
+                let failures = flight.failures + 1;
+                return match self.table.fail(flight.push, now) {
+                    Ok(retry) => {
+                        self.start_retry(retry, self.backoff(failures), failures, failing_since)
+                    }
                     Err(e) => debug!("failure of an unknown push: {e}"),
-                }
+                };
             }
+            ProduceError::Retriable(e) => format!(
+                "gave up after {} failed attempts over {}: {e}",
+                flight.failures + 1,
+                humantime::format_duration(Duration::from_secs(failing_for.as_secs()))
+            ),
+            ProduceError::TooLarge(e) | ProduceError::Refused(e) => e,
+        };
+        self.refuse(flight, detail);
+    }
+
+    /// A push the broker will not take: its value goes to the dead-letter
+    /// topic, and the key stays in flight (its events uncommitted, later
+    /// ones merging) until it landed ([`TaskCore::refused_push_landed`]).
+    fn refuse(&mut self, flight: Flight, detail: String) {
+        self.pushes_in_flight += 1; // until its dead letter lands
+        let record = InputRecord {
+            offset: -1,
+            key: Some(flight.push.key.clone()),
+            payload: flight.value.clone(),
+        };
+        let version = Some(flight.push.version);
+        self.send_dead_letter(
+            record,
+            PUSH_REFUSED,
+            detail,
+            version,
+            Holds::Push(Box::new(flight)),
+        );
+    }
+
+    /// A refused push is in the dead-letter topic: the key moves on as if it
+    /// had been acknowledged (its marker closes, so neither the scan nor a
+    /// restart pushes the refused value again; events merged meanwhile are
+    /// pushed next).
+    fn refused_push_landed(&mut self, flight: Flight, now: u64) {
+        self.pushes_in_flight -= 1;
+        let Flight { push, marker, .. } = flight;
+        let next = if self.phase == Phase::Running {
+            match self.table.complete(&push.key, push.tn, now) {
+                Ok(next) => next,
+                Err(e) => return debug!("refusal of an unknown push: {e}"),
+            }
+        } else {
+            None
+        };
+        match next {
+            Some(next) => self.starting.push(next),
+            None => {
+                self.write_marker(&push.key, Some(&marker.acknowledged(push.tn)));
+                self.metrics.emit(KeysInFlight(self.table.active_keys()));
+            }
+        }
+        if self.phase != Phase::Running {
+            self.drained();
         }
     }
 
@@ -530,7 +693,13 @@ impl<S: MarkerStore> TaskCore<S> {
     /// (re-sending the failed bytes after a newer write could let an older
     /// marker win compaction); no commit goes out until it is written, and
     /// then a held commit waits for the rewrite.
-    pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, String>) {
+    ///
+    /// A marker the changelog refuses as too large (a merge-patch document
+    /// that grew past the topic's limit) is written again without its
+    /// value: the key keeps its version and tn, and a restart seeds it as
+    /// a deleted document, which is better than a partition that never
+    /// commits again.
+    pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, ProduceError>) {
         let Some(ChangelogWrite { seq, key, marker }) = self.changelog_writes.pop_front() else {
             return;
         };
@@ -570,6 +739,20 @@ impl<S: MarkerStore> TaskCore<S> {
                     "changelog write failed, will write the key again: {e}"
                 );
                 if !self.holds_marker(&key) {
+                    let marker = match (e, marker) {
+                        (ProduceError::TooLarge(_), Some(marker)) => {
+                            warn!(
+                                partition = self.config.partition,
+                                key = %String::from_utf8_lossy(&key),
+                                "the changelog refuses the marker as too large; writing it without its value"
+                            );
+                            Some(Marker {
+                                value: None,
+                                ..marker
+                            })
+                        }
+                        (_, marker) => marker,
+                    };
                     self.unlogged.insert(key.clone(), marker);
                 }
                 self.commit_gate.unwritten(key);
@@ -604,18 +787,41 @@ impl<S: MarkerStore> TaskCore<S> {
         }
     }
 
-    /// Sends a record to the dead-letter topic unchanged, holding its offset
-    /// until the dead letter is acknowledged (retrying, never dropping).
-    fn dead_letter(&mut self, record: InputRecord, reason: &'static str, detail: String) {
+    /// Sends a record to the dead-letter topic unchanged, holding its
+    /// offset (or what `holds` says) until the dead letter is acknowledged.
+    fn dead_letter(
+        &mut self,
+        record: InputRecord,
+        reason: &'static str,
+        detail: String,
+        holds: Holds,
+    ) {
         let offset = record.offset;
-        if let Err(e) = self.table.hold(offset) {
-            return warn!(
-                partition = self.config.partition,
-                offset, "cannot hold the offset of a dead letter: {e}"
-            );
+        match holds {
+            Holds::Offset => {
+                if let Err(e) = self.table.hold(offset) {
+                    return warn!(
+                        partition = self.config.partition,
+                        offset, "cannot hold the offset of a dead letter: {e}"
+                    );
+                }
+            }
+            Holds::Commits => self.commits_held += 1,
+            Holds::Push(_) => {}
         }
+        self.send_dead_letter(record, reason, detail, None, holds);
+    }
+
+    fn send_dead_letter(
+        &mut self,
+        record: InputRecord,
+        reason: &'static str,
+        detail: String,
+        version: Option<u64>,
+        holds: Holds,
+    ) {
         self.metrics.emit(DeadLettered {
-            offset,
+            offset: record.offset,
             reason,
             detail: &detail,
         });
@@ -625,6 +831,10 @@ impl<S: MarkerStore> TaskCore<S> {
             record,
             reason,
             detail,
+            version,
+            cut_to: None,
+            holds,
+            failures: 0,
         };
         self.dead_letters.insert(letter.id, letter.clone());
         self.actions.push_back(Action::DeadLetter {
@@ -633,37 +843,69 @@ impl<S: MarkerStore> TaskCore<S> {
         });
     }
 
-    /// A dead letter's outcome: acknowledged releases its offset; a failure
-    /// writes it again after the backoff.
-    pub fn dead_letter_done(&mut self, id: u64, outcome: Result<(), String>) {
+    /// A dead letter's outcome. Acknowledged: what it held goes. Refused as
+    /// too large: written again at once with its value cut to what the
+    /// topic takes, then with no value at all; past that it is given up
+    /// (logged with its record's place), as nothing may be retried forever.
+    /// Any other failure: written again after the backoff, and no more
+    /// records are taken until it lands.
+    pub fn dead_letter_done(&mut self, now: u64, id: u64, outcome: Result<(), ProduceError>) {
         if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
             return; // abandoned at the close's deadline
         }
-        match outcome {
-            Ok(()) => {
-                self.dead_letters_failing.remove(&id);
-                if let Some(letter) = self.dead_letters.remove(&id) {
-                    self.table.release(letter.record.offset);
-                }
-                if self.phase != Phase::Running {
-                    self.drained();
-                }
+        let Some(letter) = self.dead_letters.get_mut(&id) else {
+            return;
+        };
+        let cut_to = match (&outcome, letter.cut_to) {
+            (Ok(()), _) => None,
+            (Err(ProduceError::TooLarge(_)), None) => Some(self.config.dead_letter_max_value),
+            (Err(ProduceError::TooLarge(_)), Some(cut)) if cut > 0 => Some(0),
+            (Err(ProduceError::TooLarge(e)), Some(_)) => {
+                warn!(
+                    partition = self.config.partition,
+                    offset = letter.record.offset,
+                    key = %String::from_utf8_lossy(letter.record.key.as_deref().unwrap_or_default()),
+                    reason = letter.reason,
+                    "the dead-letter topic refuses even the record without its value; giving it up: {e}"
+                );
+                None
             }
-            Err(e) => {
-                let Some(letter) = self.dead_letters.get(&id) else {
-                    return;
-                };
+            (Err(e), _) => {
+                letter.failures += 1;
+                let (letter, failures) = (letter.clone(), letter.failures);
                 warn!(
                     partition = self.config.partition,
                     offset = letter.record.offset,
                     "dead letter not written, retrying (no more records until it is): {e}"
                 );
                 self.dead_letters_failing.insert(id);
-                self.actions.push_back(Action::DeadLetter {
-                    letter: letter.clone(),
-                    delay: self.config.retry_backoff,
+                return self.actions.push_back(Action::DeadLetter {
+                    letter,
+                    delay: self.backoff(failures),
                 });
             }
+        };
+        if let Some(cut_to) = cut_to {
+            letter.cut_to = Some(cut_to);
+            let letter = letter.clone();
+            return self.actions.push_back(Action::DeadLetter {
+                letter,
+                delay: Duration::ZERO,
+            });
+        }
+        self.dead_letters_failing.remove(&id);
+        let Some(letter) = self.dead_letters.remove(&id) else {
+            return;
+        };
+        match letter.holds {
+            Holds::Offset => {
+                self.table.release(letter.record.offset);
+            }
+            Holds::Commits => self.commits_held -= 1,
+            Holds::Push(flight) => return self.refused_push_landed(*flight, now),
+        }
+        if self.phase != Phase::Running {
+            self.drained();
         }
     }
 
@@ -684,6 +926,9 @@ impl<S: MarkerStore> TaskCore<S> {
     /// it: at once if every write is acknowledged, else held until the
     /// writes made so far are (see [`TaskCore::release_held_commit`]).
     fn commit(&mut self, now: u64) {
+        if self.commits_held > 0 {
+            return; // a redelivered record's dead letter has not landed
+        }
         let Some(position) = self.table.commit_position() else {
             return;
         };
@@ -839,7 +1084,10 @@ impl<S: MarkerStore> TaskCore<S> {
         let position = if ok {
             self.actions
                 .push_back(Action::Checkpoint(self.changelog_next));
-            self.table.commit_position()
+            // Nor past a redelivered record whose dead letter was abandoned.
+            self.table
+                .commit_position()
+                .filter(|_| self.commits_held == 0)
         } else {
             None
         };

@@ -31,7 +31,9 @@ use crate::metrics::Metrics;
 use crate::processor::restore;
 use crate::state::Store;
 
-use super::core::{Action, CoreConfig, DeadLetter, Flight, TaskCore, Timer, CHANGELOG_EVERY};
+use super::core::{
+    Action, CoreConfig, DeadLetter, Flight, ProduceError, TaskCore, Timer, CHANGELOG_EVERY,
+};
 use super::{Backlog, InputRecord, TaskInput};
 
 /// What every partition task of a member uses.
@@ -46,13 +48,13 @@ pub struct TaskResources {
     /// with an error rather than hold a partition it does not process.
     pub failures: std::sync::mpsc::Sender<String>,
     pub metrics: Arc<Metrics>,
+    /// The largest value a dead letter carries whole (see
+    /// [`crate::kafka::limits`]).
+    pub dead_letter_max_value: usize,
 }
 
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
-
-/// Delay before a failed push or dead letter is tried again.
-const RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Starts the task of one assigned partition on `runtime`.
 pub fn spawn(
@@ -98,10 +100,11 @@ struct Pipe {
 
 /// A push on its way (produced, or waiting out a retry's backoff),
 /// resolving to its outcome and its time from produce to outcome.
-type PushInFlight = Pin<Box<dyn Future<Output = (Flight, Result<(), String>, Duration)> + Send>>;
+type PushInFlight =
+    Pin<Box<dyn Future<Output = (Flight, Result<(), ProduceError>, Duration)> + Send>>;
 
 /// A dead letter on its way, resolving to its id and outcome.
-type DeadLetterInFlight = Pin<Box<dyn Future<Output = (u64, Result<(), String>)> + Send>>;
+type DeadLetterInFlight = Pin<Box<dyn Future<Output = (u64, Result<(), ProduceError>)> + Send>>;
 
 /// The shell's side of a running task: the core, and the deliveries it
 /// awaits on the core's behalf.
@@ -114,7 +117,7 @@ struct Shell {
     dead_letters: FuturesUnordered<DeadLetterInFlight>,
     /// Changelog writes not yet acknowledged, oldest first: the delivery,
     /// or why the producer refused the record.
-    changelog_writes: VecDeque<Result<DeliveryFuture, String>>,
+    changelog_writes: VecDeque<Result<DeliveryFuture, ProduceError>>,
     /// Where the final position goes once the core has closed.
     reply: Option<std::sync::mpsc::Sender<Option<i64>>>,
 }
@@ -179,7 +182,10 @@ async fn run(
         },
         compensation_grace: settings.compensation.grace,
         checkpoint_every: CHECKPOINT_EVERY,
-        retry_backoff: RETRY_BACKOFF,
+        retry_backoff: settings.push.retry_backoff,
+        max_retry_backoff: settings.push.max_retry_backoff,
+        give_up_after: settings.push.give_up_after,
+        dead_letter_max_value: resources.dead_letter_max_value,
     };
     let core = TaskCore::new(
         config,
@@ -220,7 +226,7 @@ async fn run(
                 None
             }
             Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
-                shell.core.dead_letter_done(id, outcome);
+                shell.core.dead_letter_done(now_ns(), id, outcome);
                 None
             }
             Some(position) = pipe.commit_failures.recv() => {
@@ -278,7 +284,7 @@ async fn run(
                 shell.core.push_done(now_ns(), flight, outcome, latency);
             }
             Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
-                shell.core.dead_letter_done(id, outcome);
+                shell.core.dead_letter_done(now_ns(), id, outcome);
             }
             acked = front_acknowledged(&mut shell.changelog_writes), if !shell.changelog_writes.is_empty() => {
                 shell.changelog_writes.pop_front();
@@ -380,7 +386,7 @@ impl Shell {
                 tokio::time::sleep(delay).await;
             }
             let (partition, offset) = (partition.to_string(), letter.record.offset.to_string());
-            let headers = OwnedHeaders::new_with_capacity(5)
+            let mut headers = OwnedHeaders::new_with_capacity(8)
                 .insert(Header {
                     key: headers::ERROR,
                     value: Some(&letter.detail),
@@ -396,21 +402,42 @@ impl Shell {
                 .insert(Header {
                     key: headers::SOURCE_PARTITION,
                     value: Some(&partition),
-                })
-                .insert(Header {
+                });
+            // A refused push stands for events, not one record.
+            if letter.record.offset >= 0 {
+                headers = headers.insert(Header {
                     key: headers::SOURCE_OFFSET,
                     value: Some(&offset),
                 });
+            }
+            let version = letter.version.map(|v| v.to_string());
+            if let Some(version) = &version {
+                headers = headers.insert(Header {
+                    key: headers::VERSION,
+                    value: Some(version),
+                });
+            }
+            let mut value = letter.record.payload.as_deref();
+            let original_size = value.map_or(0, <[u8]>::len).to_string();
+            if let (Some(cut_to), Some(whole)) = (letter.cut_to, value) {
+                if whole.len() > cut_to {
+                    value = Some(&whole[..cut_to]);
+                    headers = headers.insert(Header {
+                        key: headers::VALUE_CUT_FROM,
+                        value: Some(&original_size),
+                    });
+                }
+            }
             let mut out = FutureRecord::to(&topic).headers(headers);
             if let Some(key) = letter.record.key.as_deref() {
                 out = out.key(key);
             }
-            if let Some(value) = letter.record.payload.as_deref() {
+            if let Some(value) = value {
                 out = out.payload(value);
             }
             let outcome = match producer.send(out, Timeout::Never).await {
                 Ok(_) => Ok(()),
-                Err((e, _)) => Err(e.to_string()),
+                Err((e, _)) => Err(produce_error(&e)),
             };
             (letter.id, outcome)
         }));
@@ -420,8 +447,8 @@ impl Shell {
 /// The outcome of the oldest changelog write: its offset, or why it failed.
 /// Cancel-safe: the write stays at the front until the caller pops it.
 async fn front_acknowledged(
-    writes: &mut VecDeque<Result<DeliveryFuture, String>>,
-) -> Result<i64, String> {
+    writes: &mut VecDeque<Result<DeliveryFuture, ProduceError>>,
+) -> Result<i64, ProduceError> {
     match writes.front_mut() {
         Some(Ok(delivery)) => acknowledged(delivery.await),
         Some(Err(refused)) => Err(refused.clone()),
@@ -432,9 +459,9 @@ async fn front_acknowledged(
 /// Awaits a produced push's delivery.
 async fn delivery(
     flight: Flight,
-    sent: Result<DeliveryFuture, String>,
+    sent: Result<DeliveryFuture, ProduceError>,
     produced: Instant,
-) -> (Flight, Result<(), String>, Duration) {
+) -> (Flight, Result<(), ProduceError>, Duration) {
     let outcome = match sent {
         Ok(delivery) => acknowledged(delivery.await).map(drop),
         Err(refused) => Err(refused),
@@ -445,11 +472,40 @@ async fn delivery(
 /// A delivery's offset, or its error.
 fn acknowledged(
     delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, impl Sized>,
-) -> Result<i64, String> {
+) -> Result<i64, ProduceError> {
     match delivery {
         Ok(Ok(delivered)) => Ok(delivered.offset),
-        Ok(Err((e, _))) => Err(e.to_string()),
-        Err(_) => Err("the producer dropped the delivery report".into()),
+        Ok(Err((e, _))) => Err(produce_error(&e)),
+        Err(_) => Err(ProduceError::Retriable(
+            "the producer dropped the delivery report".into(),
+        )),
+    }
+}
+
+/// What a produce error means for the record: too large, refused for good,
+/// or worth another attempt (everything else, including an unknown topic,
+/// which may yet be created: the core's give-up bound covers it).
+fn produce_error(error: &rdkafka::error::KafkaError) -> ProduceError {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let message = error.to_string();
+    match error.rdkafka_error_code() {
+        Some(Code::MessageSizeTooLarge | Code::MessageBatchTooLarge) => {
+            ProduceError::TooLarge(message)
+        }
+        Some(
+            Code::InvalidMessageSize
+            | Code::InvalidTopic
+            | Code::InvalidRequiredAcks
+            | Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::TransactionalIdAuthorizationFailed
+            | Code::InvalidTimestamp
+            | Code::UnsupportedForMessageFormat
+            | Code::PolicyViolation
+            | Code::InvalidRecord
+            | Code::InvalidArgument,
+        ) => ProduceError::Refused(message),
+        _ => ProduceError::Retriable(message),
     }
 }
 
@@ -459,8 +515,8 @@ fn acknowledged(
 fn produce_now(
     producer: &FutureProducer,
     record: FutureRecord<'_, [u8], [u8]>,
-) -> Result<DeliveryFuture, String> {
-    send_waiting(record, |r| producer.send_result(r)).map_err(|e| e.to_string())
+) -> Result<DeliveryFuture, ProduceError> {
+    send_waiting(record, |r| producer.send_result(r)).map_err(|e| produce_error(&e))
 }
 
 /// A push as a record: the merged value, keyflight's metadata in headers.

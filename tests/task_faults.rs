@@ -1,0 +1,295 @@
+//! The task core off the graceful path, one scripted fault each: a push or
+//! a dead letter the broker refuses, a push that keeps failing, a marker
+//! too large for the changelog, a record read again below the position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyflight::engine::MergePolicy;
+use keyflight::metrics::Metrics;
+use keyflight::processor::task::core::{Holds, ProduceError, PUSH_REFUSED, REDELIVERED};
+use keyflight::processor::task::{Action, InputRecord, TaskCore, Timer};
+
+use crate::task_sim::{new_core, ModelStore};
+
+const NOW: u64 = 1_700_000_000_000_000_000;
+const MS: u64 = 1_000_000;
+
+fn actions(core: &mut TaskCore<ModelStore>) -> Vec<Action> {
+    std::iter::from_fn(|| core.poll_action()).collect()
+}
+
+fn event(offset: i64, key: &str, version: u64) -> InputRecord {
+    let value = format!(r#"{{"v":{version}}}"#);
+    InputRecord::copied(offset, Some(key.as_bytes()), Some(value.as_bytes()))
+}
+
+/// Takes `records` in one turn and returns its actions.
+fn feed(core: &mut TaskCore<ModelStore>, records: Vec<InputRecord>, now: u64) -> Vec<Action> {
+    core.take_batch(records);
+    core.end_turn(now);
+    actions(core)
+}
+
+/// A commit tick, with every changelog write it hands over landing: the
+/// commits it sent.
+fn commits(core: &mut TaskCore<ModelStore>, now: u64) -> Vec<i64> {
+    core.tick(now, Timer::Commit);
+    let (mut sent, mut offset) = (Vec::new(), 0);
+    loop {
+        let turn = actions(core);
+        if turn.is_empty() {
+            return sent;
+        }
+        for action in turn {
+            match action {
+                Action::Commit(position) => sent.push(position),
+                Action::WriteChangelog { .. } => {
+                    core.changelog_done(now, Ok(offset));
+                    offset += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A push the broker refuses for good (here: too large) is not retried:
+/// its value goes to the dead-letter topic as `push-refused`, with its key
+/// and version; the key's events stay uncommitted until the dead letter
+/// lands, then the key moves on and pushes what merged meanwhile.
+#[test]
+fn a_push_the_broker_refuses_is_dead_lettered_and_its_key_moves_on() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    assert!(
+        feed(&mut core, vec![event(1, "k", 2)], NOW).is_empty(),
+        "v2 merges"
+    );
+    core.push_done(
+        NOW,
+        flight,
+        Err(ProduceError::TooLarge(
+            "Broker: Message size too large".into(),
+        )),
+        Duration::ZERO,
+    );
+    core.end_turn(NOW);
+    let letter = match actions(&mut core).as_slice() {
+        [Action::DeadLetter { letter, delay }] => {
+            assert_eq!(*delay, Duration::ZERO);
+            letter.clone()
+        }
+        other => panic!("one dead letter, no retry: {other:?}"),
+    };
+    assert_eq!(letter.reason, PUSH_REFUSED);
+    assert_eq!(letter.version, Some(1));
+    assert_eq!(letter.record.key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(letter.record.payload.as_deref(), Some(&br#"{"v":1}"#[..]));
+    assert!(letter.detail.contains("Message size too large"));
+    assert!(matches!(letter.holds, Holds::Push(_)));
+    assert_eq!(core.in_flight().0, 1, "the key stays in flight");
+    assert!(
+        commits(&mut core, NOW).iter().all(|p| *p == 0),
+        "no commit passes its events yet"
+    );
+
+    core.dead_letter_done(NOW, letter.id, Ok(()));
+    core.end_turn(NOW);
+    match actions(&mut core).as_slice() {
+        [Action::Push { flight, .. }] => assert_eq!(flight.push.version, 2),
+        other => panic!("the merged v2 is pushed next: {other:?}"),
+    }
+}
+
+/// A refused push whose key has nothing merged behind it closes its
+/// marker once its dead letter landed, so neither the compensation scan
+/// nor a restart pushes the refused value again; its offset is committed.
+#[test]
+fn a_refused_push_closes_its_marker_and_its_offset_is_committed_once_dead_lettered() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    core.push_done(
+        NOW,
+        flight,
+        Err(ProduceError::Refused(
+            "Broker: Topic authorization failed".into(),
+        )),
+        Duration::ZERO,
+    );
+    let Some(Action::DeadLetter { letter, .. }) = core.poll_action() else {
+        panic!("dead-lettered");
+    };
+    core.dead_letter_done(NOW, letter.id, Ok(()));
+    core.end_turn(NOW);
+    let marker = core.marker(&"k".into()).unwrap().expect("a marker");
+    assert!(!marker.is_open(), "closed: {marker:?}");
+    assert_eq!(marker.version, 1);
+    assert_eq!(commits(&mut core, NOW), vec![1]);
+}
+
+/// Retriable failures are retried with the key's newest value after a
+/// backoff that doubles (100, 200, 400 ms, then the 800 ms maximum); once
+/// the key has been failing for `give_up_after`, its push is dead-lettered
+/// as `push-refused`, so one key never holds the partition's commits
+/// longer than that.
+#[test]
+fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_the_bound() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
+    let Some(Action::Push { mut flight, .. }) =
+        feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    let mut now = NOW;
+    let mut delays = Vec::new();
+    loop {
+        core.push_done(
+            now,
+            flight,
+            Err(ProduceError::Retriable(
+                "Local: Message timed out".into(),
+            )),
+            Duration::ZERO,
+        );
+        core.end_turn(now);
+        match actions(&mut core).pop() {
+            Some(Action::Push {
+                flight: retry,
+                delay,
+            }) => {
+                delays.push(delay.as_millis() as u64);
+                now += delay.as_nanos() as u64 + MS;
+                flight = retry;
+            }
+            Some(Action::DeadLetter { letter, .. }) => {
+                assert_eq!(letter.reason, PUSH_REFUSED);
+                assert!(
+                    letter.detail.starts_with("gave up after")
+                        && letter.detail.contains("Message timed out"),
+                    "{}",
+                    letter.detail
+                );
+                break;
+            }
+            other => panic!("a retry or the dead letter: {other:?}"),
+        }
+    }
+    assert_eq!(delays[..4], [100, 200, 400, 800], "{delays:?}");
+    assert!(delays[4..].iter().all(|d| *d == 800), "{delays:?}");
+    let failing_for = (now - NOW) / MS;
+    assert!(
+        (2_000..2_000 + 800 + 10).contains(&failing_for),
+        "given up at the bound, not later: {failing_for} ms"
+    );
+}
+
+/// A dead letter the topic refuses as too large is written again at once
+/// with its value cut to what the topic takes, then without its value;
+/// past that it is given up and releases its offset: nothing is retried
+/// forever.
+#[test]
+fn a_dead_letter_too_large_for_its_topic_is_cut_and_never_retried_forever() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let letter = match feed(
+        &mut core,
+        vec![InputRecord::copied(0, Some(b"k"), Some(b"not json"))],
+        NOW,
+    )
+    .as_slice()
+    {
+        [Action::DeadLetter { letter, .. }] => letter.clone(),
+        other => panic!("dead-lettered: {other:?}"),
+    };
+    assert_eq!(letter.cut_to, None, "whole at first");
+    let too_large = || Err(ProduceError::TooLarge("Broker: Message size too large".into()));
+    let mut cuts = Vec::new();
+    for _ in 0..2 {
+        core.dead_letter_done(NOW, letter.id, too_large());
+        match actions(&mut core).as_slice() {
+            [Action::DeadLetter { letter, delay }] if delay.is_zero() => cuts.push(letter.cut_to),
+            other => panic!("written again at once, cut: {other:?}"),
+        }
+    }
+    assert_eq!(cuts, vec![Some(1 << 20), Some(0)]);
+    core.dead_letter_done(NOW, letter.id, too_large());
+    assert!(actions(&mut core).is_empty(), "given up");
+    assert!(core.wants_records());
+    assert_eq!(commits(&mut core, NOW), vec![1], "its offset is released");
+}
+
+/// A record read again at an offset the task already passed (an offset
+/// reset after log truncation) is dead-lettered as `redelivered` and
+/// counted, and no commit goes out until that dead letter landed. Before,
+/// it was only logged: neither processed nor dead-lettered.
+#[test]
+fn a_record_read_again_below_the_position_is_dead_lettered_and_holds_commits() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(5, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    let letter = match feed(&mut core, vec![event(3, "j", 1)], NOW).as_slice() {
+        [Action::DeadLetter { letter, .. }] => letter.clone(),
+        other => panic!("dead-lettered: {other:?}"),
+    };
+    assert_eq!(letter.reason, REDELIVERED);
+    assert_eq!(letter.record.offset, 3);
+    assert!(commits(&mut core, NOW).is_empty(), "held while in flight");
+    core.dead_letter_done(NOW, letter.id, Ok(()));
+    assert_eq!(commits(&mut core, NOW), vec![6]);
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"keyflight_dead_letters_total{partition="0",reason="redelivered"} 1"#),
+        "counted"
+    );
+}
+
+/// A marker the changelog refuses as too large (a merge-patch document
+/// grown past the topic's limit) is written again without its value, so
+/// the partition commits again; the key keeps its version.
+#[test]
+fn a_marker_too_large_for_the_changelog_is_written_again_without_its_value() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::JsonMergePatch, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    assert!(matches!(
+        actions(&mut core).as_slice(),
+        [Action::WriteChangelog { value: Some(_), .. }]
+    ));
+    core.changelog_done(
+        NOW,
+        Err(ProduceError::TooLarge(
+            "Broker: Message size too large".into(),
+        )),
+    );
+    core.tick(NOW, Timer::ChangelogFlush);
+    let rewritten = match actions(&mut core).as_slice() {
+        [Action::WriteChangelog {
+            value: Some(bytes), ..
+        }] => keyflight::state::MarkerCodec::new().decode(bytes).unwrap(),
+        other => panic!("written again: {other:?}"),
+    };
+    assert_eq!((rewritten.version, rewritten.value), (1, None));
+    core.changelog_done(NOW, Ok(0));
+    assert_eq!(commits(&mut core, NOW), vec![1]);
+}
