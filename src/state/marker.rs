@@ -8,12 +8,53 @@
 //! Encoding: Avro single-object encoding (`C3 01`, the schema's 8-byte Rabin
 //! fingerprint, the datum) of `schemas/marker.avsc`, so a reader can tell
 //! which schema wrote a record and the format can evolve.
+//!
+//! # Schema evolution
+//!
+//! Every marker schema a version of keyflight ever wrote is *released* and
+//! kept, as `schemas/marker.v<N>.avsc`, in [`RELEASED`]; `schemas/marker.avsc`
+//! is a copy of the newest, the *current* one (tests hold both to that).
+//! The rule:
+//!
+//! * writing always uses the current schema;
+//! * a record of the current schema is read by the hand-written fast path;
+//! * a record of any other released schema (its fingerprint says which) is
+//!   read by Avro schema resolution into the current schema (apache-avro,
+//!   writer = that schema, reader = the current one): fields the writer
+//!   lacks take the current schema's defaults, fields it has that the
+//!   current schema lacks are dropped;
+//! * anything else (an unknown fingerprint, a truncated datum, garbage) is a
+//!   [`MarkerDecodeError`], never a guess and never a panic. The restore
+//!   skips such a record and drops its key's state (`processor::restore`).
+//!
+//! Releasing a new version: add `schemas/marker.v<N+1>.avsc` and its line in
+//! [`RELEASED`], copy it over `schemas/marker.avsc`, and change the fast path
+//! ([`MarkerCodec::encode`], [`MarkerCodec::decode`]) and [`Marker`] to
+//! match. Only ever add fields with defaults, so every released schema stays
+//! readable by resolution; never remove a released file.
 
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
 use apache_avro::Schema;
 use bytes::Bytes;
 
-/// The schema of changelog values, compiled in from `schemas/`.
+/// The current schema of changelog values (the one written), compiled in
+/// from `schemas/`.
 pub const MARKER_SCHEMA: &str = include_str!("../../schemas/marker.avsc");
+
+/// Every released marker schema, oldest first, by file name: a changelog
+/// written by any of them is read. The last is the current one
+/// ([`MARKER_SCHEMA`]).
+pub const RELEASED: &[(&str, &str)] = &[(
+    "marker.v1.avsc",
+    include_str!("../../schemas/marker.v1.avsc"),
+)];
+
+/// `C3 01`, the marker of Avro single-object encoding.
+const MAGIC: [u8; 2] = [0xC3, 0x01];
+/// The magic and the 8-byte fingerprint of the writer's schema.
+const HEADER_LEN: usize = 10;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Marker {
@@ -60,17 +101,41 @@ pub struct MarkerDecodeError(String);
 
 /// Encodes and decodes markers; build once, reuse.
 pub struct MarkerCodec {
-    /// `C3 01` and the schema's fingerprint, computed once.
+    /// `C3 01` and the current schema's fingerprint, computed once.
     header: Vec<u8>,
+    /// The current schema: the reader of records of older ones.
+    current: Schema,
+    /// Every other released schema, by its fingerprint (the bytes of the
+    /// single-object header after the magic), and its file name.
+    released: HashMap<[u8; 8], (String, Schema)>,
 }
 
 impl MarkerCodec {
     pub fn new() -> Self {
-        let schema = Schema::parse_str(MARKER_SCHEMA)
+        Self::with_released(&[])
+    }
+
+    /// A codec that reads, besides [`RELEASED`], records of `extra` schemas
+    /// (name, JSON): the tests' hypothetical other versions.
+    pub(crate) fn with_released(extra: &[(&str, &str)]) -> Self {
+        let current = Schema::parse_str(MARKER_SCHEMA)
             .expect("schemas/marker.avsc is valid (checked by tests)");
-        let header = apache_avro::headers::RabinFingerprintHeader::from_schema(&schema);
-        let header = apache_avro::headers::HeaderBuilder::build_header(&header);
-        Self { header }
+        let header = single_object_header(&current);
+        let mut released = HashMap::new();
+        for (name, json) in RELEASED.iter().chain(extra) {
+            let schema = Schema::parse_str(json)
+                .unwrap_or_else(|e| panic!("released schema {name} is invalid: {e}"));
+            let header_of = single_object_header(&schema);
+            if header_of != header {
+                let fingerprint = header_of[MAGIC.len()..].try_into().expect("8 bytes");
+                released.insert(fingerprint, (name.to_string(), schema));
+            }
+        }
+        Self {
+            header,
+            current,
+            released,
+        }
     }
 
     /// The single-object encoding of a marker, written directly (it runs
@@ -95,44 +160,156 @@ impl MarkerCodec {
         out
     }
 
-    /// Reads a marker written by [`MarkerCodec::encode`] (or any Avro
-    /// single-object writer of `schemas/marker.avsc`), directly: restore
-    /// reads one per changelog record and every push reads one. Anything
-    /// else is an error, never a panic.
+    /// Reads a marker of any released schema: one written by
+    /// [`MarkerCodec::encode`] (or any Avro single-object writer of
+    /// `schemas/marker.avsc`) directly, as restore reads one per changelog
+    /// record and every push reads one; one of an older released schema by
+    /// Avro schema resolution. Anything else is an error, never a panic.
     pub fn decode(&self, bytes: &[u8]) -> Result<Marker, MarkerDecodeError> {
-        let Some(mut datum) = bytes.strip_prefix(self.header.as_slice()) else {
+        match bytes.strip_prefix(self.header.as_slice()) {
+            Some(datum) => decode_current(datum),
+            None => self.decode_released(bytes),
+        }
+    }
+
+    /// Reads a record of a released schema other than the current one, by
+    /// resolution into the current schema.
+    fn decode_released(&self, bytes: &[u8]) -> Result<Marker, MarkerDecodeError> {
+        if !bytes.starts_with(&MAGIC) {
             return Err(MarkerDecodeError(
-                "not a marker of schemas/marker.avsc (single-object header differs)".into(),
+                "not Avro single-object encoded (no C3 01 header)".into(),
             ));
+        }
+        let Some((fingerprint, datum)) = bytes[MAGIC.len()..].split_first_chunk::<8>() else {
+            return Err(MarkerDecodeError(format!(
+                "truncated single-object header ({} of {HEADER_LEN} bytes)",
+                bytes.len()
+            )));
         };
-        let t1 = read_long(&mut datum, "t1")?;
-        let t2 = read_long(&mut datum, "t2")?;
-        let version = read_long(&mut datum, "version")?;
-        let value = match read_long(&mut datum, "value")? {
-            0 => None,
-            1 => {
-                let len = read_long(&mut datum, "value")?;
-                let len = usize::try_from(len)
-                    .ok()
-                    .filter(|len| *len <= datum.len())
-                    .ok_or_else(|| {
-                        MarkerDecodeError(format!("field `value`: length {len} does not fit"))
-                    })?;
-                Some(Bytes::copy_from_slice(&datum[..len]))
-            }
-            branch => {
-                return Err(MarkerDecodeError(format!(
-                    "field `value`: union branch {branch} (expected 0 or 1)"
-                )))
-            }
+        let Some((name, writer)) = self.released.get(fingerprint) else {
+            return Err(MarkerDecodeError(format!(
+                "written with an unknown schema (fingerprint {}): not a marker schema this version released",
+                hex(fingerprint)
+            )));
         };
-        Ok(Marker {
-            t1: t1 as u64,
-            t2: t2 as u64,
-            version: version as u64,
-            value,
+        let mut reader = Exact {
+            rest: datum,
+            ran_out: false,
+        };
+        let written = apache_avro::from_avro_datum(writer, &mut reader, None);
+        // apache-avro reads a union missing at the end as null: a datum is
+        // whole only if nothing was read past its end and nothing is left.
+        if reader.ran_out {
+            return Err(MarkerDecodeError(format!("datum of {name} is truncated")));
+        }
+        let written = written.map_err(|e| MarkerDecodeError(format!("datum of {name}: {e}")))?;
+        if !reader.rest.is_empty() {
+            return Err(MarkerDecodeError(format!(
+                "datum of {name}: {} bytes after its end",
+                reader.rest.len()
+            )));
+        }
+        let resolved = written.resolve(&self.current).map_err(|e| {
+            MarkerDecodeError(format!(
+                "{name} does not resolve to schemas/marker.avsc: {e}"
+            ))
+        })?;
+        marker_of(resolved).map_err(|field| {
+            MarkerDecodeError(format!(
+                "{name} resolved to schemas/marker.avsc without a valid `{field}`"
+            ))
         })
     }
+}
+
+/// Reads the datum of a record of the current schema, directly.
+fn decode_current(mut datum: &[u8]) -> Result<Marker, MarkerDecodeError> {
+    let t1 = read_long(&mut datum, "t1")?;
+    let t2 = read_long(&mut datum, "t2")?;
+    let version = read_long(&mut datum, "version")?;
+    let value = match read_long(&mut datum, "value")? {
+        0 => None,
+        1 => {
+            let len = read_long(&mut datum, "value")?;
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|len| *len <= datum.len())
+                .ok_or_else(|| {
+                    MarkerDecodeError(format!("field `value`: length {len} does not fit"))
+                })?;
+            Some(Bytes::copy_from_slice(&datum[..len]))
+        }
+        branch => {
+            return Err(MarkerDecodeError(format!(
+                "field `value`: union branch {branch} (expected 0 or 1)"
+            )))
+        }
+    };
+    Ok(Marker {
+        t1: t1 as u64,
+        t2: t2 as u64,
+        version: version as u64,
+        value,
+    })
+}
+
+/// The marker in a record of the current schema, or the field that is not
+/// as the current schema has it.
+fn marker_of(record: Value) -> Result<Marker, &'static str> {
+    let Value::Record(fields) = record else {
+        return Err("record");
+    };
+    let field = |name: &'static str| {
+        fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value)
+            .ok_or(name)
+    };
+    let long = |name| match field(name)? {
+        Value::Long(n) => Ok(*n as u64),
+        _ => Err(name),
+    };
+    let value = match field("value")? {
+        Value::Union(_, value) => match value.as_ref() {
+            Value::Null => None,
+            Value::Bytes(bytes) => Some(Bytes::copy_from_slice(bytes)),
+            _ => return Err("value"),
+        },
+        _ => return Err("value"),
+    };
+    Ok(Marker {
+        t1: long("t1")?,
+        t2: long("t2")?,
+        version: long("version")?,
+        value,
+    })
+}
+
+/// A datum being read, which notes whether the reader asked for more than
+/// it holds.
+struct Exact<'a> {
+    rest: &'a [u8],
+    ran_out: bool,
+}
+
+impl std::io::Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.len() > self.rest.len() {
+            self.ran_out = true;
+        }
+        self.rest.read(buf)
+    }
+}
+
+/// `C3 01` and the schema's CRC-64-AVRO (Rabin) fingerprint.
+fn single_object_header(schema: &Schema) -> Vec<u8> {
+    use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
+    RabinFingerprintHeader::from_schema(schema).build_header()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads an Avro `long` (zig-zag varint, at most 10 bytes) off the front.
@@ -208,6 +385,182 @@ mod tests {
             &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF],
         ] {
             assert!(codec.decode(bytes).is_err());
+        }
+    }
+
+    /// A hypothetical older release: the current schema without `value`,
+    /// which the current schema defaults to null.
+    const WITHOUT_VALUE: (&str, &str) = (
+        "marker.v0a.avsc",
+        r#"{"type": "record", "name": "Marker", "namespace": "io.keyflight.changelog",
+            "fields": [{"name": "t1", "type": "long"}, {"name": "t2", "type": "long"},
+                       {"name": "version", "type": "long"}]}"#,
+    );
+
+    /// Another: `t1` an int (promoted to long), `value` plain bytes (the
+    /// current schema's union reads it), and a field the current schema
+    /// lacks (dropped).
+    const WITH_NOTE: (&str, &str) = (
+        "marker.v0b.avsc",
+        r#"{"type": "record", "name": "Marker", "namespace": "io.keyflight.changelog",
+            "fields": [{"name": "t1", "type": "int"}, {"name": "t2", "type": "long"},
+                       {"name": "version", "type": "long"}, {"name": "value", "type": "bytes"},
+                       {"name": "note", "type": "string"}]}"#,
+    );
+
+    /// One the current schema cannot read: `version` has no default.
+    const WITHOUT_VERSION: (&str, &str) = (
+        "marker.v0c.avsc",
+        r#"{"type": "record", "name": "Marker", "namespace": "io.keyflight.changelog",
+            "fields": [{"name": "t1", "type": "long"}, {"name": "t2", "type": "long"}]}"#,
+    );
+
+    /// `fields` as a single-object record of `schema`, by apache-avro.
+    fn written_by(schema: &str, fields: Vec<(&str, Avro)>) -> Vec<u8> {
+        let schema = Schema::parse_str(schema).unwrap();
+        let record = Avro::Record(fields.into_iter().map(|(n, v)| (n.into(), v)).collect());
+        let mut out = Vec::new();
+        apache_avro::GenericSingleObjectWriter::new_with_capacity(&schema, 64)
+            .unwrap()
+            .write_value_ref(&record, &mut out)
+            .unwrap();
+        out
+    }
+
+    fn with_note(t1: i32, value: &[u8], note: &str) -> Vec<u8> {
+        written_by(
+            WITH_NOTE.1,
+            vec![
+                ("t1", Avro::Int(t1)),
+                ("t2", Avro::Long(3)),
+                ("version", Avro::Long(9)),
+                ("value", Avro::Bytes(value.to_vec())),
+                ("note", Avro::String(note.into())),
+            ],
+        )
+    }
+
+    #[test]
+    fn a_marker_of_an_older_release_without_a_field_reads_with_the_current_default() {
+        let old = written_by(
+            WITHOUT_VALUE.1,
+            vec![
+                ("t1", Avro::Long(5)),
+                ("t2", Avro::Long(3)),
+                ("version", Avro::Long(9)),
+            ],
+        );
+        let codec = MarkerCodec::with_released(&[WITHOUT_VALUE]);
+        assert_eq!(
+            codec.decode(&old).unwrap(),
+            Marker {
+                t1: 5,
+                t2: 3,
+                version: 9,
+                value: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_marker_of_an_older_release_with_other_fields_reads_by_resolution() {
+        let codec = MarkerCodec::with_released(&[WITHOUT_VALUE, WITH_NOTE]);
+        assert_eq!(
+            codec.decode(&with_note(5, b"V", "dropped")).unwrap(),
+            Marker {
+                t1: 5,
+                t2: 3,
+                version: 9,
+                value: Some(Bytes::from_static(b"V"))
+            }
+        );
+        // The current schema's records still take the fast path.
+        let current = Marker::started(3, 5, 9, None);
+        assert_eq!(codec.decode(&codec.encode(&current)).unwrap(), current);
+    }
+
+    #[test]
+    fn an_unknown_fingerprint_is_a_clear_error() {
+        // Released nowhere: this version cannot know what the bytes mean.
+        let old = with_note(5, b"V", "n");
+        let error = MarkerCodec::new().decode(&old).unwrap_err().to_string();
+        let fingerprint = hex(&old[2..10]);
+        assert!(
+            error.contains("unknown schema") && error.contains(&fingerprint),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_truncated_marker_of_an_older_release_is_a_clear_error() {
+        // apache-avro alone reads a cut-off string or union as null; the
+        // codec refuses every prefix, and bytes after the datum.
+        let codec = MarkerCodec::with_released(&[WITH_NOTE]);
+        let old = with_note(5, b"value", "a note");
+        for cut in 0..old.len() {
+            let error = codec.decode(&old[..cut]).unwrap_err().to_string();
+            if cut >= 2 {
+                assert!(
+                    error.contains("truncated"),
+                    "prefix of {cut} bytes: {error}"
+                );
+            }
+        }
+        let mut longer = old.clone();
+        longer.push(0);
+        let error = codec.decode(&longer).unwrap_err().to_string();
+        assert!(error.contains("1 bytes after its end"), "{error}");
+    }
+
+    #[test]
+    fn an_older_release_the_current_schema_cannot_read_is_an_error_not_a_guess() {
+        let old = written_by(
+            WITHOUT_VERSION.1,
+            vec![("t1", Avro::Long(5)), ("t2", Avro::Long(3))],
+        );
+        let codec = MarkerCodec::with_released(&[WITHOUT_VERSION]);
+        let error = codec.decode(&old).unwrap_err().to_string();
+        assert!(
+            error.contains("marker.v0c.avsc does not resolve"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_current_schema_is_the_newest_release() {
+        let (name, newest) = RELEASED.last().unwrap();
+        assert_eq!(
+            MARKER_SCHEMA, *newest,
+            "schemas/marker.avsc must be a copy of the newest release, {name}"
+        );
+    }
+
+    #[test]
+    fn every_marker_schema_file_is_released_and_readable_by_the_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("marker.v") && name.ends_with(".avsc"))
+            .map(|name| {
+                let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+                (name, text)
+            })
+            .collect();
+        files.sort_by_key(|(name, _)| {
+            let n = &name["marker.v".len()..name.len() - ".avsc".len()];
+            n.parse::<u32>().expect("marker.v<N>.avsc")
+        });
+        let released: Vec<(String, String)> = RELEASED
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(files, released, "schemas/marker.v*.avsc and RELEASED");
+        let current = Schema::parse_str(MARKER_SCHEMA).unwrap();
+        for (name, text) in RELEASED {
+            let writer = Schema::parse_str(text).unwrap();
+            apache_avro::schema_compatibility::SchemaCompatibility::can_read(&writer, &current)
+                .unwrap_or_else(|e| panic!("{name} cannot be read by the current schema: {e}"));
         }
     }
 
