@@ -13,7 +13,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::state::Opened;
+use crate::state::{MarkerDecodeError, Opened};
 
 /// A happening in one partition's task.
 pub trait PartitionEvent {
@@ -58,6 +58,27 @@ impl PartitionEvent for PartitionRestored<'_> {
         m.restore_duration.set(self.elapsed.as_secs_f64());
         m.open_markers.set(self.open_markers as i64);
         m.member.health.consuming(m.partition);
+    }
+}
+
+/// A changelog record that no released marker schema reads (an unknown
+/// fingerprint, a truncated datum, garbage) was skipped while restoring, and
+/// its key's state dropped: the key's next event is pushed as new.
+pub struct ChangelogRecordUnreadable<'a> {
+    pub topic: &'a str,
+    pub offset: i64,
+    pub key: &'a [u8],
+    pub error: &'a MarkerDecodeError,
+}
+
+impl PartitionEvent for ChangelogRecordUnreadable<'_> {
+    fn emit(self, m: &PartitionMetrics) {
+        warn!(
+            topic = %self.topic, partition = m.partition, offset = self.offset,
+            key = %String::from_utf8_lossy(self.key),
+            "changelog record unreadable, skipped; the key's state is dropped: {}", self.error
+        );
+        m.changelog_unreadable.inc();
     }
 }
 

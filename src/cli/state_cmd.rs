@@ -249,6 +249,12 @@ fn rebuild(settings: &Settings, args: &RebuildArgs) -> Result<(), CliError> {
             markers.len(),
             restored.next_offset
         );
+        if restored.unreadable > 0 {
+            println!(
+                "partition {partition}: skipped {} unreadable changelog records (logged with their offsets); their keys have no state",
+                restored.unreadable
+            );
+        }
     }
     Ok(())
 }

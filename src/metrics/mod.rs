@@ -39,6 +39,7 @@ pub struct Metrics {
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) changelog_written: IntCounterVec,
     pub(crate) changelog_restored: IntCounterVec,
+    pub(crate) changelog_unreadable: IntCounterVec,
     pub(crate) restore_duration: prometheus::GaugeVec,
     pub(crate) committed_offset: IntGaugeVec,
     pub(crate) consumer_lag: IntGaugeVec,
@@ -206,6 +207,12 @@ impl Metrics {
                 "Changelog records applied to the local store while restoring.",
                 p,
             ),
+            changelog_unreadable: counter(
+                &registry,
+                "keyflight_changelog_records_unreadable_total",
+                "Changelog records no released marker schema reads, skipped while restoring (their keys' state is dropped).",
+                p,
+            ),
             restore_duration,
             committed_offset: gauge(
                 &registry,
@@ -258,6 +265,7 @@ impl Metrics {
             dead_letters: self.dead_letters.clone(),
             changelog_written: self.changelog_written.with_label_values(l),
             changelog_restored: self.changelog_restored.with_label_values(l),
+            changelog_unreadable: self.changelog_unreadable.with_label_values(l),
             restore_duration: self.restore_duration.with_label_values(l),
             label,
             partition,
@@ -319,6 +327,7 @@ pub struct PartitionMetrics {
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) changelog_written: IntCounter,
     pub(crate) changelog_restored: IntCounter,
+    pub(crate) changelog_unreadable: IntCounter,
     pub(crate) restore_duration: prometheus::Gauge,
 }
 

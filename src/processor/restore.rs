@@ -1,15 +1,27 @@
 //! Restoring a partition's store from its slice of the changelog, before
 //! any event of the partition is processed. The changelog is read with the
 //! one topic reader ([`crate::kafka::reader`]).
+//!
+//! A record is read with every released marker schema
+//! ([`crate::state::marker`]). One that none reads (an unknown
+//! fingerprint, a truncated datum, garbage) is logged with its offset,
+//! counted (`keyflight_changelog_records_unreadable_total`) and skipped, and
+//! its key's state is removed rather than guessed: an older record of the
+//! key does not stand in for it, and the key's next event is pushed as new.
+//! The restore goes on, so such a record never stops a partition (nor, on
+//! every restart, the process).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 
 use crate::config::Settings;
+use crate::internal_events::ChangelogRecordUnreadable;
 use crate::kafka::reader::{self, Range, ReadError, Stopped};
-use crate::state::{Opened, StateError, Store};
+use crate::metrics::{Metrics, PartitionMetrics};
+use crate::state::{MarkerCodec, Opened, StateError, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -28,7 +40,11 @@ pub enum RestoreError {
 /// What a restore read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Restored {
+    /// Records read, the unreadable ones among them.
     pub records: u64,
+    /// Records no released marker schema reads: skipped, their keys'
+    /// state removed.
+    pub unreadable: u64,
     /// The changelog offset the store is now complete up to (exclusive).
     pub next_offset: i64,
 }
@@ -36,15 +52,9 @@ pub struct Restored {
 /// How long a watermark query may take.
 pub const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Reads the changelog partition from the checkpoint (or its start) to its
-/// current end and applies every record to the store, reporting
-/// `(records read, records to read at most)` as it goes. Blocking.
-///
-/// `watermarks` are the partition's (low, high) offsets if the caller has
-/// them (`keyflight run` asks its producer, whose connections are open);
-/// otherwise a reader asks. The reader, a consumer with connections of its
-/// own, is created only when there is something to read: a store that is
-/// complete (or a changelog that is empty) costs no new client.
+/// [`restore_counted`] for a caller without the process's metrics (`state
+/// rebuild`): unreadable records are logged and returned in
+/// [`Restored::unreadable`], and counted in a registry of their own.
 pub fn restore(
     settings: &Settings,
     topic: &str,
@@ -52,6 +62,33 @@ pub fn restore(
     store: &Store,
     opened: Opened,
     watermarks: Option<(i64, i64)>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Restored, RestoreError> {
+    let metrics = Arc::new(Metrics::new()).partition(partition);
+    restore_counted(
+        settings, topic, partition, store, opened, watermarks, &metrics, progress,
+    )
+}
+
+/// Reads the changelog partition from the checkpoint (or its start) to its
+/// current end and applies every record to the store, reporting
+/// `(records read, records to read at most)` as it goes. Blocking.
+/// Unreadable records are skipped and counted in `metrics` (module docs).
+///
+/// `watermarks` are the partition's (low, high) offsets if the caller has
+/// them (`keyflight run` asks its producer, whose connections are open);
+/// otherwise a reader asks. The reader, a consumer with connections of its
+/// own, is created only when there is something to read: a store that is
+/// complete (or a changelog that is empty) costs no new client.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_counted(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+    store: &Store,
+    opened: Opened,
+    watermarks: Option<(i64, i64)>,
+    metrics: &PartitionMetrics,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
     let kafka = |source| RestoreError::Kafka {
@@ -94,6 +131,7 @@ pub fn restore(
     if start >= high {
         return Ok(Restored {
             records: 0,
+            unreadable: 0,
             next_offset: high.max(start),
         });
     }
@@ -107,9 +145,24 @@ pub fn restore(
         end: high,
     };
     let total = (high - start) as u64;
-    let mut records = 0;
+    let codec = MarkerCodec::new();
+    let (mut records, mut unreadable) = (0, 0);
     reader::try_read(&consumer, topic, &[range], |message| {
-        store.restore(message.key().unwrap_or_default(), message.payload())?;
+        let key = message.key().unwrap_or_default();
+        match message.payload().map(|bytes| codec.decode(bytes)) {
+            None => store.delete(key)?, // a tombstone
+            Some(Ok(marker)) => store.put(key, &marker)?,
+            Some(Err(error)) => {
+                metrics.emit(ChangelogRecordUnreadable {
+                    topic,
+                    offset: message.offset(),
+                    key,
+                    error: &error,
+                });
+                unreadable += 1;
+                store.delete(key)?;
+            }
+        }
         records += 1;
         progress(records, total);
         Ok(())
@@ -120,6 +173,7 @@ pub fn restore(
     })?;
     Ok(Restored {
         records,
+        unreadable,
         next_offset: high,
     })
 }
@@ -224,6 +278,7 @@ mod tests {
                 restoring.join().unwrap().unwrap(),
                 Restored {
                     records: 3,
+                    unreadable: 0,
                     next_offset: 3
                 }
             );
@@ -280,6 +335,7 @@ mod tests {
             restored,
             Restored {
                 records: 3,
+                unreadable: 0,
                 next_offset: 3
             }
         );
@@ -293,6 +349,116 @@ mod tests {
         assert_eq!(store.open_count().unwrap(), 0);
     }
 
+    /// Collects the `offset` of every warning logged on the thread it is
+    /// the default for.
+    struct WarnedOffsets(std::sync::Arc<std::sync::Mutex<Vec<i64>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnedOffsets {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Offset(Option<i64>);
+            impl tracing::field::Visit for Offset {
+                fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                    if field.name() == "offset" {
+                        self.0 = Some(value);
+                    }
+                }
+                fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+            }
+            if *event.metadata().level() == tracing::Level::WARN {
+                let mut offset = Offset(None);
+                event.record(&mut offset);
+                self.0.lock().unwrap().extend(offset.0);
+            }
+        }
+    }
+
+    /// A record no released marker schema reads is skipped, logged with its
+    /// offset and counted, and its key's state is removed, also when an
+    /// earlier good record of the key was restored: nothing is guessed, and
+    /// the restore (so the process) goes on.
+    #[test]
+    fn unreadable_changelog_records_are_skipped_counted_and_leave_their_keys_without_state() {
+        use crate::state::Marker;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let (_cluster, settings) = mock_changelog();
+        let marker = |version| Marker {
+            t1: 7,
+            t2: 5, // open: a good marker the compensation scan would re-push
+            version,
+            value: Some(bytes::Bytes::from_static(b"{}")),
+        };
+        let codec = MarkerCodec::new();
+        // A single-object record of a schema no version released.
+        let mut unknown_schema = codec.encode(&marker(3));
+        unknown_schema[2..10].copy_from_slice(b"unknown!");
+        let truncated = codec.encode(&marker(4));
+        let truncated = &truncated[..truncated.len() - 1];
+        let records: [(&str, &[u8]); 4] = [
+            ("a", &codec.encode(&marker(1))),
+            ("b", &codec.encode(&marker(2))),
+            ("c", &unknown_schema),
+            ("b", truncated),
+        ];
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .create()
+            .unwrap();
+        for (key, value) in records {
+            producer
+                .send(BaseRecord::to("changelog").key(key).payload(value))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let warned = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(WarnedOffsets(warned.clone()));
+        let restored = tracing::subscriber::with_default(subscriber, || {
+            restore_counted(
+                &settings,
+                "changelog",
+                0,
+                &store,
+                opened,
+                None,
+                &metrics.partition(0),
+                &mut |_, _| {},
+            )
+        })
+        .expect("unreadable records do not stop the restore");
+        assert_eq!(
+            restored,
+            Restored {
+                records: 4,
+                unreadable: 2,
+                next_offset: 4
+            }
+        );
+        assert_eq!(*warned.lock().unwrap(), [2, 3], "logged with their offsets");
+        assert!(metrics
+            .render()
+            .contains("keyflight_changelog_records_unreadable_total{partition=\"0\"} 2"));
+        assert_eq!(store.get(b"a").unwrap(), Some(marker(1)));
+        assert_eq!(store.get(b"b").unwrap(), None, "not b's older record");
+        assert_eq!(store.get(b"c").unwrap(), None);
+        let keys: Vec<_> = store
+            .markers()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, [&b"a"[..]]);
+        assert_eq!(store.open_count().unwrap(), 1, "only a's marker is open");
+    }
+
     #[test]
     fn a_store_complete_up_to_known_watermarks_is_restored_without_the_broker() {
         let dir = tempfile::tempdir().unwrap();
@@ -302,6 +468,7 @@ mod tests {
             restore_known(&store, opened, (7, 7)),
             Restored {
                 records: 0,
+                unreadable: 0,
                 next_offset: 7
             }
         );
