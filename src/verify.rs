@@ -413,7 +413,11 @@ mod tests {
         }
         push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
         v.refused_push(Some("in"), Some(b"k"), 2);
-        assert_eq!(v.report().stale.len(), 1, "a refusal older than the latest event");
+        assert_eq!(
+            v.report().stale.len(),
+            1,
+            "a refusal older than the latest event"
+        );
         v.refused_push(Some("other-input"), Some(b"k"), 3);
         assert_eq!(v.report().stale.len(), 1, "another input's refusal");
         v.refused_push(Some("in"), Some(b"k"), 3);

@@ -44,14 +44,23 @@ async fn a_document_grown_past_the_limit_is_dead_lettered_and_the_partition_move
     let mut processor = app.start(&app.state_dir("a"));
     // Merge patches fold into whole documents: each key's last push is the
     // fold of its patches, here its latest (every patch sets `n`).
-    await_final_state(&broker, &app, &ordinary, Duration::from_secs(90), &processor);
+    await_final_state(
+        &broker,
+        &app,
+        &ordinary,
+        Duration::from_secs(90),
+        &processor,
+    );
     let refused = wait_until(Duration::from_secs(30), Duration::from_millis(300), || {
         read_all(&broker, &app.dlq)
             .into_iter()
             .find(|r| r.key == "big")
             .ok_or_else(|| format!("no dead letter yet\nlog:\n{}", processor.log()))
     });
-    let reason = refused.headers.get(header::ERROR_REASON).map(String::as_str);
+    let reason = refused
+        .headers
+        .get(header::ERROR_REASON)
+        .map(String::as_str);
     assert_eq!(reason, Some("push-refused"), "{:?}", refused.headers);
     assert!(
         refused.headers[header::ERROR].contains("too large"),
@@ -62,9 +71,14 @@ async fn a_document_grown_past_the_limit_is_dead_lettered_and_the_partition_move
     let whole: usize = refused.headers[header::VALUE_CUT_FROM].parse().unwrap();
     assert!(whole > 1_200_000, "the merged document's size: {whole}");
     let kept = refused.raw.as_ref().map_or(0, Vec::len);
-    assert!((900_000..1_000_000).contains(&kept), "cut to the limit: {kept}");
     assert!(
-        !read_all(&broker, &app.pushed).iter().any(|p| p.key == "big"),
+        (900_000..1_000_000).contains(&kept),
+        "cut to the limit: {kept}"
+    );
+    assert!(
+        !read_all(&broker, &app.pushed)
+            .iter()
+            .any(|p| p.key == "big"),
         "never pushed"
     );
 

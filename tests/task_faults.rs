@@ -145,8 +145,7 @@ fn a_refused_push_closes_its_marker_and_its_offset_is_committed_once_dead_letter
 fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_the_bound() {
     let metrics = Arc::new(Metrics::new());
     let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
-    let Some(Action::Push { mut flight, .. }) =
-        feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    let Some(Action::Push { mut flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
     else {
         panic!("the event is pushed");
     };
@@ -156,9 +155,7 @@ fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_t
         core.push_done(
             now,
             flight,
-            Err(ProduceError::Retriable(
-                "Local: Message timed out".into(),
-            )),
+            Err(ProduceError::Retriable("Local: Message timed out".into())),
             Duration::ZERO,
         );
         core.end_turn(now);
@@ -212,7 +209,11 @@ fn a_dead_letter_too_large_for_its_topic_is_cut_and_never_retried_forever() {
         other => panic!("dead-lettered: {other:?}"),
     };
     assert_eq!(letter.cut_to, None, "whole at first");
-    let too_large = || Err(ProduceError::TooLarge("Broker: Message size too large".into()));
+    let too_large = || {
+        Err(ProduceError::TooLarge(
+            "Broker: Message size too large".into(),
+        ))
+    };
     let mut cuts = Vec::new();
     for _ in 0..2 {
         core.dead_letter_done(NOW, letter.id, too_large());

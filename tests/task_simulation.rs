@@ -162,7 +162,9 @@ fn a_refused_changelog_write_is_written_again_at_the_next_tick_not_at_once() {
     );
     core.changelog_done(
         now,
-        Err(ProduceError::Retriable("Broker: Not enough in-sync replicas".into())),
+        Err(ProduceError::Retriable(
+            "Broker: Not enough in-sync replicas".into(),
+        )),
     );
     assert!(
         core.poll_action().is_none(),

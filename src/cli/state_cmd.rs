@@ -233,6 +233,7 @@ fn rebuild(settings: &Settings, args: &RebuildArgs) -> Result<(), CliError> {
             &store,
             opened,
             None,
+            &std::sync::Arc::new(crate::metrics::Metrics::new()).partition(partition),
             &mut |read, total| {
                 bar.set_length(total);
                 bar.set_position(read);

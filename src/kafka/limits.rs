@@ -79,7 +79,8 @@ impl Limits {
     /// brokers do not implement DescribeConfigs).
     pub async fn read(settings: &Settings, timeout: Duration) -> Limits {
         let mut limits = Limits::of_producer(settings);
-        let Ok(admin) = client_config(settings, Role::Admin).create::<AdminClient<DefaultClientContext>>()
+        let Ok(admin) =
+            client_config(settings, Role::Admin).create::<AdminClient<DefaultClientContext>>()
         else {
             return limits;
         };
@@ -120,7 +121,9 @@ impl Limits {
         let mut problems = Vec::new();
         let mut fits = |topic: &str, key: &str, topic_limit: Option<usize>| {
             let (limit, named) = match topic_limit {
-                Some(t) if t < self.producer => (t, format!("topic {topic}'s max.message.bytes = {t}")),
+                Some(t) if t < self.producer => {
+                    (t, format!("topic {topic}'s max.message.bytes = {t}"))
+                }
                 _ => (
                     self.producer,
                     format!("kafka.producer.\"message.max.bytes\" = {}", self.producer),
@@ -184,7 +187,10 @@ mod tests {
         assert_eq!(err.problems.len(), 2, "the push and the marker: {err}");
         let text = err.to_string();
         assert!(text.contains("input.max_value_bytes = 1048576"), "{text}");
-        assert!(text.contains("kafka.producer.\"message.max.bytes\" = 1000000"), "{text}");
+        assert!(
+            text.contains("kafka.producer.\"message.max.bytes\" = 1000000"),
+            "{text}"
+        );
         assert!(text.contains("values up to 995904"), "{text}");
     }
 

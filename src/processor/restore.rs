@@ -11,7 +11,6 @@
 //! The restore goes on, so such a record never stops a partition (nor, on
 //! every restart, the process).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
@@ -20,7 +19,7 @@ use rdkafka::Message;
 use crate::config::Settings;
 use crate::internal_events::ChangelogRecordUnreadable;
 use crate::kafka::reader::{self, Range, ReadError, Stopped};
-use crate::metrics::{Metrics, PartitionMetrics};
+use crate::metrics::PartitionMetrics;
 use crate::state::{MarkerCodec, Opened, StateError, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,24 +51,6 @@ pub struct Restored {
 /// How long a watermark query may take.
 pub const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// [`restore_counted`] for a caller without the process's metrics (`state
-/// rebuild`): unreadable records are logged and returned in
-/// [`Restored::unreadable`], and counted in a registry of their own.
-pub fn restore(
-    settings: &Settings,
-    topic: &str,
-    partition: i32,
-    store: &Store,
-    opened: Opened,
-    watermarks: Option<(i64, i64)>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Restored, RestoreError> {
-    let metrics = Arc::new(Metrics::new()).partition(partition);
-    restore_counted(
-        settings, topic, partition, store, opened, watermarks, &metrics, progress,
-    )
-}
-
 /// Reads the changelog partition from the checkpoint (or its start) to its
 /// current end and applies every record to the store, reporting
 /// `(records read, records to read at most)` as it goes. Blocking.
@@ -81,7 +62,7 @@ pub fn restore(
 /// own, is created only when there is something to read: a store that is
 /// complete (or a changelog that is empty) costs no new client.
 #[allow(clippy::too_many_arguments)]
-pub fn restore_counted(
+pub fn restore(
     settings: &Settings,
     topic: &str,
     partition: i32,
@@ -180,7 +161,10 @@ pub fn restore_counted(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::metrics::Metrics;
 
     /// Restores with known watermarks against a broker nothing listens on:
     /// a restore that reached for it would wait out the watermark timeout
@@ -197,6 +181,7 @@ mod tests {
             store,
             opened,
             Some(watermarks),
+            &Arc::new(Metrics::new()).partition(0),
             &mut |_, _| panic!("no records to read"),
         )
         .unwrap()
@@ -265,6 +250,7 @@ mod tests {
                     &store,
                     opened,
                     Some((0, 3)),
+                    &Arc::new(Metrics::new()).partition(0),
                     &mut |_, _| {},
                 )
             });
@@ -328,6 +314,7 @@ mod tests {
             &store,
             opened,
             None,
+            &Arc::new(Metrics::new()).partition(0),
             &mut |_, _| {},
         )
         .unwrap();
@@ -422,7 +409,7 @@ mod tests {
         let warned = Arc::new(std::sync::Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::registry().with(WarnedOffsets(warned.clone()));
         let restored = tracing::subscriber::with_default(subscriber, || {
-            restore_counted(
+            restore(
                 &settings,
                 "changelog",
                 0,

@@ -83,43 +83,48 @@ impl ModelStore {
 /// A task core over an empty model store, as the simulation configures it.
 pub fn new_core(policy: MergePolicy, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
     let store = ModelStore::new(BTreeMap::new());
-    core_with(
-        policy,
-        4,
-        Duration::from_secs(3600),
-        store,
-        0,
-        Duration::from_secs(3600),
-        metrics,
-        EPOCH,
-    )
+    core_with(policy, 4, Timing::NEVER, store, 0, metrics, EPOCH)
 }
 
 /// [`new_core`] (latest policy), giving a failing key's pushes up after
 /// `give_up_after`.
-pub fn core_giving_up_after(give_up_after: Duration, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
+pub fn core_giving_up_after(
+    give_up_after: Duration,
+    metrics: &Arc<Metrics>,
+) -> TaskCore<ModelStore> {
     let store = ModelStore::new(BTreeMap::new());
-    core_with(
-        MergePolicy::Latest,
-        4,
-        Duration::from_secs(3600),
-        store,
-        0,
+    let timing = Timing {
         give_up_after,
-        metrics,
-        EPOCH,
-    )
+        ..Timing::NEVER
+    };
+    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
 }
 
 /// A task core as the simulation configures it (JSON input, version field
 /// `v`, the model's grace period and retry backoff).
+/// A core's clocks that a schedule sets.
+#[derive(Clone, Copy)]
+struct Timing {
+    checkpoint_every: Duration,
+    give_up_after: Duration,
+}
+
+impl Timing {
+    const NEVER: Timing = Timing {
+        checkpoint_every: Duration::from_secs(3600),
+        give_up_after: Duration::from_secs(3600),
+    };
+}
+
 fn core_with(
     policy: MergePolicy,
     max_active_keys: usize,
-    checkpoint_every: Duration,
+    Timing {
+        checkpoint_every,
+        give_up_after,
+    }: Timing,
     store: ModelStore,
     changelog_next: i64,
-    give_up_after: Duration,
     metrics: &Arc<Metrics>,
     now: u64,
 ) -> TaskCore<ModelStore> {
@@ -216,7 +221,11 @@ impl Pushed {
     /// A refused push's dead letter, as it lands.
     fn refused(letter: &DeadLetter, owner: u32) -> Pushed {
         Pushed {
-            key: letter.record.key.clone().expect("a refused push has its key"),
+            key: letter
+                .record
+                .key
+                .clone()
+                .expect("a refused push has its key"),
             version: letter.version.expect("a refused push has its version"),
             value: letter
                 .record
@@ -999,10 +1008,12 @@ impl<'a> Sim<'a> {
         let core = core_with(
             schedule.policy,
             schedule.max_active_keys,
-            Duration::from_millis(schedule.faults.checkpoint_every),
+            Timing {
+                checkpoint_every: Duration::from_millis(schedule.faults.checkpoint_every),
+                give_up_after: Duration::from_millis(schedule.faults.give_up_after),
+            },
             ModelStore::new(markers),
             self.broker.changelog_next,
-            Duration::from_millis(schedule.faults.give_up_after),
             &self.metrics,
             self.clock(),
         );

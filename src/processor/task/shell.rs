@@ -157,6 +157,7 @@ async fn run(
                 &store,
                 opened,
                 watermarks,
+                &resources.metrics.partition(partition),
                 &mut |_, _| {},
             );
             (store, result)
