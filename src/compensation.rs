@@ -36,6 +36,7 @@ mod tests {
             t2,
             version: 1,
             value: None,
+            offset: None,
         };
         store.put(b"closed", &m(100, 100)).unwrap();
         store.put(b"old-open", &m(100, 50)).unwrap();

@@ -159,20 +159,44 @@ impl Verifier {
         self
     }
 
-    /// One record of the input topic.
-    pub fn event(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) {
-        let decoded = match self.codec.decode_record(key, value) {
+    /// One record of the input topic (`delete_version`: a tombstone's
+    /// version header, as it came).
+    pub fn event(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        delete_version: Option<&[u8]>,
+    ) {
+        let mut decoded = match self.codec.decode_record(key, value) {
             Ok(decoded) => decoded,
             Err(e) => return self.reject(partition, offset, &e),
         };
+        if let Some(header) = delete_version.filter(|_| value.is_none()) {
+            match std::str::from_utf8(header)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(version) => decoded.version = Some(version),
+                None => {
+                    self.rejected.insert((partition, offset), "invalid-version");
+                    return;
+                }
+            }
+        }
         let key = Bytes::copy_from_slice(key.unwrap_or_default());
-        let version = decoded.version.unwrap_or(offset.max(0) as u64);
         let expected = self.expected.entry(key).or_default();
-        if expected
-            .versions
-            .last()
-            .is_some_and(|&newest| version <= newest)
-        {
+        let newest = expected.versions.last().copied();
+        // The engine's rule (`Event::comes_after_all`): a delete without a
+        // version comes after whatever its key had and keeps its version.
+        let after_all = decoded.version.is_none() && value.is_none();
+        let version = match (after_all, decoded.version) {
+            (true, _) => newest.unwrap_or(0),
+            (false, Some(version)) => version,
+            (false, None) => offset.max(0) as u64,
+        };
+        if !after_all && newest.is_some_and(|newest| version <= newest) {
             self.events += 1;
             return; // stale: the engine drops it too
         }
@@ -367,10 +391,10 @@ mod tests {
     #[test]
     fn the_last_push_must_carry_the_latest_event() {
         let mut v = verifier(MergePolicy::Latest);
-        v.event(0, 0, Some(b"a"), Some(br#"{"v":1}"#));
-        v.event(0, 1, Some(b"a"), Some(br#"{"v":2}"#));
-        v.event(0, 2, Some(b"b"), Some(br#"{"v":1}"#));
-        v.event(0, 3, Some(b"c"), Some(br#"{"v":1}"#));
+        v.event(0, 0, Some(b"a"), Some(br#"{"v":1}"#), None);
+        v.event(0, 1, Some(b"a"), Some(br#"{"v":2}"#), None);
+        v.event(0, 2, Some(b"b"), Some(br#"{"v":1}"#), None);
+        v.event(0, 3, Some(b"c"), Some(br#"{"v":1}"#), None);
         push(&mut v, 0, "a", Some(r#"{"v":1}"#), 0);
         push(&mut v, 1, "b", Some(r#"{"v":1}"#), 2);
         push(&mut v, 2, "a", Some(r#"{"v":2}"#), 1);
@@ -392,7 +416,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()));
+            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()), None);
         }
         push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
         let report = v.report();
@@ -409,7 +433,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()));
+            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()), None);
         }
         push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
         v.refused_push(Some("in"), Some(b"k"), 2);
@@ -430,8 +454,8 @@ mod tests {
     #[test]
     fn stale_events_do_not_change_the_expectation() {
         let mut v = verifier(MergePolicy::Latest);
-        v.event(0, 0, Some(b"k"), Some(br#"{"version":5,"x":"new"}"#));
-        v.event(0, 1, Some(b"k"), Some(br#"{"version":4,"x":"old"}"#));
+        v.event(0, 0, Some(b"k"), Some(br#"{"version":5,"x":"new"}"#), None);
+        v.event(0, 1, Some(b"k"), Some(br#"{"version":4,"x":"old"}"#), None);
         push(&mut v, 0, "k", Some(r#"{"version":5,"x":"new"}"#), 5);
         assert!(v.report().passed());
     }
@@ -439,8 +463,8 @@ mod tests {
     #[test]
     fn merge_patches_fold_and_compare_as_documents() {
         let mut v = verifier(MergePolicy::JsonMergePatch);
-        v.event(0, 0, Some(b"k"), Some(br#"{"a":1}"#));
-        v.event(0, 1, Some(b"k"), Some(br#"{"b":2}"#));
+        v.event(0, 0, Some(b"k"), Some(br#"{"a":1}"#), None);
+        v.event(0, 1, Some(b"k"), Some(br#"{"b":2}"#), None);
         push(&mut v, 0, "k", Some(r#"{"b":2,"a":1}"#), 1);
         assert!(v.report().passed(), "{:?}", v.report());
         push(&mut v, 1, "k", Some(r#"{"b":2}"#), 1);
@@ -450,25 +474,71 @@ mod tests {
     #[test]
     fn deletes_expect_a_tombstone() {
         let mut v = verifier(MergePolicy::Latest);
-        v.event(0, 0, Some(b"k"), Some(b"{}"));
-        v.event(0, 1, Some(b"k"), None);
+        v.event(0, 0, Some(b"k"), Some(b"{}"), None);
+        v.event(0, 1, Some(b"k"), None, None);
         push(&mut v, 0, "k", Some("{}"), 0);
-        assert_eq!(v.report().stale.len(), 1);
-        push(&mut v, 1, "k", Some("{}"), 1);
         assert_eq!(
             v.report().differing.len(),
             1,
-            "a value where a delete is due"
+            "a value where a delete is due (the delete keeps version 0)"
         );
-        push(&mut v, 2, "k", None, 1);
+        push(&mut v, 2, "k", None, 0);
         assert!(v.report().passed());
+    }
+
+    /// The issue's case: per-key counters, a delete without a version, then
+    /// the key re-created with versions above its old ones (but below the
+    /// delete's offset): the re-created key's last push must carry them, and
+    /// a straggler older than the delete stays stale.
+    #[test]
+    fn a_delete_without_a_version_keeps_the_keys_version_for_the_next_event() {
+        let mut v = verifier(MergePolicy::Latest);
+        for (offset, version) in (1..=5).enumerate() {
+            let body = format!(r#"{{"version":{version}}}"#);
+            v.event(
+                0,
+                10 + offset as i64,
+                Some(b"k"),
+                Some(body.as_bytes()),
+                None,
+            );
+        }
+        v.event(0, 20, Some(b"k"), None, None);
+        v.event(0, 21, Some(b"k"), Some(br#"{"version":3}"#), None);
+        push(&mut v, 0, "k", None, 5);
+        assert!(
+            v.report().passed(),
+            "the straggler v3 is stale: {}",
+            v.report().summary()
+        );
+        v.event(0, 22, Some(b"k"), Some(br#"{"version":6}"#), None);
+        push(&mut v, 1, "k", Some(r#"{"version":6}"#), 6);
+        assert!(v.report().passed(), "{}", v.report().summary());
+    }
+
+    /// A delete's version may come in a header: then it orders like any
+    /// event's (an older one is stale), and a header that is not a number
+    /// is a dead letter.
+    #[test]
+    fn a_delete_with_a_version_header_is_ordered_by_it() {
+        let mut v = verifier(MergePolicy::Latest);
+        v.event(0, 0, Some(b"k"), Some(br#"{"version":5}"#), None);
+        v.event(0, 1, Some(b"k"), None, Some(b"4"));
+        push(&mut v, 0, "k", Some(r#"{"version":5}"#), 5);
+        assert!(v.report().passed(), "the older delete is stale");
+        v.event(0, 2, Some(b"k"), None, Some(b"9"));
+        assert_eq!(v.report().stale.len(), 1);
+        push(&mut v, 1, "k", None, 9);
+        assert!(v.report().passed());
+        v.event(0, 3, Some(b"k"), None, Some(b"soon"));
+        assert_eq!(v.report().dead_letters_missing[0].reason, "invalid-version");
     }
 
     #[test]
     fn rejected_records_must_be_dead_lettered() {
         let mut v = verifier(MergePolicy::Latest);
-        v.event(0, 0, Some(b"k"), Some(b"{not json"));
-        v.event(1, 7, None, Some(b"{}"));
+        v.event(0, 0, Some(b"k"), Some(b"{not json"), None);
+        v.event(1, 7, None, Some(b"{}"), None);
         let report = v.report();
         assert_eq!(report.keys, 0);
         assert_eq!(report.dead_letters_expected, 2);

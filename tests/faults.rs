@@ -1,5 +1,6 @@
-//! Poison records and limits against a real broker: a push the producer
-//! refuses, a configuration whose limits disagree.
+//! Poison records, limits and deletes against a real broker: a push the
+//! producer refuses, a configuration whose limits disagree, deleted keys
+//! created again and stragglers older than a delete.
 
 use std::time::Duration;
 
@@ -120,4 +121,80 @@ async fn limits_that_disagree_stop_run_naming_the_keys() {
     ] {
         assert!(log.contains(named), "names {named}: {log}");
     }
+}
+
+/// The issue's reproduction on Tansu, with per-key counters: 80 keys get
+/// versions 1–5 and then a delete without a version; 40 of them are
+/// created again with versions 6 and 7. Every re-created key ends on
+/// version 7 and every other on its delete. Then, on another host (a fresh
+/// state directory: the state comes from the changelog), stragglers with
+/// version 3 for ten deleted keys stay stale, and a delete whose header
+/// says version 8 is pushed. `verify` agrees. Before, every re-created key
+/// ended on its delete (its versions were below the delete's offset), and
+/// a restart forgot the deletes (their markers were removed).
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_keys_created_again_end_on_their_newest_event_and_stragglers_stay_stale() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = Broker::start();
+    let app = App::create(&broker, 1, "");
+    let event = |key: usize, version: u64| TestEvent {
+        key: format!("key-{key}"),
+        value: Some(format!(r#"{{"version":{version},"key":{key}}}"#)),
+    };
+    let mut events: Vec<TestEvent> = (1..=5)
+        .flat_map(|v| (0..80).map(move |k| (k, v)))
+        .map(|(k, v)| event(k, v))
+        .collect();
+    events.extend((0..80).map(|k| TestEvent {
+        key: format!("key-{k}"),
+        value: None,
+    }));
+    events.extend(
+        (6..=7)
+            .flat_map(|v| (0..40).map(move |k| (k, v)))
+            .map(|(k, v)| event(k, v)),
+    );
+    produce(&broker, &app.input, &events).await;
+    let mut first = app.start(&app.state_dir("a"));
+    await_final_state(&broker, &app, &events, Duration::from_secs(90), &first);
+    first.stop(Duration::from_secs(30));
+
+    let stragglers: Vec<TestEvent> = (40..50).map(|k| event(k, 3)).collect();
+    produce(&broker, &app.input, &stragglers).await;
+    let producer: FutureProducer = broker.client_config().create().unwrap();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "version",
+        value: Some("8"),
+    });
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&app.input)
+                .key("key-0")
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("the delete is produced");
+    let mut moved = app.start(&app.state_dir("b"));
+    wait_until(Duration::from_secs(60), Duration::from_millis(300), || {
+        let last = crate::support::last_per_key(&read_all(&broker, &app.pushed));
+        let key0 = &last["key-0"];
+        (key0.value.is_none() && key0.headers.get(header::VERSION).map(String::as_str) == Some("8"))
+            .then_some(())
+            .ok_or_else(|| format!("key-0: {key0:?}\nlog:\n{}", moved.log()))
+    });
+    let last = crate::support::last_per_key(&read_all(&broker, &app.pushed));
+    for k in 40..50 {
+        let pushed = &last[&format!("key-{k}")];
+        assert_eq!(
+            pushed.value, None,
+            "key-{k}'s straggler is stale: {pushed:?}"
+        );
+    }
+    let report = app.verify().expect("verify passes");
+    assert_eq!(report["keys"], 80, "{report}");
+    moved.stop(Duration::from_secs(30));
 }

@@ -294,3 +294,168 @@ fn a_marker_too_large_for_the_changelog_is_written_again_without_its_value() {
     core.changelog_done(NOW, Ok(0));
     assert_eq!(commits(&mut core, NOW), vec![1]);
 }
+
+/// Acknowledges every push and changelog write of one turn's actions,
+/// until none is left: the pushes' versions and values, in order.
+fn settle(core: &mut TaskCore<ModelStore>, now: u64) -> Vec<(u64, Option<String>)> {
+    let mut pushed = Vec::new();
+    let mut offset = 1000;
+    loop {
+        let turn = actions(core);
+        if turn.is_empty() {
+            return pushed;
+        }
+        for action in turn {
+            match action {
+                Action::Push { flight, .. } => {
+                    let value = flight
+                        .value
+                        .as_ref()
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    pushed.push((flight.push.version, value));
+                    core.push_done(now, flight, Ok(()), Duration::ZERO);
+                }
+                Action::WriteChangelog { .. } => {
+                    core.changelog_done(now, Ok(offset));
+                    offset += 1;
+                }
+                _ => {}
+            }
+        }
+        core.end_turn(now);
+        core.tick(now, Timer::ChangelogFlush);
+    }
+}
+
+fn versioned(offset: i64, key: &str, version: u64) -> InputRecord {
+    let value = format!(r#"{{"v":{version}}}"#);
+    InputRecord::copied(offset, Some(key.as_bytes()), Some(value.as_bytes()))
+}
+
+fn delete(offset: i64, key: &str, header: Option<&str>) -> InputRecord {
+    InputRecord::copied(offset, Some(key.as_bytes()), None)
+        .with_delete_version(header.map(str::as_bytes))
+}
+
+/// The issue's case with per-key counters: versions 1–5, a delete without
+/// a version, then the key re-created with 6 and 7 (below the delete's
+/// offset). The delete comes after version 5 and keeps it, so 6 and 7 are
+/// pushed and a straggler 3 is stale. Before, the delete was versioned by
+/// its offset (20) and every later event of the key was dropped.
+#[test]
+fn a_delete_without_a_version_lets_the_key_be_created_again() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let records: Vec<InputRecord> = (1..=5).map(|v| versioned(10 + v as i64, "k", v)).collect();
+    core.take_batch(records);
+    core.end_turn(NOW);
+    settle(&mut core, NOW);
+    core.take_batch(vec![delete(20, "k", None)]);
+    core.end_turn(NOW);
+    assert_eq!(
+        settle(&mut core, NOW),
+        vec![(5, None)],
+        "the delete keeps v5"
+    );
+    core.take_batch(vec![versioned(21, "k", 3), versioned(22, "k", 6)]);
+    core.end_turn(NOW);
+    core.take_batch(vec![versioned(23, "k", 7)]);
+    core.end_turn(NOW);
+    let pushed = settle(&mut core, NOW);
+    assert_eq!(
+        pushed.last(),
+        Some(&(7, Some(r#"{"v":7}"#.to_string()))),
+        "{pushed:?}"
+    );
+    assert!(
+        pushed.iter().all(|(v, _)| *v >= 6),
+        "the straggler is stale: {pushed:?}"
+    );
+}
+
+/// A delete may carry its version in a header: an older one is stale, a
+/// newer one is pushed with its version, and a header that is not a
+/// number is dead-lettered as `invalid-version`.
+#[test]
+fn a_delete_with_a_version_header_is_ordered_by_it() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    core.take_batch(vec![versioned(0, "k", 5)]);
+    core.end_turn(NOW);
+    settle(&mut core, NOW);
+    core.take_batch(vec![delete(1, "k", Some("4"))]);
+    core.end_turn(NOW);
+    assert!(
+        settle(&mut core, NOW).is_empty(),
+        "the older delete is stale"
+    );
+    core.take_batch(vec![delete(2, "k", Some("9"))]);
+    core.end_turn(NOW);
+    assert_eq!(settle(&mut core, NOW), vec![(9, None)]);
+    let letters = feed(&mut core, vec![delete(3, "k", Some("soon"))], NOW);
+    match letters.as_slice() {
+        [Action::DeadLetter { letter, .. }] => assert_eq!(letter.reason, "invalid-version"),
+        other => panic!("dead-lettered: {other:?}"),
+    }
+}
+
+/// An acknowledged delete's marker stays (its version keeps a straggler
+/// stale after a restart or a move) until `deletes.retention`; then the
+/// sweep, with the compensation scan, removes the key's state: a
+/// changelog tombstone, and the store's marker once it is acknowledged.
+#[test]
+fn a_deletes_marker_is_kept_until_the_retention_then_swept() {
+    let metrics = Arc::new(Metrics::new());
+    let store = ModelStore::new(Default::default());
+    let mut core = crate::task_sim::core_over(store, Duration::from_secs(60), &metrics);
+    core.take_batch(vec![versioned(0, "k", 5), delete(1, "k", None)]);
+    core.end_turn(NOW);
+    settle(&mut core, NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    settle(&mut core, NOW);
+    let kept = core
+        .marker(&"k".into())
+        .unwrap()
+        .expect("the delete's marker");
+    assert!(kept.is_deleted() && kept.version == 5, "{kept:?}");
+
+    core.tick(NOW + 59 * 1_000 * MS, Timer::Compensation);
+    assert!(actions(&mut core).is_empty(), "kept within the retention");
+    core.tick(NOW + 61 * 1_000 * MS, Timer::Compensation);
+    core.tick(NOW + 61 * 1_000 * MS, Timer::ChangelogFlush);
+    match actions(&mut core).as_slice() {
+        [Action::WriteChangelog {
+            key, value: None, ..
+        }] => assert_eq!(&key[..], b"k"),
+        other => panic!("a changelog tombstone: {other:?}"),
+    }
+    core.changelog_done(NOW, Ok(2000));
+    assert_eq!(
+        core.marker(&"k".into()).unwrap(),
+        None,
+        "gone from the store"
+    );
+}
+
+/// After a restart, a delete without a version that is replayed at or
+/// below the offset its key's marker names is already reflected there:
+/// stale, not pushed (it cannot be ordered by version). A later one is.
+#[test]
+fn a_replayed_delete_below_its_keys_marker_is_stale() {
+    let metrics = Arc::new(Metrics::new());
+    let marker = keyflight::state::Marker::started(0, 100, 29, Some(r#"{"v":29}"#.into()))
+        .at_offset(Some(29))
+        .acknowledged(100);
+    let store = ModelStore::new([("k".into(), marker)].into_iter().collect());
+    let mut core = crate::task_sim::core_over(store, Duration::from_secs(3600), &metrics);
+    core.take_batch(vec![delete(15, "k", None), versioned(16, "k", 16)]);
+    core.end_turn(NOW);
+    assert!(settle(&mut core, NOW).is_empty(), "replayed: both stale");
+    core.take_batch(vec![delete(30, "k", None)]);
+    core.end_turn(NOW);
+    assert_eq!(
+        settle(&mut core, NOW),
+        vec![(29, None)],
+        "a new delete is pushed"
+    );
+}

@@ -29,6 +29,7 @@ pub(crate) fn restore(env: &Env, markers: u64) -> Result<Restore> {
             t2: 1_000,
             version: i,
             value: Some(value.clone()),
+            offset: None,
         });
         let mut record = BaseRecord::<str, [u8]>::to(&changelog)
             .key(&key)

@@ -20,6 +20,7 @@ pub(crate) fn scan(markers: u64, open: u64, work: &Path) -> Result<Scan> {
             t2: if is_open { 500 } else { 1_000 },
             version: i,
             value: Some(value.clone()),
+            offset: None,
         };
         store
             .put(format!("user-{i:07}").as_bytes(), &marker)

@@ -101,7 +101,18 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
 
     bar.set_message(topics.input.clone());
     reader::read(&consumer, &topics.input, &input, |m| {
-        verifier.event(m.partition(), m.offset(), m.key(), m.payload());
+        let delete_version = m
+            .payload()
+            .is_none()
+            .then(|| header_bytes(m, &settings.deletes.version_header))
+            .flatten();
+        verifier.event(
+            m.partition(),
+            m.offset(),
+            m.key(),
+            m.payload(),
+            delete_version,
+        );
         bar.inc(1);
     })
     .map_err(read_error)?;
@@ -142,12 +153,17 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
 
 /// The value of header `name`, as text.
 pub(super) fn header<M: Message>(message: &M, name: &str) -> Option<String> {
+    header_bytes(message, name).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The value of the last header `name` (as the processor reads it).
+fn header_bytes<'m, M: Message>(message: &'m M, name: &str) -> Option<&'m [u8]> {
     let headers = message.headers()?;
     headers
         .iter()
-        .find(|h| h.key == name)
+        .filter(|h| h.key == name)
+        .last()
         .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn print_problems(report: &Report, show: usize) {

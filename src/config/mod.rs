@@ -57,8 +57,34 @@ pub struct Settings {
     pub topics: Topics,
     pub singleflight: Singleflight,
     pub push: PushSettings,
+    pub deletes: Deletes,
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
+}
+
+/// What a delete (a record with a null value) carries, and how long its
+/// tombstone marker is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Deletes {
+    /// Record header holding a delete's version (decimal). A delete without
+    /// it comes after whatever its key had, and leaves the key's version as it was.
+    pub version_header: String,
+    /// How long a delete's tombstone marker is kept, so that an older event
+    /// arriving late (a straggler) is still known to be stale, also after a
+    /// restart or a move. Past it the key's state is removed from the store
+    /// and the changelog, and such a straggler would be taken for new.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for Deletes {
+    fn default() -> Self {
+        Self {
+            version_header: "version".into(),
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// How failed pushes are retried, and when they are given up.
@@ -193,6 +219,7 @@ impl Default for Settings {
             topics: Topics::default(),
             singleflight: Singleflight::default(),
             push: PushSettings::default(),
+            deletes: Deletes::default(),
             compensation: Compensation::default(),
             kafka: KafkaSettings::default(),
         }

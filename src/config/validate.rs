@@ -52,6 +52,12 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         }),
     );
     check("push.give_up_after", positive(s.push.give_up_after));
+    check(
+        "deletes.version_header",
+        (s.deletes.version_header.is_empty() || s.deletes.version_header.contains('\0'))
+            .then(|| "must be a header name (not empty, no NUL)".into()),
+    );
+    check("deletes.retention", positive(s.deletes.retention));
     check("shutdown_timeout", positive(s.shutdown_timeout));
     check(
         "input.version_field",

@@ -38,7 +38,8 @@ pub struct Event {
     /// Source offset in the partition.
     pub offset: i64,
     /// The event's own version, when it carries one; otherwise its offset
-    /// orders it. Use one or the other per topic, not both.
+    /// orders it. Use one or the other per topic, not both. A delete
+    /// without one is the exception: see [`Event::comes_after_all`].
     pub version: Option<u64>,
     pub payload: Payload,
 }
@@ -48,6 +49,16 @@ impl Event {
     #[inline]
     pub fn effective_version(&self) -> u64 {
         self.version.unwrap_or(self.offset.max(0) as u64)
+    }
+
+    /// A delete without a version of its own comes after whatever its key
+    /// had (it is never stale) and leaves the key's version as it was (a key
+    /// without one gets version 0), so
+    /// the next event is compared with the version before the delete: an
+    /// offset is no version to compare timestamps or counters with.
+    #[inline]
+    pub fn comes_after_all(&self) -> bool {
+        self.version.is_none() && matches!(self.payload, Payload::Tombstone)
     }
 }
 
@@ -63,6 +74,9 @@ pub struct Push {
     pub payload: Payload,
     /// How many events this push covers (0 for a compensation push).
     pub merged: u32,
+    /// Offset of the newest event this push carries (`None`: a
+    /// compensation push, which carries stored state).
+    pub offset: Option<i64>,
     /// A re-push of stored state by the compensation scan (or the retry of
     /// one): it covers no new event.
     pub compensation: bool,
@@ -117,6 +131,8 @@ struct Batch {
     group: Option<Group>,
     /// How many events; 0 for a compensation push (or no pending push).
     merged: u32,
+    /// Offset of its newest event (-1: none).
+    newest_offset: i64,
 }
 
 impl Batch {
@@ -124,6 +140,7 @@ impl Batch {
         version: 0,
         group: None,
         merged: 0,
+        newest_offset: -1,
     };
 
     /// Folds an older batch (a failed push) into this newer one. The older
@@ -133,6 +150,7 @@ impl Batch {
     fn absorb_older(&mut self, older: Batch, offsets: &mut OffsetTracker) {
         self.version = self.version.max(older.version);
         self.merged += older.merged;
+        self.newest_offset = self.newest_offset.max(older.newest_offset);
         if let Some(older_group) = older.group {
             if let Some(own) = self.group.replace(older_group) {
                 offsets.close(own);
@@ -417,11 +435,16 @@ impl Table {
     pub fn offer(&mut self, event: Event, now_ns: u64) -> Result<Offer, EngineError> {
         // Refuse an out-of-order offset before anything changes.
         self.offsets.check(event.offset)?;
-        let version = event.effective_version();
         let policy = self.config.policy;
         let pos = self.entry_of(&event.key);
         let entry = &mut self.keys.buckets[pos];
-        if entry.is_stale(version) {
+        let after_all = event.comes_after_all();
+        let version = if after_all {
+            entry.newest().unwrap_or(0)
+        } else {
+            event.effective_version()
+        };
+        if !after_all && entry.is_stale(version) {
             self.offsets.track_done(event.offset)?;
             self.stats.events += 1;
             self.stats.stale += 1;
@@ -431,7 +454,11 @@ impl Table {
         if entry.slot != 0 {
             let active = &mut self.flights[entry.slot as usize - 1];
             policy.fold(&mut active.current, event.payload)?;
-            entry.set_newest(version);
+            // (A delete of a key without a version gives it version 0, as
+            // its marker will after a restart.)
+            if !after_all || entry.newest().is_none() {
+                entry.set_newest(version);
+            }
             let pending = &mut active.pending;
             if pending.merged == 0 {
                 pending.group = Some(self.offsets.open(event.offset)?);
@@ -440,6 +467,7 @@ impl Table {
             }
             pending.version = version;
             pending.merged += 1;
+            pending.newest_offset = event.offset;
             self.stats.events += 1;
             self.stats.merged += 1;
             return Ok(Offer::Merged);
@@ -457,11 +485,14 @@ impl Table {
                 (push_value(&mut current, true), current)
             }
         };
-        self.keys.buckets[pos].set_newest(version);
+        if !after_all || self.keys.buckets[pos].newest().is_none() {
+            self.keys.buckets[pos].set_newest(version);
+        }
         let batch = Batch {
             version,
             group: Some(self.offsets.open(event.offset)?),
             merged: 1,
+            newest_offset: event.offset,
         };
         self.stats.events += 1;
         self.stats.pushes_started += 1;
@@ -533,6 +564,7 @@ impl Table {
             payload: push_value(&mut active.current, retains),
             version: batch.version,
             merged: batch.merged,
+            offset: (batch.newest_offset >= 0).then_some(batch.newest_offset),
             compensation: false,
             ..push
         }
@@ -630,6 +662,14 @@ impl Table {
     /// table (a dead letter being written); release it with [`Self::release`].
     pub fn hold(&mut self, offset: i64) -> Result<(), EngineError> {
         Ok(self.offsets.track(offset)?)
+    }
+
+    /// Passes an event known to be stale without offering it (the caller
+    /// decided, from what the table does not know).
+    pub fn drop_stale(&mut self, offset: i64) -> Result<(), EngineError> {
+        self.stats.events += 1;
+        self.stats.stale += 1;
+        Ok(self.offsets.track_done(offset)?)
     }
 
     /// Releases an offset taken with [`Self::hold`].
@@ -761,6 +801,7 @@ fn start_flight(
         version: batch.version,
         payload,
         merged: batch.merged,
+        offset: (batch.newest_offset >= 0).then_some(batch.newest_offset),
         compensation: batch.merged == 0,
         acked_tn,
     }

@@ -3,7 +3,7 @@
 //! call), the cached watermarks (no broker round trip), and an
 //! asynchronous commit whose outcome reaches the consumer's own queue.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::Duration;
 
@@ -82,13 +82,15 @@ impl FetchQueue {
     }
 
     /// Takes up to `MAX` records, waiting up to `timeout` for the first,
-    /// and hands each to `record` as (partition, offset, key, value) in the
-    /// order they were fetched. Returns how many were taken (errors
-    /// included, which are logged).
+    /// and hands each to `record` as (partition, offset, key, value, and
+    /// for a tombstone its header `delete_header`) in the order they were
+    /// fetched. Returns how many were taken (errors included, which are
+    /// logged).
     pub fn take<const MAX: usize>(
         &self,
         timeout: Duration,
-        mut record: impl FnMut(i32, i64, Option<&[u8]>, Option<&[u8]>),
+        delete_header: &CStr,
+        mut record: impl FnMut(i32, i64, Option<&[u8]>, Option<&[u8]>, Option<&[u8]>),
     ) -> usize {
         let queue = self.0.load(Ordering::Acquire);
         if queue.is_null() || MAX == 0 {
@@ -128,11 +130,31 @@ impl FetchQueue {
                     let slice = |ptr: *mut libc::c_void, len: usize| {
                         (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
                     };
+                    // Only a tombstone's headers are read: other records
+                    // carry their version in their value.
+                    let mut header: Option<&[u8]> = None;
+                    let mut headers = std::ptr::null_mut();
+                    if m.payload.is_null()
+                        && rd::rd_kafka_message_headers(message, &mut headers)
+                            == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                    {
+                        let (mut value, mut size) = (std::ptr::null(), 0);
+                        if rd::rd_kafka_header_get_last(
+                            headers,
+                            delete_header.as_ptr(),
+                            &mut value,
+                            &mut size,
+                        ) == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                        {
+                            header = slice(value as *mut libc::c_void, size);
+                        }
+                    }
                     record(
                         m.partition,
                         m.offset,
                         slice(m.key, m.key_len),
                         slice(m.payload, m.len),
+                        header,
                     );
                 } else {
                     let code: RDKafkaErrorCode = m.err.into();

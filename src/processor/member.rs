@@ -249,6 +249,9 @@ pub fn run(
     consumer.context().fetch.open(&consumer);
     info!(topic = %input, group = %resources.settings.application_id, "consuming");
 
+    // Validated: not empty, no NUL.
+    let delete_header = std::ffi::CString::new(resources.settings.deletes.version_header.as_str())
+        .unwrap_or_default();
     let mut failure = None;
     let mut lag_sampled = Instant::now();
     let mut reforwarded = Instant::now();
@@ -273,7 +276,10 @@ pub fn run(
         let mut stray = Vec::new();
         loop {
             match consumer.poll(Duration::ZERO) {
-                Some(Ok(message)) => stray.push((message.partition(), InputRecord::of(&message))),
+                Some(Ok(message)) => stray.push((
+                    message.partition(),
+                    InputRecord::of(&message, &resources.settings.deletes.version_header),
+                )),
                 Some(Err(e)) => warn!("consumer error: {e}"),
                 None => break,
             }
@@ -286,12 +292,14 @@ pub fn run(
         // Records come in batches (a fetch's worth): take what is ready and
         // route it under one lock, then do the housekeeping above again.
         let mut batch = Vec::new();
-        consumer
-            .context()
-            .fetch
-            .take::<ROUTE_BATCH>(timeout, |partition, offset, key, value| {
-                batch.push((partition, InputRecord::copied(offset, key, value)));
-            });
+        consumer.context().fetch.take::<ROUTE_BATCH>(
+            timeout,
+            &delete_header,
+            |partition, offset, key, value, header| {
+                let record = InputRecord::copied(offset, key, value);
+                batch.push((partition, record.with_delete_version(header)));
+            },
+        );
         consumer.context().router.route(&consumer, batch);
     }
 

@@ -285,6 +285,7 @@ mod tests {
             t2: 7,
             version,
             value: None,
+            offset: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
@@ -379,6 +380,7 @@ mod tests {
             t2: 5, // open: a good marker the compensation scan would re-push
             version,
             value: Some(bytes::Bytes::from_static(b"{}")),
+            offset: None,
         };
         let codec = MarkerCodec::new();
         // A single-object record of a schema no version released.

@@ -46,10 +46,16 @@ pub const MARKER_SCHEMA: &str = include_str!("../../schemas/marker.avsc");
 /// Every released marker schema, oldest first, by file name: a changelog
 /// written by any of them is read. The last is the current one
 /// ([`MARKER_SCHEMA`]).
-pub const RELEASED: &[(&str, &str)] = &[(
-    "marker.v1.avsc",
-    include_str!("../../schemas/marker.v1.avsc"),
-)];
+pub const RELEASED: &[(&str, &str)] = &[
+    (
+        "marker.v1.avsc",
+        include_str!("../../schemas/marker.v1.avsc"),
+    ),
+    (
+        "marker.v2.avsc",
+        include_str!("../../schemas/marker.v2.avsc"),
+    ),
+];
 
 /// `C3 01`, the marker of Avro single-object encoding.
 const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -66,6 +72,10 @@ pub struct Marker {
     pub version: u64,
     /// Payload of the last started push; `None` for a delete.
     pub value: Option<Bytes>,
+    /// Input offset of the newest event the last started push carries
+    /// (`None`: unknown, as for a compensation push or a v1 marker): a
+    /// record replayed at or below it is already reflected here.
+    pub offset: Option<i64>,
 }
 
 impl Marker {
@@ -77,7 +87,13 @@ impl Marker {
             t2: acked,
             version,
             value,
+            offset: None,
         }
+    }
+
+    /// The marker, noting the input offset of the push's newest event.
+    pub fn at_offset(self, offset: Option<i64>) -> Marker {
+        Marker { offset, ..self }
     }
 
     /// markT2: the push `tn` was acknowledged. When another push started
@@ -91,6 +107,12 @@ impl Marker {
 
     pub fn is_open(&self) -> bool {
         self.t1 != self.t2
+    }
+
+    /// A delete's marker, acknowledged: the key's version is kept (so an
+    /// older event arriving late stays stale) until `deletes.retention`.
+    pub fn is_deleted(&self) -> bool {
+        self.value.is_none() && !self.is_open()
     }
 }
 
@@ -155,6 +177,13 @@ impl MarkerCodec {
                 avro_long(&mut out, 1); // union branch 1: bytes
                 avro_long(&mut out, bytes.len() as i64);
                 out.extend_from_slice(bytes);
+            }
+        }
+        match marker.offset {
+            None => avro_long(&mut out, 0), // union branch 0: null
+            Some(offset) => {
+                avro_long(&mut out, 1); // union branch 1: long
+                avro_long(&mut out, offset);
             }
         }
         out
@@ -237,11 +266,22 @@ fn decode_current(mut datum: &[u8]) -> Result<Marker, MarkerDecodeError> {
                 .ok_or_else(|| {
                     MarkerDecodeError(format!("field `value`: length {len} does not fit"))
                 })?;
-            Some(Bytes::copy_from_slice(&datum[..len]))
+            let (value, rest) = datum.split_at(len);
+            datum = rest;
+            Some(Bytes::copy_from_slice(value))
         }
         branch => {
             return Err(MarkerDecodeError(format!(
                 "field `value`: union branch {branch} (expected 0 or 1)"
+            )))
+        }
+    };
+    let offset = match read_long(&mut datum, "offset")? {
+        0 => None,
+        1 => Some(read_long(&mut datum, "offset")?),
+        branch => {
+            return Err(MarkerDecodeError(format!(
+                "field `offset`: union branch {branch} (expected 0 or 1)"
             )))
         }
     };
@@ -250,6 +290,7 @@ fn decode_current(mut datum: &[u8]) -> Result<Marker, MarkerDecodeError> {
         t2: t2 as u64,
         version: version as u64,
         value,
+        offset,
     })
 }
 
@@ -278,11 +319,20 @@ fn marker_of(record: Value) -> Result<Marker, &'static str> {
         },
         _ => return Err("value"),
     };
+    let offset = match field("offset")? {
+        Value::Union(_, offset) => match offset.as_ref() {
+            Value::Null => None,
+            Value::Long(n) => Some(*n),
+            _ => return Err("offset"),
+        },
+        _ => return Err("offset"),
+    };
     Ok(Marker {
         t1: long("t1")?,
         t2: long("t2")?,
         version: long("version")?,
         value,
+        offset,
     })
 }
 
@@ -369,6 +419,7 @@ mod tests {
             t2: 3,
             version: 9,
             value: None,
+            offset: None,
         };
         let bytes = codec.encode(&marker);
         assert_eq!(&bytes[..2], &[0xC3, 0x01], "Avro single-object magic");
@@ -457,7 +508,8 @@ mod tests {
                 t1: 5,
                 t2: 3,
                 version: 9,
-                value: None
+                value: None,
+                offset: None
             }
         );
     }
@@ -471,7 +523,8 @@ mod tests {
                 t1: 5,
                 t2: 3,
                 version: 9,
-                value: Some(Bytes::from_static(b"V"))
+                value: Some(Bytes::from_static(b"V")),
+                offset: None
             }
         );
         // The current schema's records still take the fast path.
@@ -567,16 +620,18 @@ mod tests {
     proptest! {
         #[test]
         fn any_marker_round_trips(t1 in 0u64..i64::MAX as u64, t2 in 0u64..i64::MAX as u64, version in 0u64..i64::MAX as u64,
-                                  value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))) {
+                                  value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                                  offset in proptest::option::of(any::<i64>())) {
             let codec = MarkerCodec::new();
-            let marker = Marker { t1, t2, version, value: value.map(Bytes::from) };
+            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset };
             prop_assert_eq!(codec.decode(&codec.encode(&marker)).unwrap(), marker);
         }
 
         #[test]
         fn direct_encoding_equals_apache_avros(t1 in any::<u64>(), t2 in any::<u64>(), version in any::<u64>(),
-                                               value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300))) {
-            let marker = Marker { t1, t2, version, value: value.map(Bytes::from) };
+                                               value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+                                               offset in proptest::option::of(any::<i64>())) {
+            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset };
             let schema = Schema::parse_str(MARKER_SCHEMA).unwrap();
             let record = Avro::Record(vec![
                 ("t1".into(), Avro::Long(t1 as i64)),
@@ -584,6 +639,10 @@ mod tests {
                 ("version".into(), Avro::Long(version as i64)),
                 ("value".into(), match &marker.value {
                     Some(b) => Avro::Union(1, Box::new(Avro::Bytes(b.to_vec()))),
+                    None => Avro::Union(0, Box::new(Avro::Null)),
+                }),
+                ("offset".into(), match marker.offset {
+                    Some(o) => Avro::Union(1, Box::new(Avro::Long(o))),
                     None => Avro::Union(0, Box::new(Avro::Null)),
                 }),
             ]);
@@ -601,7 +660,7 @@ mod tests {
             // Stricter than apache-avro's reader, which reads a missing
             // union branch at the end as null.
             let codec = MarkerCodec::new();
-            let bytes = codec.encode(&Marker { t1, t2, version, value: value.map(Bytes::from) });
+            let bytes = codec.encode(&Marker { t1, t2, version, value: value.map(Bytes::from), offset: Some(7) });
             for cut in 0..bytes.len() {
                 prop_assert!(codec.decode(&bytes[..cut]).is_err(), "prefix of {} bytes", cut);
             }

@@ -2,11 +2,14 @@
 //! under `<state_dir>/<application_id>/<topic>-<partition>`.
 //!
 //! * column family `markers`: key → encoded [`Marker`];
-//! * column family `open`: key → t1 (big-endian), the index of open markers,
-//!   mirrored in memory while the store is open, so the compensation scan
-//!   costs O(open markers), not O(keys): RocksDB iterators step over every
-//!   delete tombstone, and closing a marker deletes its index entry, so a
-//!   scan of the column family would grow with the keys ever pushed.
+//! * column family `open`: the index of markers that need attention,
+//!   mirrored in memory while the store is open: key → t1 (8 bytes,
+//!   big-endian) for an open marker, key → t2 and `D` (9 bytes) for a
+//!   delete's closed marker (kept for `deletes.retention`). So the
+//!   compensation scan and the sweep of old deletes cost O(their markers),
+//!   not O(keys): RocksDB iterators step over every delete tombstone, and
+//!   closing a marker deletes its index entry, so a scan of the column
+//!   family would grow with the keys ever pushed.
 //!
 //! Writes are held in memory, the newest per key, and applied to RocksDB as
 //! one batch once [`PENDING_LIMIT`] keys have changed, and before every
@@ -40,6 +43,8 @@ pub use marker::{Marker, MarkerCodec, MarkerDecodeError};
 const MARKERS: &str = "markers";
 const OPEN: &str = "open";
 const CHECKPOINT: &str = "checkpoint";
+/// The last byte of a delete's entry in the `open` family (after its t2).
+const DELETED: u8 = b'D';
 
 /// Changed keys held in memory before they are applied to RocksDB as one
 /// batch (a few milliseconds of inserts: small enough not to stall the
@@ -112,6 +117,9 @@ pub trait MarkerStore {
     /// Open markers whose t1 is at or before `started_before`, in key order.
     fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError>;
     fn open_count(&self) -> usize;
+    /// Keys whose marker is a delete's, acknowledged at or before
+    /// `acknowledged_before`, in key order.
+    fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes>;
     /// The changelog encoding of a marker.
     fn encode(&self, marker: &Marker) -> Vec<u8>;
 }
@@ -128,6 +136,9 @@ impl MarkerStore for Store {
     }
     fn open_markers(&self, started_before: u64) -> Result<Vec<(Bytes, Marker)>, StateError> {
         Store::open_markers(self, started_before)
+    }
+    fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes> {
+        Store::deleted_before(self, acknowledged_before)
     }
     fn open_count(&self) -> usize {
         self.memory().open.len()
@@ -153,10 +164,12 @@ struct Memory {
     /// The open markers, key → t1: RocksDB's `open` family as it will be
     /// once `pending` is applied.
     open: HashMap<Vec<u8>, u64, ahash::RandomState>,
+    /// The deletes' closed markers, key → t2.
+    deleted: HashMap<Vec<u8>, u64, ahash::RandomState>,
     /// Writes not yet in RocksDB: the newest marker per key (`None`: deleted).
     pending: HashMap<Vec<u8>, Option<Marker>, ahash::RandomState>,
-    /// Keys that have an entry in RocksDB's `open` family (so closing them
-    /// deletes it, and closing others writes no tombstone).
+    /// Keys that have an entry in RocksDB's `open` family (so changing them
+    /// deletes it, and changing others writes no tombstone).
     open_on_disk: HashSet<Vec<u8>, ahash::RandomState>,
 }
 
@@ -352,6 +365,17 @@ impl Store {
                 memory.open.remove(key);
             }
         }
+        // Deletes are rare: their index is kept without the in-place care.
+        match &marker {
+            Some(m) if m.is_deleted() => {
+                memory.deleted.insert(key.to_vec(), m.t2);
+            }
+            _ => {
+                if !memory.deleted.is_empty() {
+                    memory.deleted.remove(key);
+                }
+            }
+        }
         match memory.pending.get_mut(key) {
             Some(held) => *held = marker,
             None => {
@@ -383,6 +407,11 @@ impl Store {
                     if marker.is_open() {
                         batch.put_cf(open, &key, marker.t1.to_be_bytes());
                         open_on_disk.insert(key);
+                    } else if marker.is_deleted() {
+                        let mut entry = [DELETED; 9];
+                        entry[..8].copy_from_slice(&marker.t2.to_be_bytes());
+                        batch.put_cf(open, &key, entry);
+                        open_on_disk.insert(key);
                     } else if open_on_disk.remove(&key) {
                         batch.delete_cf(open, &key);
                     }
@@ -410,9 +439,16 @@ impl Store {
             .db
             .iterator_cf(self.cf(OPEN), rocksdb::IteratorMode::Start)
         {
-            let (key, t1) = item.map_err(|e| self.rocks(e))?;
-            let t1 = t1.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            memory.open.insert(key.to_vec(), t1);
+            let (key, entry) = item.map_err(|e| self.rocks(e))?;
+            let tn = entry
+                .get(..8)
+                .and_then(|tn| tn.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            if entry.get(8) == Some(&DELETED) {
+                memory.deleted.insert(key.to_vec(), tn);
+            } else {
+                memory.open.insert(key.to_vec(), tn);
+            }
             memory.open_on_disk.insert(key.to_vec());
         }
         Ok(())
@@ -449,6 +485,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The keys whose marker is a delete's, acknowledged at or before
+    /// `acknowledged_before` (ns), in key order.
+    pub fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes> {
+        let mut keys: Vec<Bytes> = self
+            .memory()
+            .deleted
+            .iter()
+            .filter(|(_, t2)| **t2 <= acknowledged_before)
+            .map(|(key, _)| Bytes::copy_from_slice(key))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
     /// How many markers are open (the open index's size).
     pub fn open_count(&self) -> Result<usize, StateError> {
         Ok(self.memory().open.len())
@@ -461,6 +511,7 @@ impl Store {
         let mut memory = self.memory();
         memory.pending.clear();
         memory.open.clear();
+        memory.deleted.clear();
         memory.open_on_disk.clear();
         let mut batch = WriteBatch::default();
         for family in [MARKERS, OPEN] {
@@ -554,6 +605,7 @@ mod tests {
             t2,
             version: t1,
             value: Some(Bytes::from_static(v)),
+            offset: None,
         }
     }
 

@@ -32,9 +32,43 @@ pub struct Input {
 }
 
 impl Input {
-    pub fn effective_version(&self, offset: i64) -> u64 {
-        self.version.unwrap_or(offset as u64)
+    /// Its version, given its key's newest so far: its own, else its
+    /// offset; a delete without one takes the key's newest (it comes after
+    /// whatever the key had and leaves its version as it was).
+    pub fn version_after(&self, offset: i64, newest: Option<u64>) -> u64 {
+        match (self.version, &self.value) {
+            (None, None) => newest.unwrap_or(0),
+            (version, _) => version.unwrap_or(offset as u64),
+        }
     }
+
+    fn comes_after_all(&self) -> bool {
+        self.version.is_none() && self.value.is_none()
+    }
+}
+
+/// Each input's version and whether it is accepted (newer than every
+/// earlier accepted event of its key; a delete without a version always).
+pub fn versions(inputs: &[Input]) -> Vec<(u64, bool)> {
+    let mut newest: HashMap<u32, u64> = HashMap::new();
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(offset, input)| {
+            let version = input.version_after(offset as i64, newest.get(&input.key).copied());
+            if input.comes_after_all() {
+                newest.entry(input.key).or_insert(version);
+                return (version, true);
+            }
+            match newest.get(&input.key) {
+                Some(&n) if version <= n => (version, false),
+                _ => {
+                    newest.insert(input.key, version);
+                    (version, true)
+                }
+            }
+        })
+        .collect()
 }
 
 /// A push started by a system.
@@ -264,13 +298,12 @@ struct Coverage {
 
 impl Coverage {
     fn new(inputs: &[Input]) -> Self {
-        let accepted = accepted_events(inputs);
         Self {
             uncovered: HashMap::new(),
             inputs: inputs
                 .iter()
-                .enumerate()
-                .map(|(i, input)| (input.key, input.effective_version(i as i64), accepted[i]))
+                .zip(versions(inputs))
+                .map(|(input, (version, accepted))| (input.key, version, accepted))
                 .collect(),
         }
     }
@@ -299,32 +332,23 @@ impl Coverage {
     }
 }
 
-/// Which events are accepted (newer than every earlier event of their key).
+/// Which events are accepted (see [`versions`]).
 pub fn accepted_events(inputs: &[Input]) -> Vec<bool> {
-    let mut newest: HashMap<u32, u64> = HashMap::new();
-    inputs
-        .iter()
-        .enumerate()
-        .map(|(offset, input)| {
-            let version = input.effective_version(offset as i64);
-            match newest.get(&input.key) {
-                Some(&n) if version <= n => false,
-                _ => {
-                    newest.insert(input.key, version);
-                    true
-                }
-            }
-        })
+    versions(inputs)
+        .into_iter()
+        .map(|(_, accepted)| accepted)
         .collect()
 }
 
 /// The expected final (version, value) of every key: its accepted events
 /// folded in order with the policy.
 pub fn expected_finals(inputs: &[Input], policy: MergePolicy) -> BTreeMap<u32, (u64, Doc)> {
-    let accepted = accepted_events(inputs);
     let mut finals: BTreeMap<u32, (u64, Doc)> = BTreeMap::new();
-    for (offset, input) in inputs.iter().enumerate().filter(|(i, _)| accepted[*i]) {
-        let version = input.effective_version(offset as i64);
+    for (input, (version, _)) in inputs
+        .iter()
+        .zip(versions(inputs))
+        .filter(|(_, (_, accepted))| *accepted)
+    {
         let entry = finals.entry(input.key).or_insert((0, None));
         entry.0 = version;
         entry.1 = match (policy, &input.value) {
@@ -470,6 +494,7 @@ impl System for Engine {
                 version: push.version,
                 payload: to_payload(&push.value),
                 merged: 0,
+                offset: None,
                 compensation: push.compensation,
                 acked_tn: 0,
             };
@@ -510,6 +535,8 @@ struct ModelKey {
     leader: Option<u64>,
     /// Version of the newest waiting event, if any wait.
     waiting: Option<u64>,
+    /// The newest version seen.
+    newest: Option<u64>,
 }
 
 impl ArticleModel {
@@ -532,7 +559,8 @@ impl System for ArticleModel {
             )),
             (_, value) => value.clone(),
         };
-        let version = input.effective_version(offset);
+        let version = input.version_after(offset, state.newest);
+        state.newest = Some(state.newest.map_or(version, |n| n.max(version)));
         if state.leader.is_some() {
             state.waiting = Some(version);
             return Vec::new();

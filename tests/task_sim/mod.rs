@@ -100,6 +100,20 @@ pub fn core_giving_up_after(
     core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
 }
 
+/// [`new_core`] (latest policy) over `store`, keeping deletes' markers for
+/// `delete_retention`.
+pub fn core_over(
+    store: ModelStore,
+    delete_retention: Duration,
+    metrics: &Arc<Metrics>,
+) -> TaskCore<ModelStore> {
+    let timing = Timing {
+        delete_retention,
+        ..Timing::NEVER
+    };
+    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
+}
+
 /// A task core as the simulation configures it (JSON input, version field
 /// `v`, the model's grace period and retry backoff).
 /// A core's clocks that a schedule sets.
@@ -107,12 +121,14 @@ pub fn core_giving_up_after(
 struct Timing {
     checkpoint_every: Duration,
     give_up_after: Duration,
+    delete_retention: Duration,
 }
 
 impl Timing {
     const NEVER: Timing = Timing {
         checkpoint_every: Duration::from_secs(3600),
         give_up_after: Duration::from_secs(3600),
+        delete_retention: Duration::from_secs(3600),
     };
 }
 
@@ -122,6 +138,7 @@ fn core_with(
     Timing {
         checkpoint_every,
         give_up_after,
+        delete_retention,
     }: Timing,
     store: ModelStore,
     changelog_next: i64,
@@ -140,6 +157,7 @@ fn core_with(
         max_retry_backoff: Duration::from_millis(800),
         give_up_after,
         dead_letter_max_value: 1 << 20,
+        delete_retention,
     };
     let codec = Arc::new(Codec::new(InputFormat::Json, policy, "v"));
     TaskCore::new(
@@ -181,6 +199,14 @@ impl MarkerStore for ModelStore {
             .filter(|(_, m)| m.is_open() && m.t1 <= started_before)
             .map(|(k, m)| (k.clone(), m.clone()))
             .collect())
+    }
+    fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes> {
+        self.markers
+            .borrow()
+            .iter()
+            .filter(|(_, m)| m.is_deleted() && m.t2 <= acknowledged_before)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
     fn open_count(&self) -> usize {
         self.markers
@@ -336,10 +362,33 @@ impl InputEvent {
         };
         InputRecord::copied(offset, Some(key.as_bytes()), payload.as_deref())
     }
+}
 
-    fn effective_version(&self, offset: i64) -> u64 {
-        self.version.unwrap_or(offset as u64)
-    }
+/// Each input's version under keyflight's rule: its own, else its offset;
+/// a delete without one takes its key's newest version (0 before any) and
+/// is always accepted. `None` for garbage (dead-lettered).
+pub fn versions(inputs: &[InputEvent]) -> Vec<Option<(u64, bool)>> {
+    let mut newest: HashMap<u32, u64> = HashMap::new();
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(offset, input)| {
+            if input.garbage {
+                return None;
+            }
+            let known = newest.get(&input.key).copied();
+            if input.version.is_none() && input.value.is_none() {
+                newest.entry(input.key).or_insert(0);
+                return Some((known.unwrap_or(0), true));
+            }
+            let version = input.version.unwrap_or(offset as u64);
+            if known.is_some_and(|n| version <= n) {
+                return Some((version, false));
+            }
+            newest.insert(input.key, version);
+            Some((version, true))
+        })
+        .collect()
 }
 
 /// What can go wrong in a schedule.
@@ -408,7 +457,7 @@ impl FaultClasses {
         freeze: false,
         lost: false,
         close_timeouts: false,
-        stragglers_after_deletes: false,
+        stragglers_after_deletes: true,
     };
 }
 
@@ -531,11 +580,10 @@ pub fn expected_finals(
     policy: MergePolicy,
 ) -> BTreeMap<u32, (u64, Option<serde_json::Value>)> {
     let mut finals: BTreeMap<u32, (u64, Option<serde_json::Value>)> = BTreeMap::new();
-    for (offset, input) in inputs.iter().enumerate().filter(|(_, i)| !i.garbage) {
-        let version = input.effective_version(offset as i64);
-        if finals.get(&input.key).is_some_and(|(v, _)| version <= *v) {
-            continue; // stale
-        }
+    for (input, versioned) in inputs.iter().zip(versions(inputs)) {
+        let Some((version, true)) = versioned else {
+            continue; // garbage or stale
+        };
         let entry = finals.entry(input.key).or_insert((0, None));
         entry.0 = version;
         entry.1 = match (policy, &input.value) {
@@ -643,6 +691,8 @@ const MAX_STEPS: usize = 400_000;
 
 pub struct Sim<'a> {
     schedule: &'a Schedule,
+    /// Each input's version (see [`versions`]).
+    versions: Vec<Option<(u64, bool)>>,
     rng: ChaCha8Rng,
     metrics: Arc<Metrics>,
     now: u64,
@@ -679,6 +729,7 @@ impl<'a> Sim<'a> {
         crashes.sort_unstable();
         Sim {
             schedule,
+            versions: versions(&schedule.inputs),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed),
             metrics,
             now: 0,
@@ -1011,6 +1062,7 @@ impl<'a> Sim<'a> {
             Timing {
                 checkpoint_every: Duration::from_millis(schedule.faults.checkpoint_every),
                 give_up_after: Duration::from_millis(schedule.faults.give_up_after),
+                ..Timing::NEVER
             },
             ModelStore::new(markers),
             self.broker.changelog_next,
@@ -1329,7 +1381,9 @@ impl<'a> Sim<'a> {
                 continue;
             }
             let key = Bytes::from(format!("k{}", input.key));
-            let version = input.effective_version(offset as i64);
+            let Some((version, _)) = self.versions[offset] else {
+                continue;
+            };
             let pushed = self
                 .broker
                 .pushed

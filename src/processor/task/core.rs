@@ -42,7 +42,7 @@ use tracing::{debug, warn};
 use std::sync::Arc;
 
 use crate::codec::Codec;
-use crate::engine::{Event, Offer, Push, Table, TableConfig, TableStats};
+use crate::engine::{Event, Offer, Payload, Push, Table, TableConfig, TableStats};
 use crate::internal_events::{
     ChangelogWritten, DeadLettered, EventMerged, KeysInFlight, PushAcknowledged, PushFailed,
     RecordReceived, StaleEventDropped,
@@ -75,6 +75,9 @@ pub struct CoreConfig {
     /// dead letter refused as too large is written again with its value cut
     /// to this many bytes.
     pub dead_letter_max_value: usize,
+    /// How long a delete's marker is kept before the sweep removes the key's
+    /// state from the store and the changelog.
+    pub delete_retention: Duration,
 }
 
 /// Why a produce failed, as far as the core's decision goes (the shell
@@ -111,7 +114,8 @@ pub enum Timer {
     Commit,
     /// Hand the held markers to the changelog ([`CHANGELOG_EVERY`]).
     ChangelogFlush,
-    /// The compensation scan (`compensation.interval`).
+    /// The compensation scan (`compensation.interval`), and with it the
+    /// sweep of deletes older than `deletes.retention`.
     Compensation,
 }
 
@@ -248,6 +252,12 @@ pub struct TaskCore<S> {
     /// Dead letters of records read again below the position already read:
     /// no commit goes out while any is in flight.
     commits_held: usize,
+    /// Keys seeded from a marker that names its newest event's offset:
+    /// a delete without a version replayed at or below it is already
+    /// reflected in the marker (it cannot be ordered by version). Dropped
+    /// once the input passes `replayed_until`.
+    seeded_offsets: HashMap<Bytes, i64, ahash::RandomState>,
+    replayed_until: i64,
     /// Markers not yet handed to the changelog, the newest per key (`None`:
     /// a tombstone). Encoded only when written: most are replaced before.
     unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
@@ -293,6 +303,8 @@ impl<S: MarkerStore> TaskCore<S> {
             dead_letters_failing: HashSet::new(),
             next_dead_letter: 0,
             commits_held: 0,
+            seeded_offsets: HashMap::default(),
+            replayed_until: -1,
             unlogged: HashMap::default(),
             changelog_writes: VecDeque::new(),
             newest_write: HashMap::default(),
@@ -381,18 +393,51 @@ impl<S: MarkerStore> TaskCore<S> {
             let detail = format!("{e}: the partition was read again from an earlier offset (an offset reset after log truncation, or a seek)");
             return self.dead_letter(record, REDELIVERED, detail, Holds::Commits);
         }
-        let decoded = match self
+        let mut decoded = match self
             .codec
             .decode_record_bytes(record.key.as_deref(), record.payload.as_ref())
         {
             Ok(decoded) => decoded,
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string(), Holds::Offset),
         };
+        if let Some(header) = &record.delete_version {
+            match std::str::from_utf8(header)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(version) => decoded.version = Some(version),
+                None => {
+                    let detail = format!(
+                        "the delete's version header is not a non-negative integer: {:?}",
+                        String::from_utf8_lossy(header)
+                    );
+                    return self.dead_letter(record, "invalid-version", detail, Holds::Offset);
+                }
+            }
+        }
         let key = record.key.clone().unwrap_or_default();
         // An unknown key's marker is read once, to seed it; from then on the
         // table knows what its next marker needs.
         if !self.table.knows(&key) {
             self.seed(&key);
+        }
+        if offset > self.replayed_until && !self.seeded_offsets.is_empty() {
+            self.seeded_offsets = HashMap::default(); // past every replay
+        }
+        if decoded.version.is_none()
+            && matches!(decoded.payload, Payload::Tombstone)
+            && self
+                .seeded_offsets
+                .get(&key)
+                .is_some_and(|seen| offset <= *seen)
+        {
+            if let Err(e) = self.table.drop_stale(offset) {
+                warn!(
+                    partition = self.config.partition,
+                    offset, "cannot pass a replayed delete: {e}"
+                );
+            }
+            return self.metrics.emit(StaleEventDropped { offset });
         }
         let event = Event {
             key,
@@ -423,6 +468,10 @@ impl<S: MarkerStore> TaskCore<S> {
 
     /// The table learns a key's marker: its version, t1 and t2, and its value.
     fn seed_from(&mut self, key: &Bytes, marker: &Marker) {
+        if let Some(offset) = marker.offset {
+            self.seeded_offsets.insert(key.clone(), offset);
+            self.replayed_until = self.replayed_until.max(offset);
+        }
         let payload = self.codec.stored(marker.value.as_ref());
         self.table.seed(
             key.clone(),
@@ -446,7 +495,8 @@ impl<S: MarkerStore> TaskCore<S> {
     /// times since `failing_since`.
     fn start_retry(&mut self, push: Push, delay: Duration, failures: u32, failing_since: u64) {
         let value = self.codec.encode(&push.payload, push.version);
-        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone());
+        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone())
+            .at_offset(push.offset);
         self.write_marker(&push.key, Some(&marker));
         self.metrics.emit(KeysInFlight(self.table.active_keys()));
         self.pushes_in_flight += 1;
@@ -535,6 +585,7 @@ impl<S: MarkerStore> TaskCore<S> {
             offset: -1,
             key: Some(flight.push.key.clone()),
             payload: flight.value.clone(),
+            delete_version: None,
         };
         let version = Some(flight.push.version);
         self.send_dead_letter(
@@ -595,13 +646,9 @@ impl<S: MarkerStore> TaskCore<S> {
             // this}, at the end of the turn (see `starting`).
             Some(next) => self.starting.push(next),
             None => {
-                let acknowledged = marker.acknowledged(push.tn);
-                if marker.value.is_none() && running {
-                    // A delete that stayed the key's last word: its state goes.
-                    self.write_marker(&push.key, None)
-                } else {
-                    self.write_marker(&push.key, Some(&acknowledged))
-                }
+                // A delete's marker stays too (its version keeps a late older
+                // event stale) until the sweep (`deletes.retention`).
+                self.write_marker(&push.key, Some(&marker.acknowledged(push.tn)));
                 self.metrics.emit(KeysInFlight(self.table.active_keys()))
             }
         }
@@ -917,9 +964,28 @@ impl<S: MarkerStore> TaskCore<S> {
         match timer {
             Timer::Commit => self.commit(now),
             Timer::ChangelogFlush => self.hand_markers_to_changelog(),
-            Timer::Compensation => return Some(self.compensate(now)),
+            Timer::Compensation => {
+                self.sweep_deletes(now);
+                return Some(self.compensate(now));
+            }
         }
         None
+    }
+
+    /// Removes the state of keys deleted longer than `delete_retention` ago
+    /// (and idle since): the store's marker, and the changelog's record
+    /// with a tombstone. The table keeps the key's version while it runs.
+    fn sweep_deletes(&mut self, now: u64) {
+        let retention = self.config.delete_retention.as_nanos() as u64;
+        let Some(before) = now.checked_sub(retention) else {
+            return;
+        };
+        for key in self.store.deleted_before(before) {
+            if self.table.in_flight(&key) || self.holds_marker(&key) {
+                continue; // written again since: not idle
+            }
+            self.write_marker(&key, None);
+        }
     }
 
     /// Commits the covered position once the changelog has caught up with
@@ -1000,7 +1066,9 @@ impl<S: MarkerStore> TaskCore<S> {
                 self.seed_from(&key, &marker);
             }
             let payload = self.codec.stored(marker.value.as_ref());
-            if let Some(push) = self.table.compensate(&key, marker.version, payload, now) {
+            if let Some(mut push) = self.table.compensate(&key, marker.version, payload, now) {
+                // It carries the stored state, so the marker keeps its offset.
+                push.offset = marker.offset;
                 repushed += 1;
                 self.start_push(push, Duration::ZERO);
             }

@@ -70,11 +70,32 @@ pub struct InputRecord {
     pub offset: i64,
     pub key: Option<Bytes>,
     pub payload: Option<Bytes>,
+    /// A tombstone's version header (`deletes.version_header`), as it came.
+    pub delete_version: Option<Bytes>,
 }
 
 impl InputRecord {
-    pub fn of(message: &impl Message) -> InputRecord {
-        InputRecord::copied(message.offset(), message.key(), message.payload())
+    /// A consumed record; a tombstone's `delete_header` is kept.
+    pub fn of(message: &impl Message, delete_header: &str) -> InputRecord {
+        use rdkafka::message::Headers;
+        let record = InputRecord::copied(message.offset(), message.key(), message.payload());
+        if message.payload().is_some() {
+            return record;
+        }
+        let header = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .filter(|h| h.key == delete_header)
+                .last()
+                .and_then(|h| h.value)
+        });
+        record.with_delete_version(header)
+    }
+
+    /// The record with a tombstone's version header.
+    pub fn with_delete_version(mut self, header: Option<&[u8]>) -> InputRecord {
+        self.delete_version = header.map(Bytes::copy_from_slice);
+        self
     }
 
     /// A record whose key and value are copied from the consumer's buffers,
@@ -91,6 +112,7 @@ impl InputRecord {
             offset,
             key: key.map(|_| buffer.slice(..key_len)),
             payload: payload.map(|_| buffer.slice(key_len..)),
+            delete_version: None,
         }
     }
 

@@ -187,6 +187,7 @@ async fn run(
         max_retry_backoff: settings.push.max_retry_backoff,
         give_up_after: settings.push.give_up_after,
         dead_letter_max_value: resources.dead_letter_max_value,
+        delete_retention: settings.deletes.retention,
     };
     let core = TaskCore::new(
         config,
