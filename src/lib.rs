@@ -64,10 +64,12 @@
 //!
 //! One record, by name: `FetchQueue::take` (poll thread) → `Router::route`
 //! → `TaskInput::records` → `TaskCore::take_batch` → `TaskCore::end_turn`
-//! (`Codec::decode_record_bytes`, `Table::offer`, markT1 in the store) →
+//! (`Codec::decode_record_bytes`, `Table::offer`, markT1 held for the
+//! changelog) →
 //! `Action::Push` → `Shell::push` (produce to `events.pushed`) →
 //! `TaskCore::push_done` (markT2, the key's next push) →
-//! `Action::WriteChangelog` → `TaskCore::changelog_done` →
+//! `Action::WriteChangelog` → `TaskCore::changelog_done` (the marker into
+//! the store) →
 //! `Action::Commit` → the poll thread commits.
 //!
 //! ## Guarantees, and the simulation that checks each
@@ -86,28 +88,34 @@
 //!   crashes, failed pushes and handovers
 //!   (`task_simulation::random_schedules_keep_every_task_invariant`,
 //!   `task_simulation::a_crash_at_every_action_boundary_keeps_every_task_invariant`).
-//! * markT1 before the push: a push is produced only once its marker is in
-//!   the store (checked at every push in the task simulation).
+//! * markT1 before the push: a push is produced only once it is its key's
+//!   marker (checked at every push in the task simulation).
 //! * At-least-once, durable before committed: a committed offset never
 //!   passes an event whose push is unacknowledged (unless its open marker
 //!   is in the changelog for compensation to repair) or whose marker the
 //!   changelog lacks, so the next owner restores markers at least as new as
 //!   the offsets it starts from (the task simulation's commit check, and
 //!   the `processor::commit_gate` proptest).
-//! * A checkpoint never claims more than the changelog holds, and after
-//!   every restore the store equals the changelog's view (the task
-//!   simulation's checkpoint and restore checks).
+//! * The store is never ahead of the changelog: a marker reaches it once
+//!   acknowledged, and its column families flush atomically. A checkpoint
+//!   never claims more than the changelog holds, and after every restore
+//!   (from whatever a crash left on disk) the store equals the changelog's
+//!   view (the task simulation's checkpoint and restore checks;
+//!   `state_crash` for RocksDB killed mid-write).
 //! * No failure that stops leaves a key or a partition pinned: every run
 //!   settles with everything committed and nothing in flight or open (the
-//!   task simulation's final check).
+//!   task simulation's final check, with refused pushes among the faults).
+//!   A push refused for good, or failing past `push.give_up_after`, is
+//!   dead-lettered (`push-refused`); dead letters are cut rather than
+//!   retried forever (`task_faults`).
+//! * A straggler older than a delete stays stale across restarts and moves
+//!   (`task_simulation::a_straggler_older_than_a_delete_stays_stale_after_a_handover`).
 //! * Pushes carry a per-key version so consumers can drop duplicates
 //!   (compensation re-pushes are duplicates by design).
 //!
 //! What is not guaranteed yet, and seen by the task simulation
 //! (`task_simulation::known_defects`, each to become an invariant test
-//! with its fix): a store ahead of the changelog after a mid-run checkpoint
-//! and a crash; a straggler older than an acknowledged delete pushed after
-//! a handover; and the late pushes of an owner that lost its partition
+//! with its fix): the late pushes of an owner that lost its partition
 //! (frozen, or unaware its session expired) after another took over.
 
 pub mod cli;

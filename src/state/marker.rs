@@ -617,6 +617,33 @@ mod tests {
         }
     }
 
+    /// A marker of the first release (no `offset`) reads as it was, with
+    /// the offset unknown: changelogs written before v2 restore.
+    #[test]
+    fn a_v1_marker_reads_with_its_offset_unknown() {
+        let v1 = Schema::parse_str(RELEASED[0].1).unwrap();
+        let record = Avro::Record(vec![
+            ("t1".into(), Avro::Long(20)),
+            ("t2".into(), Avro::Long(10)),
+            ("version".into(), Avro::Long(4)),
+            (
+                "value".into(),
+                Avro::Union(1, Box::new(Avro::Bytes(b"D".to_vec()))),
+            ),
+        ]);
+        let mut bytes = Vec::new();
+        apache_avro::GenericSingleObjectWriter::new_with_capacity(&v1, 64)
+            .unwrap()
+            .write_value_ref(&record, &mut bytes)
+            .unwrap();
+        let marker = MarkerCodec::new().decode(&bytes).unwrap();
+        assert_eq!(
+            marker,
+            Marker::started(10, 20, 4, Some(Bytes::from_static(b"D")))
+        );
+        assert_eq!(marker.offset, None);
+    }
+
     proptest! {
         #[test]
         fn any_marker_round_trips(t1 in 0u64..i64::MAX as u64, t2 in 0u64..i64::MAX as u64, version in 0u64..i64::MAX as u64,

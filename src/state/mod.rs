@@ -13,9 +13,8 @@
 //!
 //! Writes are held in memory, the newest per key, and applied to RocksDB as
 //! one batch once [`PENDING_LIMIT`] keys have changed, and before every
-//! checkpoint: a push's markT1 and markT2 usually meet there and reach
-//! RocksDB as one write, and a marker that opens and closes in between never
-//! touches the `open` family. Reads see the held writes first.
+//! checkpoint: a key written twice in between reaches RocksDB as one
+//! write. Reads see the held writes first.
 //!
 //! The changelog topic is the durable log, so RocksDB's WAL is off, and the
 //! task writes a marker here only once the changelog acknowledged it: what a
@@ -641,6 +640,44 @@ mod tests {
         assert!(store.open_markers(u64::MAX).unwrap().is_empty());
         assert_eq!(store.get(b"c").unwrap(), None);
         assert_eq!(store.get(b"b").unwrap(), Some(marker(20, 20, b"B")));
+    }
+
+    /// A delete's closed marker is indexed (for the sweep after the
+    /// retention) beside the open ones, survives a checkpointed reopen,
+    /// and leaves the index when the key is written again or removed.
+    #[test]
+    fn deletes_are_indexed_until_the_key_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let deleted = |t2: u64| Marker {
+            t1: t2,
+            t2,
+            version: 5,
+            value: None,
+            offset: Some(9),
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.put(b"a", &deleted(10)).unwrap();
+            store.put(b"b", &deleted(20)).unwrap();
+            store.put(b"c", &marker(30, 0, b"C")).unwrap();
+            assert_eq!(store.deleted_before(15), [Bytes::from_static(b"a")]);
+            store.checkpoint(0).unwrap();
+        }
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::FromCheckpoint(0));
+        assert_eq!(store.deleted_before(u64::MAX), [&b"a"[..], &b"b"[..]]);
+        assert_eq!(
+            store.open_count().unwrap(),
+            1,
+            "c is still open, a and b are not"
+        );
+        store.put(b"a", &marker(40, 40, b"A")).unwrap();
+        store.delete(b"b").unwrap();
+        store.checkpoint(0).unwrap();
+        drop(store);
+        let (store, _) = Store::open(dir.path()).unwrap();
+        assert!(store.deleted_before(u64::MAX).is_empty());
+        assert_eq!(store.get(b"b").unwrap(), None);
     }
 
     #[test]

@@ -1090,9 +1090,9 @@ impl<S: MarkerStore> TaskCore<S> {
         self.phase = Phase::Draining;
         // Unprocessed records stay uncommitted: the next owner reads them.
         self.inbox = Vec::new().into_iter();
-        // Pushes started this turn and not produced: their events are not
-        // committed either, and their markers, already in the store, close
-        // at the next owner's replay or compensation.
+        // Pushes started this turn and not produced (no marker written
+        // yet): their events are not committed either, and the next owner
+        // replays them.
         self.starting.clear();
         self.drained();
     }
