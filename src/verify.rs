@@ -409,16 +409,26 @@ mod tests {
         assert!(v.report().passed(), "{}", v.report().summary());
     }
 
-    #[test]
-    fn an_older_push_last_is_stale_and_counts_the_events_behind() {
+    /// Key `k` gets versions 1, 2 and 3; its only push carries version 1.
+    fn three_versions_of_k_and_a_push_of_the_first() -> Verifier {
         let mut v = verifier(MergePolicy::Latest);
-        for (offset, body) in [r#"{"version":1}"#, r#"{"version":2}"#, r#"{"version":3}"#]
-            .iter()
-            .enumerate()
-        {
-            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()), None);
+        for version in 1..=3u64 {
+            let body = format!(r#"{{"version":{version}}}"#);
+            v.event(
+                0,
+                version as i64 - 1,
+                Some(b"k"),
+                Some(body.as_bytes()),
+                None,
+            );
         }
         push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
+        v
+    }
+
+    #[test]
+    fn an_older_push_last_is_stale_and_counts_the_events_behind() {
+        let mut v = three_versions_of_k_and_a_push_of_the_first();
         let report = v.report();
         assert_eq!(report.stale.len(), 1);
         assert_eq!(report.stale[0].events_behind, 2);
@@ -428,14 +438,7 @@ mod tests {
 
     #[test]
     fn a_key_whose_latest_events_were_refused_and_dead_lettered_passes_and_is_counted() {
-        let mut v = verifier(MergePolicy::Latest);
-        for (offset, body) in [r#"{"version":1}"#, r#"{"version":2}"#, r#"{"version":3}"#]
-            .iter()
-            .enumerate()
-        {
-            v.event(0, offset as i64, Some(b"k"), Some(body.as_bytes()), None);
-        }
-        push(&mut v, 0, "k", Some(r#"{"version":1}"#), 1);
+        let mut v = three_versions_of_k_and_a_push_of_the_first();
         v.refused_push(Some("in"), Some(b"k"), 2);
         assert_eq!(
             v.report().stale.len(),

@@ -15,7 +15,7 @@
 //! results, errors) that rust-rdkafka's `poll` serves.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -200,8 +200,14 @@ pub fn run(
     runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
-    let limits = runtime.block_on(Limits::read(&settings, LIMITS_TIMEOUT));
+    // The producer's limit at once; the topics' as the brokers answer
+    // (some never do: the wait must not delay the start).
+    let limits = Limits::of_producer(&settings);
     limits.check(&settings)?;
+    let mut topic_limits = Some(runtime.spawn({
+        let settings = settings.clone();
+        async move { Limits::read(&settings, LIMITS_TIMEOUT).await }
+    }));
     let producer = client_config(&settings, Role::Producer)
         .create()
         .map_err(|source| RunError::Client {
@@ -218,7 +224,7 @@ pub fn run(
         failures,
         settings,
         metrics,
-        dead_letter_max_value: limits.dead_letter_max_value(),
+        dead_letter_max_value: AtomicUsize::new(limits.dead_letter_max_value()),
     });
     let member = GroupMember {
         resources: resources.clone(),
@@ -253,12 +259,27 @@ pub fn run(
     let delete_header = std::ffi::CString::new(resources.settings.deletes.version_header.as_str())
         .unwrap_or_default();
     let mut failure = None;
+    let mut limits_refused = None;
     let mut lag_sampled = Instant::now();
     let mut reforwarded = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if let Ok(message) = failed.try_recv() {
             failure = Some(message);
             break;
+        }
+        if let Some(read) = topic_limits.take_if(|read| read.is_finished()) {
+            let limits = consumer
+                .context()
+                .runtime
+                .block_on(read)
+                .unwrap_or_else(|_| Limits::of_producer(&resources.settings));
+            resources
+                .dead_letter_max_value
+                .store(limits.dead_letter_max_value(), Ordering::Relaxed);
+            if let Err(e) = limits.check(&resources.settings) {
+                limits_refused = Some(e);
+                break;
+            }
         }
         commit_requested(&consumer, &commit_requests, &input);
         if lag_sampled.elapsed() >= LAG_SAMPLE_INTERVAL {
@@ -304,7 +325,7 @@ pub fn run(
     }
 
     info!(
-        failed = failure.is_some(),
+        failed = failure.is_some() || limits_refused.is_some(),
         "shutting down: finishing pushes in flight"
     );
     resources.metrics.health.stopping();
@@ -314,6 +335,9 @@ pub fn run(
     consumer.context().fetch.close();
     let _ = resources.producer.flush(Duration::from_secs(5));
     info!("stopped");
+    if let Some(refused) = limits_refused {
+        return Err(RunError::Limits(refused));
+    }
     match failure {
         Some(message) => Err(RunError::Partition(message)),
         None => Ok(()),

@@ -603,40 +603,28 @@ impl<S: MarkerStore> TaskCore<S> {
     /// pushed next).
     fn refused_push_landed(&mut self, flight: Flight, now: u64) {
         self.pushes_in_flight -= 1;
-        let Flight { push, marker, .. } = flight;
-        let next = if self.phase == Phase::Running {
-            match self.table.complete(&push.key, push.tn, now) {
-                Ok(next) => next,
-                Err(e) => return debug!("refusal of an unknown push: {e}"),
-            }
-        } else {
-            None
-        };
-        match next {
-            Some(next) => self.starting.push(next),
-            None => {
-                self.write_marker(&push.key, Some(&marker.acknowledged(push.tn)));
-                self.metrics.emit(KeysInFlight(self.table.active_keys()));
-            }
-        }
-        if self.phase != Phase::Running {
-            self.drained();
-        }
+        self.done_with(flight.push, flight.marker, now);
     }
 
-    /// markT2 and the table's next step for the key. While closing there is
-    /// no next step: the events merged behind the push stay uncommitted and
-    /// are replayed by the next owner.
+    /// An acknowledged push: markT2 and the key's next step.
     fn acknowledge(&mut self, push: Push, marker: Marker, latency: Duration, now: u64) {
         self.metrics.emit(PushAcknowledged {
             compensation: push.compensation,
             latency,
         });
+        self.done_with(push, marker, now);
+    }
+
+    /// A push is done with (acknowledged, or its refusal dead-lettered):
+    /// markT2 and the table's next step for the key. While closing there is
+    /// no next step: the events merged behind the push stay uncommitted and
+    /// are replayed by the next owner.
+    fn done_with(&mut self, push: Push, marker: Marker, now: u64) {
         let running = self.phase == Phase::Running;
         let next = if running {
             match self.table.complete(&push.key, push.tn, now) {
                 Ok(next) => next,
-                Err(e) => return debug!("acknowledgement of an unknown push: {e}"),
+                Err(e) => return debug!("the end of an unknown push: {e}"),
             }
         } else {
             None

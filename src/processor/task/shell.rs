@@ -49,8 +49,9 @@ pub struct TaskResources {
     pub failures: std::sync::mpsc::Sender<String>,
     pub metrics: Arc<Metrics>,
     /// The largest value a dead letter carries whole (see
-    /// [`crate::kafka::limits`]).
-    pub dead_letter_max_value: usize,
+    /// [`crate::kafka::limits`]): the producer's limit until the topics'
+    /// are read.
+    pub dead_letter_max_value: std::sync::atomic::AtomicUsize,
 }
 
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
@@ -186,7 +187,9 @@ async fn run(
         retry_backoff: settings.push.retry_backoff,
         max_retry_backoff: settings.push.max_retry_backoff,
         give_up_after: settings.push.give_up_after,
-        dead_letter_max_value: resources.dead_letter_max_value,
+        dead_letter_max_value: resources
+            .dead_letter_max_value
+            .load(std::sync::atomic::Ordering::Relaxed),
         delete_retention: settings.deletes.retention,
     };
     let core = TaskCore::new(
