@@ -428,7 +428,7 @@ mod tests {
 
     #[test]
     fn an_older_push_last_is_stale_and_counts_the_events_behind() {
-        let mut v = three_versions_of_k_and_a_push_of_the_first();
+        let v = three_versions_of_k_and_a_push_of_the_first();
         let report = v.report();
         assert_eq!(report.stale.len(), 1);
         assert_eq!(report.stale[0].events_behind, 2);
