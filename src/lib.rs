@@ -113,10 +113,16 @@
 //! * Pushes carry a per-key version so consumers can drop duplicates
 //!   (compensation re-pushes are duplicates by design).
 //!
+//! * A lost assignment is dropped at once: no push, marker, commit or
+//!   checkpoint after the member hears of it (`TaskCore::lose`;
+//!   `ownership` on the mock cluster with a member frozen by SIGSTOP).
+//!
 //! What is not guaranteed yet, and seen by the task simulation
 //! (`task_simulation::known_defects`, each to become an invariant test
-//! with its fix): the late pushes of an owner that lost its partition
-//! (frozen, or unaware its session expired) after another took over.
+//! with its fix): what an owner handed to the broker before it heard it
+//! lost its partition (frozen, or unaware its session expired) can land
+//! after the new owner's newer pushes; fencing it needs the exactly-once
+//! mode.
 
 pub mod cli;
 pub mod codec;

@@ -20,6 +20,7 @@ mod devtools;
 mod faults;
 mod interop;
 mod operability;
+mod ownership;
 mod pipeline;
 mod recovery;
 mod schemas;

@@ -459,3 +459,34 @@ fn a_replayed_delete_below_its_keys_marker_is_stale() {
         "a new delete is pushed"
     );
 }
+
+/// A lost partition (a session that expired: another member may own it
+/// already) is dropped at once: the core answers with a close that
+/// commits nothing, and writes no marker, no checkpoint and no push
+/// afterwards, whatever completes late. A graceful close of the same state
+/// would flush the held marker, checkpoint and commit.
+#[test]
+fn a_lost_partition_is_dropped_at_once_without_markers_commit_or_checkpoint() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    assert!(feed(&mut core, vec![event(1, "k", 2)], NOW).is_empty());
+
+    core.lose();
+    assert!(
+        matches!(actions(&mut core).as_slice(), [Action::Closed(None)]),
+        "closed at once, committing nothing"
+    );
+    assert!(core.is_closed());
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.changelog_done(NOW, Ok(0));
+    for timer in [Timer::Commit, Timer::ChangelogFlush, Timer::Compensation] {
+        core.tick(NOW, timer);
+    }
+    let late = actions(&mut core);
+    assert!(late.is_empty(), "nothing after the loss: {late:?}");
+}

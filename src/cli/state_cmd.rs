@@ -234,6 +234,7 @@ fn rebuild(settings: &Settings, args: &RebuildArgs) -> Result<(), CliError> {
             opened,
             None,
             &std::sync::Arc::new(crate::metrics::Metrics::new()).partition(partition),
+            &std::sync::atomic::AtomicBool::new(false),
             &mut |read, total| {
                 bar.set_length(total);
                 bar.set_position(read);

@@ -70,7 +70,9 @@ impl ConsumerContext for GroupMember {
         match rebalance {
             Rebalance::Revoke(list) => {
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-                self.close(consumer, &partitions);
+                // rust-rdkafka reports a lost assignment as a revoke.
+                let lost = consumer.assignment_lost();
+                self.close(consumer, &partitions, lost);
             }
             // Before the assignment starts fetching, so that no record of
             // these partitions reaches the consumer queue.
@@ -143,22 +145,29 @@ impl GroupMember {
         }
     }
 
-    /// Stops the tasks of `partitions` (bounded by the shutdown timeout),
-    /// then commits their final positions synchronously.
-    fn close(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+    /// Stops the tasks of `partitions`, all at once and bounded as a whole
+    /// by the shutdown timeout, then commits their final positions
+    /// synchronously. Lost partitions (`lost`) are dropped at once, with
+    /// nothing committed.
+    fn close(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], lost: bool) {
         let closing = self.router.revoke(partitions);
         let revoked: Vec<i32> = closing.iter().map(|(p, _)| *p).collect();
+        if lost && !revoked.is_empty() {
+            warn!(partitions = ?revoked, "assignment lost (session expired?): dropping the partitions without a commit");
+        }
         let mut waiting = Vec::new();
         for (partition, task) in closing {
-            let (tx, rx) = std::sync::mpsc::channel();
-            if task.close.send(tx).is_ok() {
+            let (reply, rx) = std::sync::mpsc::channel();
+            if task.close.send(task::Close { reply, lost }).is_ok() {
                 waiting.push((partition, rx));
             }
         }
-        let limit = self.resources.settings.shutdown_timeout + Duration::from_secs(5);
+        let deadline =
+            Instant::now() + self.resources.settings.shutdown_timeout + Duration::from_secs(5);
         let mut offsets = TopicPartitionList::new();
         for (partition, rx) in waiting {
-            match rx.recv_timeout(limit) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(Some(position)) => {
                     let _ = offsets.add_partition_offset(
                         &self.resources.settings.topics.input,
@@ -225,6 +234,7 @@ pub fn run(
         settings,
         metrics,
         dead_letter_max_value: AtomicUsize::new(limits.dead_letter_max_value()),
+        store_locks: Default::default(),
     });
     let member = GroupMember {
         resources: resources.clone(),
@@ -330,7 +340,7 @@ pub fn run(
     );
     resources.metrics.health.stopping();
     let partitions = consumer.context().router.partitions();
-    consumer.context().close(&consumer, &partitions);
+    consumer.context().close(&consumer, &partitions, false);
     consumer.unsubscribe();
     consumer.context().fetch.close();
     let _ = resources.producer.flush(Duration::from_secs(5));

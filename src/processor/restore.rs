@@ -11,6 +11,7 @@
 //! The restore goes on, so such a record never stops a partition (nor, on
 //! every restart, the process).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
@@ -34,6 +35,9 @@ pub enum RestoreError {
     Read { partition: i32, source: ReadError },
     #[error(transparent)]
     State(#[from] StateError),
+    /// The partition was revoked or lost while it restored.
+    #[error("changelog partition {partition}: the restore was cancelled (the partition left)")]
+    Cancelled { partition: i32 },
 }
 
 /// What a restore read.
@@ -70,6 +74,7 @@ pub fn restore(
     opened: Opened,
     watermarks: Option<(i64, i64)>,
     metrics: &PartitionMetrics,
+    cancelled: &AtomicBool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
     let kafka = |source| RestoreError::Kafka {
@@ -129,6 +134,10 @@ pub fn restore(
     let codec = MarkerCodec::new();
     let (mut records, mut unreadable) = (0, 0);
     reader::try_read(&consumer, topic, &[range], |message| {
+        // A partition that left stops restoring at its next record.
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(RestoreError::Cancelled { partition });
+        }
         let key = message.key().unwrap_or_default();
         match message.payload().map(|bytes| codec.decode(bytes)) {
             None => store.delete(key)?, // a tombstone
@@ -150,7 +159,7 @@ pub fn restore(
     })
     .map_err(|stopped| match stopped {
         Stopped::Read(source) => RestoreError::Read { partition, source },
-        Stopped::By(e) => RestoreError::State(e),
+        Stopped::By(e) => e,
     })?;
     Ok(Restored {
         records,
@@ -182,6 +191,7 @@ mod tests {
             opened,
             Some(watermarks),
             &Arc::new(Metrics::new()).partition(0),
+            &AtomicBool::new(false),
             &mut |_, _| panic!("no records to read"),
         )
         .unwrap()
@@ -251,6 +261,7 @@ mod tests {
                     opened,
                     Some((0, 3)),
                     &Arc::new(Metrics::new()).partition(0),
+                    &AtomicBool::new(false),
                     &mut |_, _| {},
                 )
             });
@@ -316,6 +327,7 @@ mod tests {
             opened,
             None,
             &Arc::new(Metrics::new()).partition(0),
+            &AtomicBool::new(false),
             &mut |_, _| {},
         )
         .unwrap();
@@ -419,6 +431,7 @@ mod tests {
                 opened,
                 None,
                 &metrics.partition(0),
+                &AtomicBool::new(false),
                 &mut |_, _| {},
             )
         })

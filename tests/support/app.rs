@@ -248,10 +248,26 @@ impl Processor {
         })
     }
 
+    /// SIGSTOP: the process freezes (no heartbeats, no I/O) until
+    /// [`Processor::thaw`].
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Processor::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, signal) };
+    }
+
     /// SIGTERM, then waits for a clean exit (status 0) within `limit`.
     pub fn stop(&mut self, limit: Duration) {
-        let pid = self.child.as_ref().expect("running").id();
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let status = self.wait_exit(limit);
         assert!(
             status.success(),

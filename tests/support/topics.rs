@@ -178,8 +178,13 @@ pub fn wait_until<T>(
 /// Produces records with optional keys and values, in order (keys hash
 /// to partitions like Java clients).
 pub async fn produce_records(broker: &Broker, topic: &str, records: &[Record]) {
-    let producer: FutureProducer = broker
-        .client_config()
+    produce_records_at(&broker.bootstrap, topic, records).await
+}
+
+/// [`produce_records`] to the broker at `bootstrap`.
+pub async fn produce_records_at(bootstrap: &str, topic: &str, records: &[Record]) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")

@@ -417,12 +417,14 @@ pub struct Faults {
     /// Take mid-run checkpoints (every `checkpoint_every` ms of commits).
     pub checkpoint_every: u64,
     /// The owner freezes at this time (ms) and wakes at the second; a new
-    /// owner takes the partition meanwhile. The woken one then carries on
-    /// until it hears of the rebalance and closes (as today: a revoke).
+    /// owner takes the partition meanwhile. The woken one hears that its
+    /// assignment was lost and drops the partition (`TaskCore::lose`); what
+    /// it had handed to the broker before it froze still lands.
     pub freeze: Option<(u64, u64)>,
     /// The owner loses the partition at this time (ms) without knowing (its
     /// session expired) and goes on working; a new owner takes over; at the
-    /// second time it hears of it and closes (as today: a revoke).
+    /// second time it hears of it and drops the partition
+    /// (`TaskCore::lose`).
     pub lost: Option<(u64, u64)>,
     /// How long a graceful close waits for pushes in flight (ms).
     pub close_timeout: u64,
@@ -971,10 +973,10 @@ impl<'a> Sim<'a> {
             Happening::Wake => {
                 if let Some(i) = self.owners.iter().position(|o| o.frozen) {
                     self.owners[i].frozen = false;
-                    // What completed while it was frozen reaches it now (its
-                    // queued happenings were held); then it hears of the
-                    // rebalance and closes, as a revoke.
-                    self.close(i);
+                    // It hears that its assignment was lost and drops the
+                    // partition; what completes afterwards (its queued
+                    // happenings were held) reaches a closed core.
+                    self.turn(i, |core| core.lose());
                 }
             }
             Happening::Lose => {
@@ -987,7 +989,7 @@ impl<'a> Sim<'a> {
             }
             Happening::Hear => {
                 if let Some(i) = self.lost_owner.take().and_then(|id| self.owner_index(id)) {
-                    self.close(i);
+                    self.turn(i, |core| core.lose());
                 }
             }
             Happening::Start { host } => self.start_owner(host),

@@ -1085,6 +1085,30 @@ impl<S: MarkerStore> TaskCore<S> {
         self.drained();
     }
 
+    /// The partition was lost: taken away without a revoke (a session that
+    /// expired, a process that froze), so another member may own it and
+    /// have written newer pushes and markers already. The task drops it at
+    /// once: no further push, marker write, commit or checkpoint (anything
+    /// it wrote now could land after the new owner's writes, win the
+    /// changelog's compaction, or checkpoint past them). What is in flight
+    /// is abandoned; the next owner replays from the last commit, and the
+    /// next store opened on this host restores in full (the checkpoint file
+    /// went when this store opened).
+    pub fn lose(&mut self) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        self.inbox = Vec::new().into_iter();
+        self.starting.clear();
+        self.unlogged.clear();
+        self.actions.clear();
+        self.pushes_in_flight = 0;
+        self.dead_letters.clear();
+        self.dead_letters_failing.clear();
+        self.actions.push_back(Action::Closed(None));
+    }
+
     /// The close's wait for pushes and dead letters ran out: they are
     /// abandoned (their events stay uncommitted and are replayed).
     pub fn close_timed_out(&mut self) {

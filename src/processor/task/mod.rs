@@ -26,9 +26,20 @@ pub struct TaskInput {
     pub records: mpsc::UnboundedSender<Vec<InputRecord>>,
     pub backlog: Arc<Backlog>,
     /// Asks the task to stop; it answers with its final commit position.
-    pub close: oneshot::Sender<std::sync::mpsc::Sender<Option<i64>>>,
+    pub close: oneshot::Sender<Close>,
     /// Commits of the task's positions that did not go through.
     pub commit_failures: mpsc::UnboundedSender<i64>,
+}
+
+/// A request to stop a partition's task.
+pub struct Close {
+    /// Where the task answers with its final commit position (`None`:
+    /// commit nothing).
+    pub reply: std::sync::mpsc::Sender<Option<i64>>,
+    /// The partition was lost, not revoked: taken away without notice (a
+    /// session that expired, a frozen process), so another member may own
+    /// it already. The task drops it at once (see [`TaskCore::lose`]).
+    pub lost: bool,
 }
 
 /// Records handed to a task and not yet processed by it (in its channel or

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +35,7 @@ use crate::state::Store;
 use super::core::{
     Action, CoreConfig, DeadLetter, Flight, ProduceError, TaskCore, Timer, CHANGELOG_EVERY,
 };
-use super::{Backlog, InputRecord, TaskInput};
+use super::{Backlog, Close, InputRecord, TaskInput};
 
 /// What every partition task of a member uses.
 pub struct TaskResources {
@@ -52,6 +53,31 @@ pub struct TaskResources {
     /// [`crate::kafka::limits`]): the producer's limit until the topics'
     /// are read.
     pub dead_letter_max_value: std::sync::atomic::AtomicUsize,
+    /// One lock per partition's store, held by its task from before it
+    /// opens the store until the store is dropped: a task that outlives
+    /// its close (a restore finishing its current read) makes the next
+    /// task of the partition wait, not fail on RocksDB's lock.
+    pub store_locks: StoreLocks,
+}
+
+/// The locks of the partitions' stores (see [`TaskResources::store_locks`]).
+#[derive(Default)]
+pub struct StoreLocks(
+    std::sync::Mutex<std::collections::HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl StoreLocks {
+    /// Waits until no other task of `partition` holds its store.
+    async fn acquire(&self, partition: i32) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(partition)
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
 }
 
 /// How often a commit also checkpoints the store (revoke and shutdown always do).
@@ -128,7 +154,7 @@ async fn run(
     topic: String,
     partition: i32,
     mut pipe: Pipe,
-    mut close: oneshot::Receiver<std::sync::mpsc::Sender<Option<i64>>>,
+    mut close: oneshot::Receiver<Close>,
 ) -> Result<(), String> {
     let settings = &resources.settings;
     let dir = Store::dir(
@@ -137,10 +163,20 @@ async fn run(
         &topic,
         partition,
     );
+    // A close before the task is running is answered at once (nothing to
+    // commit), so that it never holds up a rebalance.
+    let _store_lock = tokio::select! {
+        guard = resources.store_locks.acquire(partition) => guard,
+        closing = &mut close => {
+            answer(closing.ok(), None);
+            return Ok(());
+        }
+    };
     let (store, opened) = Store::open(&dir).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let (store, restored) = {
-        let resources = resources.clone();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let restoring = {
+        let (resources, cancelled) = (resources.clone(), cancelled.clone());
         tokio::task::spawn_blocking(move || {
             // Asked over the producer's open connections: a partition whose
             // store is complete then needs no reader of its own (on a
@@ -159,12 +195,23 @@ async fn run(
                 opened,
                 watermarks,
                 &resources.metrics.partition(partition),
+                &cancelled,
                 &mut |_, _| {},
             );
             (store, result)
         })
-        .await
-        .map_err(|e| e.to_string())?
+    };
+    tokio::pin!(restoring);
+    let (store, restored) = tokio::select! {
+        done = &mut restoring => done.map_err(|e| e.to_string())?,
+        closing = &mut close => {
+            cancelled.store(true, Ordering::Relaxed);
+            answer(closing.ok(), None);
+            // The store and its lock go once the restore stops (at its
+            // next record).
+            let _ = restoring.await;
+            return Ok(());
+        }
     };
     let restored = restored.map_err(|e| e.to_string())?;
     let metrics = resources.metrics.partition(partition);
@@ -218,9 +265,9 @@ async fn run(
     compensation_tick.tick().await; // the first tick is immediate; skip it
 
     loop {
-        let reply = tokio::select! {
+        let closing = tokio::select! {
             biased;
-            reply = &mut close => Some(reply.ok()),
+            closing = &mut close => Some(closing.ok()),
             Some((flight, outcome, latency)) = shell.pushes.next(), if !shell.pushes.is_empty() => {
                 shell.core.push_done(now_ns(), flight, outcome, latency);
                 None
@@ -257,9 +304,21 @@ async fn run(
             },
         };
         shell.carry_out();
-        if let Some(reply) = reply {
-            shell.reply = reply;
-            break;
+        match closing {
+            Some(Some(Close { reply, lost: true })) => {
+                // Another member may own the partition already: nothing
+                // more of this task may reach the broker or the store.
+                warn!(partition, "partition lost: dropped without pushes, markers, commit or checkpoint; the next owner replays from the last commit");
+                shell.core.lose();
+                shell.carry_out();
+                answer_to(reply, None);
+                return Ok(());
+            }
+            Some(closing) => {
+                shell.reply = closing.map(|c| c.reply);
+                break;
+            }
+            None => {}
         }
         // Records that are already waiting join this turn, so the pushes it
         // starts (an acknowledgement's next push too) carry them.
@@ -308,6 +367,17 @@ async fn run(
         shell.carry_out();
     }
     Ok(())
+}
+
+/// Answers a close request, if there is one to answer.
+fn answer(closing: Option<Close>, position: Option<i64>) {
+    if let Some(closing) = closing {
+        answer_to(closing.reply, position);
+    }
+}
+
+fn answer_to(reply: std::sync::mpsc::Sender<Option<i64>>, position: Option<i64>) {
+    let _ = reply.send(position);
 }
 
 fn now_ns() -> u64 {
