@@ -93,3 +93,89 @@ async fn a_frozen_owner_that_wakes_drops_its_lost_partition_without_commit_or_ch
     assert_eq!(report["events_behind"], 0, "{report}");
     b.stop(Duration::from_secs(30));
 }
+
+/// Writes `count` closed markers for keys `m-<partition>-<n>` straight to
+/// each partition of the changelog (what an earlier owner left).
+async fn fill_changelog(bootstrap: &str, app: &App, partitions: i32, count: usize) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let codec = keyflight::state::MarkerCodec::new();
+    let mut pending = Vec::with_capacity(count * partitions as usize);
+    for partition in 0..partitions {
+        for n in 0..count {
+            let marker =
+                keyflight::state::Marker::started(1, 2, 1, Some("{}".into())).acknowledged(2);
+            let value = codec.encode(&marker);
+            let key = format!("m-{partition}-{n}");
+            let record = FutureRecord::to(&app.changelog)
+                .partition(partition)
+                .key(&key)
+                .payload(&value);
+            pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for delivery in pending {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// A rebalance while the partitions are still restoring a large changelog:
+/// the restoring tasks answer the revoke at once and stop restoring, the
+/// partitions' next tasks on the same host wait for the stores rather than
+/// fail on RocksDB's lock, neither process exits, and everything produced
+/// verifies. Before, a restoring task could not see the close: the revoke
+/// waited out the shutdown timeout for each partition in turn, and a
+/// partition assigned back to the same host found its store still locked,
+/// so the process exited with an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_while_restoring_loses_nothing_and_no_process_exits() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let app = App::on_mock_cluster(&cluster, 2, FAST_GROUP);
+    fill_changelog(&bootstrap, &app, 2, 300_000).await;
+    // Every request now takes 300 ms: a restore reads its 18 MB a
+    // fetch (1 MB) at a time, for seconds, while the group rebalances.
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+
+    let mut a = app.start(&app.state_dir("a"));
+    a.await_log("consuming", 1, Duration::from_secs(30));
+    a.await_log("partition assigned", 2, Duration::from_secs(30));
+    // B joins while A restores: the group rebalances under A's restores.
+    let mut b = app.start(&app.state_dir("b"));
+    wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
+        let restored = a.log().matches("partition restored").count()
+            + b.log().matches("partition restored").count();
+        (restored >= 2)
+            .then_some(())
+            .ok_or_else(|| format!("{restored} restored\nA:\n{}\nB:\n{}", a.log(), b.log()))
+    });
+    let log = a.log();
+    let revoked = log
+        .find("partitions revoked")
+        .expect("A's partitions were revoked");
+    assert!(
+        log[..revoked].matches("partition restored").count() < 2,
+        "A's revoke was over while its partitions still restored (a restoring task answers a close at once):\n{log}"
+    );
+    let events = round(40, 1);
+    produce_records_at(&bootstrap, &app.input, &events).await;
+    let report = app.await_verified(Duration::from_secs(120), || {
+        format!("A:\n{}\nB:\n{}", a.log(), b.log())
+    });
+    assert_eq!(report["events_behind"], 0, "{report}");
+    for (name, processor) in [("A", &mut a), ("B", &mut b)] {
+        assert!(
+            !processor.log().contains("partition task failed"),
+            "{name} kept running:\n{}",
+            processor.log()
+        );
+        processor.stop(Duration::from_secs(30));
+    }
+}
