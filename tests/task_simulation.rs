@@ -184,6 +184,16 @@ fn a_refused_changelog_write_is_written_again_at_the_next_tick_not_at_once() {
     );
 }
 
+/// Runs `schedules` schedules of `classes` and asserts that none breaks an
+/// invariant.
+fn assert_no_violation(classes: FaultClasses, schedules: u64) {
+    let metrics = Arc::new(Metrics::new());
+    for seed in 0..schedules {
+        let problems = check_seed(seed, classes, &metrics);
+        assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
+    }
+}
+
 /// A mid-run checkpoint (every 30 s with a commit) and a crash: the disk
 /// keeps the checkpoint's image and any prefix of the store's later writes
 /// (memtables flushed when full). Markers reach the store only once the
@@ -195,11 +205,7 @@ fn a_mid_run_checkpoint_and_a_crash_never_leave_the_store_ahead_of_the_changelog
         mid_run_checkpoints: true,
         ..FaultClasses::HANDLED
     };
-    let metrics = Arc::new(Metrics::new());
-    for seed in 0..5_000u64 {
-        let problems = check_seed(seed, classes, &metrics);
-        assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
-    }
+    assert_no_violation(classes, 5_000);
 }
 
 /// A delete's marker stays (with the version before it), so a straggler
@@ -212,11 +218,7 @@ fn a_straggler_older_than_a_delete_stays_stale_after_a_handover() {
         stragglers_after_deletes: true,
         ..FaultClasses::HANDLED
     };
-    let metrics = Arc::new(Metrics::new());
-    for seed in 0..5_000u64 {
-        let problems = check_seed(seed, classes, &metrics);
-        assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
-    }
+    assert_no_violation(classes, 5_000);
 }
 
 /// Defects the task simulation sees in today's code, each fixed by a

@@ -175,6 +175,12 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
+    /// The keys the store holds, in order.
+    fn keys_of(store: &Store) -> Vec<bytes::Bytes> {
+        let markers = store.markers().unwrap();
+        markers.into_iter().map(|(k, _)| k).collect()
+    }
+
     /// Restores with known watermarks against a broker nothing listens on:
     /// a restore that reached for it would wait out the watermark timeout
     /// and fail, not return at once.
@@ -339,12 +345,7 @@ mod tests {
                 next_offset: 3
             }
         );
-        let keys: Vec<_> = store
-            .markers()
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys = keys_of(&store);
         assert_eq!(keys, [&b"a"[..], b"b", b"c"], "z went with the old log");
         assert_eq!(store.open_count().unwrap(), 0);
     }
@@ -451,12 +452,7 @@ mod tests {
         assert_eq!(store.get(b"a").unwrap(), Some(marker(1)));
         assert_eq!(store.get(b"b").unwrap(), None, "not b's older record");
         assert_eq!(store.get(b"c").unwrap(), None);
-        let keys: Vec<_> = store
-            .markers()
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys = keys_of(&store);
         assert_eq!(keys, [&b"a"[..]]);
         assert_eq!(store.open_count().unwrap(), 1, "only a's marker is open");
     }
