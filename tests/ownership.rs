@@ -179,3 +179,63 @@ async fn a_rebalance_while_restoring_loses_nothing_and_no_process_exits() {
         processor.stop(Duration::from_secs(30));
     }
 }
+
+/// The partitions a member's log says it was assigned, in order (one entry
+/// per task started).
+fn assigned(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter(|l| l.contains("partition assigned"))
+        .filter_map(|l| {
+            let at = l.find("partition=")? + "partition=".len();
+            l[at..].split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Scale 1 → 3 → 1 under load with the default cooperative-sticky
+/// assignment: when B and C join, A gives up only the partitions that move
+/// to them; the partitions it keeps are never revoked, so their tasks never
+/// stop (A starts no second task for any partition until B and C leave).
+/// When they leave, A takes their partitions back, and `verify` passes.
+/// With `group.assignment = "eager"` (the only behaviour before), every
+/// join revokes all six partitions and A starts a new task for each one it
+/// keeps.
+#[test]
+fn scaling_out_with_cooperative_assignment_leaves_unmoved_partitions_running() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let app = App::on_mock_cluster(&cluster, 6, FAST_GROUP);
+    let load = crate::support::Load::start_at(&bootstrap, &app.input, 200, 300);
+    let a = app.start(&app.state_dir("a"));
+    a.await_log("partition restored", 6, Duration::from_secs(60));
+    let mut b = app.start(&app.state_dir("b"));
+    let mut c = app.start(&app.state_dir("c"));
+    b.await_log("partition restored", 1, Duration::from_secs(90));
+    c.await_log("partition restored", 1, Duration::from_secs(90));
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let moved = assigned(&b.log()).len() + assigned(&c.log()).len();
+        (moved >= 4)
+            .then_some(())
+            .ok_or_else(|| format!("{moved} partitions moved to B and C so far"))
+    });
+    let started_by_a = assigned(&a.log());
+    let mut sorted = started_by_a.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        (started_by_a.len(), sorted.len()),
+        (6, 6),
+        "A started one task per partition and none again while B and C joined: {started_by_a:?}\n{}",
+        a.log()
+    );
+
+    b.stop(Duration::from_secs(30));
+    c.stop(Duration::from_secs(30));
+    let events = load.stop();
+    let report = app.await_verified(Duration::from_secs(120), || a.log());
+    assert_eq!(report["events_behind"], 0, "{report}");
+    println!(
+        "scale 1 -> 3 -> 1 (cooperative): {events} events; A's tasks: {:?}",
+        assigned(&a.log())
+    );
+}

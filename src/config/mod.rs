@@ -56,10 +56,52 @@ pub struct Settings {
     pub input: Input,
     pub topics: Topics,
     pub singleflight: Singleflight,
+    pub group: Group,
     pub push: PushSettings,
     pub deletes: Deletes,
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
+}
+
+/// How the instances of an application share the input's partitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Group {
+    /// `cooperative-sticky`: a rebalance moves only the partitions that
+    /// change hands, the others keep processing; `eager`: every partition
+    /// is revoked and assigned again (librdkafka's `range,roundrobin`).
+    pub assignment: Assignment,
+    /// Static membership (`group.instance.id`), unique per instance (set it
+    /// per instance, e.g. `KEYFLIGHT_GROUP__INSTANCE_ID=$HOSTNAME`): a
+    /// restart within the session timeout causes no rebalance. Empty: none.
+    pub instance_id: String,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Self {
+            assignment: Assignment::CooperativeSticky,
+            instance_id: String::new(),
+        }
+    }
+}
+
+/// How partitions move in a rebalance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Assignment {
+    CooperativeSticky,
+    Eager,
+}
+
+impl Assignment {
+    /// librdkafka's `partition.assignment.strategy` for it.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            Assignment::CooperativeSticky => "cooperative-sticky",
+            Assignment::Eager => "range,roundrobin",
+        }
+    }
 }
 
 /// What a delete (a record with a null value) carries, and how long its
@@ -218,6 +260,7 @@ impl Default for Settings {
             input: Input::default(),
             topics: Topics::default(),
             singleflight: Singleflight::default(),
+            group: Group::default(),
             push: PushSettings::default(),
             deletes: Deletes::default(),
             compensation: Compensation::default(),

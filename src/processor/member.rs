@@ -202,6 +202,23 @@ fn positions(list: &TopicPartitionList) -> Vec<(i32, i64)> {
         .collect()
 }
 
+/// The group member's consumer: the client's configuration, the
+/// assignment strategy (unless `[kafka.consumer]` names one) and static
+/// membership.
+fn group_config(settings: &Settings) -> rdkafka::ClientConfig {
+    let mut config = client_config(settings, Role::Consumer);
+    if config.get("partition.assignment.strategy").is_none() {
+        config.set(
+            "partition.assignment.strategy",
+            settings.group.assignment.strategy(),
+        );
+    }
+    if !settings.group.instance_id.is_empty() {
+        config.set("group.instance.id", &settings.group.instance_id);
+    }
+    config
+}
+
 /// Runs the processor until `stop` is set, then shuts down cleanly.
 pub fn run(
     settings: Settings,
@@ -247,7 +264,7 @@ pub fn run(
         committed: Mutex::new(HashMap::new()),
         fetch: FetchQueue::default(),
     };
-    let consumer: BaseConsumer<GroupMember> = client_config(&resources.settings, Role::Consumer)
+    let consumer: BaseConsumer<GroupMember> = group_config(&resources.settings)
         .create_with_context(member)
         .map_err(|source| RunError::Client {
             role: "consumer",
