@@ -85,8 +85,15 @@ async fn a_frozen_owner_that_wakes_drops_its_lost_partition_without_commit_or_ch
     );
 
     // Whatever A had handed to its producer before it froze may still have
-    // landed when it woke (the at-least-once window); B's next pushes end
-    // every key on its newest event.
+    // landed when it woke (the at-least-once window): pushes older than a
+    // push of their key already in the topic. Measured, not asserted.
+    let pushed = read_all_at(&bootstrap, &app.pushed);
+    let late = late_pushes(&pushed);
+    println!(
+        "frozen owner: {late} of {} pushes landed after a newer push of their key",
+        pushed.len()
+    );
+    // B's next pushes end every key on its newest event.
     let newest = round(20, 2_000);
     produce_records_at(&bootstrap, &app.input, &newest).await;
     let report = app.await_verified(Duration::from_secs(90), || b.log());
@@ -238,4 +245,20 @@ fn scaling_out_with_cooperative_assignment_leaves_unmoved_partitions_running() {
         "scale 1 -> 3 -> 1 (cooperative): {events} events; A's tasks: {:?}",
         assigned(&a.log())
     );
+}
+
+/// Pushes that landed after a push of the same key with a higher
+/// `keyflight-version` (in a one-partition topic's order).
+fn late_pushes(pushed: &[crate::support::Pushed]) -> usize {
+    let mut newest = std::collections::HashMap::new();
+    let mut late = 0;
+    for push in pushed {
+        let version: u64 = push.headers["keyflight-version"].parse().unwrap_or(0);
+        let seen = newest.entry(push.key.clone()).or_insert(0);
+        if version < *seen {
+            late += 1;
+        }
+        *seen = (*seen).max(version);
+    }
+    late
 }
