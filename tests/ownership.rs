@@ -225,6 +225,15 @@ fn scaling_out_with_cooperative_assignment_leaves_unmoved_partitions_running() {
             .then_some(())
             .ok_or_else(|| format!("{moved} partitions moved to B and C so far"))
     });
+    let kept: Vec<i32> = (0..6)
+        .filter(|p| !assigned(&b.log()).contains(p) && !assigned(&c.log()).contains(p))
+        .collect();
+    println!(
+        "scale-out ({}): A's kept partitions {kept:?} paused {:?}",
+        std::env::var("KEYFLIGHT_GROUP__ASSIGNMENT")
+            .unwrap_or_else(|_| "cooperative-sticky".into()),
+        pause_of(&a.log(), &kept)
+    );
     let started_by_a = assigned(&a.log());
     let mut sorted = started_by_a.clone();
     sorted.sort_unstable();
@@ -261,4 +270,66 @@ fn late_pushes(pushed: &[crate::support::Pushed]) -> usize {
         *seen = (*seen).max(version);
     }
     late
+}
+
+/// The longest time any of `partitions` spent between a revoke (the start
+/// of the "partitions revoked" line's rebalance, as logged) and its next
+/// restore, from the log's timestamps; zero if none was revoked.
+fn pause_of(log: &str, partitions: &[i32]) -> Duration {
+    let at = |line: &str| {
+        line.split_whitespace()
+            .next()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+    };
+    // The event's own field, after the span's.
+    let field = |line: &str, name: &str| -> Option<String> {
+        let start = line.rfind(name)? + name.len();
+        Some(line[start..].split_whitespace().next()?.to_string())
+    };
+    let mut revoked_at: std::collections::HashMap<i32, std::time::SystemTime> = Default::default();
+    let mut longest = Duration::ZERO;
+    for line in log.lines().map(plain) {
+        let line = line.as_str();
+        if line.contains("partitions revoked") {
+            let Some(when) = at(line) else { continue };
+            let list = line[line.find('[').unwrap_or(0)..].trim_matches(|c| c == '[' || c == ']');
+            for p in list
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|p| p.parse().ok())
+            {
+                if partitions.contains(&p) {
+                    revoked_at.entry(p).or_insert(when);
+                }
+            }
+        } else if line.contains("partition restored") {
+            let (Some(when), Some(p)) = (
+                at(line),
+                field(line, "partition=").and_then(|p| p.parse().ok()),
+            ) else {
+                continue;
+            };
+            if let Some(since) = revoked_at.remove(&p) {
+                longest = longest.max(when.duration_since(since).unwrap_or_default());
+            }
+        }
+    }
+    longest
+}
+
+/// A log line without its terminal colour codes (`ESC [ … m`).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
