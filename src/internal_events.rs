@@ -82,6 +82,26 @@ impl PartitionEvent for ChangelogRecordUnreadable<'_> {
     }
 }
 
+/// A dead letter was given up: nothing may be retried forever, and a
+/// dead letter that never lands would pin its partition.
+pub struct DeadLetterAbandoned<'a> {
+    pub offset: i64,
+    pub key: &'a [u8],
+    pub reason: &'static str,
+    pub error: &'a str,
+}
+
+impl PartitionEvent for DeadLetterAbandoned<'_> {
+    fn emit(self, m: &PartitionMetrics) {
+        tracing::error!(
+            partition = m.partition, offset = self.offset, reason = self.reason,
+            key = %String::from_utf8_lossy(self.key),
+            "dead letter given up (the record is lost to the dead-letter topic): {}", self.error
+        );
+        m.dead_letters_abandoned.inc();
+    }
+}
+
 /// A record of the input partition reached the task.
 pub struct RecordReceived;
 

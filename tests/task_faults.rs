@@ -490,3 +490,107 @@ fn a_lost_partition_is_dropped_at_once_without_markers_commit_or_checkpoint() {
     let late = actions(&mut core);
     assert!(late.is_empty(), "nothing after the loss: {late:?}");
 }
+
+/// A dead letter the dead-letter topic refuses for good (no authorisation,
+/// an invalid record) is given up at once, counted and logged, and what it
+/// held goes: a dead letter that never lands would pause its partition for
+/// good. Before, it was retried forever.
+#[test]
+fn a_dead_letter_refused_for_good_is_given_up_and_counted() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let letter = match feed(
+        &mut core,
+        vec![InputRecord::copied(0, None, Some(br#"{"v":1}"#))],
+        NOW,
+    )
+    .as_slice()
+    {
+        [Action::DeadLetter { letter, .. }] => letter.clone(),
+        other => panic!("a keyless record is dead-lettered: {other:?}"),
+    };
+    core.dead_letter_done(
+        NOW,
+        letter.id,
+        Err(ProduceError::Refused(
+            "Broker: Topic authorization failed".into(),
+        )),
+    );
+    assert!(actions(&mut core).is_empty(), "not written again");
+    assert!(core.wants_records(), "the partition goes on");
+    assert_eq!(commits(&mut core, NOW), vec![1], "its offset is released");
+    assert!(metrics
+        .render()
+        .contains(r#"keyflight_dead_letters_abandoned_total{partition="0"} 1"#));
+}
+
+/// A dead letter that keeps failing with retriable errors is given up once
+/// it has failed for `give_up_after`, like a push: nothing is retried
+/// forever.
+#[test]
+fn a_dead_letter_failing_past_the_bound_is_given_up() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
+    let mut letter = match feed(
+        &mut core,
+        vec![InputRecord::copied(0, Some(b"k"), Some(b"not json"))],
+        NOW,
+    )
+    .as_slice()
+    {
+        [Action::DeadLetter { letter, .. }] => letter.clone(),
+        other => panic!("dead-lettered: {other:?}"),
+    };
+    let mut now = NOW;
+    let mut attempts = 0;
+    loop {
+        core.dead_letter_done(
+            now,
+            letter.id,
+            Err(ProduceError::Retriable("Local: Message timed out".into())),
+        );
+        match actions(&mut core).pop() {
+            Some(Action::DeadLetter {
+                letter: again,
+                delay,
+            }) => {
+                attempts += 1;
+                now += delay.as_nanos() as u64;
+                letter = again;
+            }
+            None => break,
+            Some(other) => panic!("a retry or nothing: {other:?}"),
+        }
+        assert!(attempts < 100, "retried forever");
+    }
+    assert!((now - NOW) / MS >= 2_000, "not before the bound");
+    assert!(core.wants_records());
+}
+
+/// A marker the changelog refuses for good stops the task with a clear
+/// reason (the process exits and says why) rather than leave the partition
+/// processing without ever committing again, as before.
+#[test]
+fn a_marker_the_changelog_refuses_for_good_fails_the_task() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
+    else {
+        panic!("the event is pushed");
+    };
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    assert!(matches!(
+        actions(&mut core).as_slice(),
+        [Action::WriteChangelog { .. }]
+    ));
+    core.changelog_done(
+        NOW,
+        Err(ProduceError::Refused("Broker: Policy violation".into())),
+    );
+    match actions(&mut core).as_slice() {
+        [Action::Fail(reason)] => assert!(reason.contains("Policy violation"), "{reason}"),
+        other => panic!("the task fails: {other:?}"),
+    }
+}

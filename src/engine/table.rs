@@ -598,10 +598,14 @@ impl Table {
     /// marker is open. Skipped (`None`) while the key is in flight (that push
     /// will close the marker) or when the table already knows a newer version
     /// (the newer push, acknowledged, superseded the stored one).
+    ///
+    /// `offset` is the stored state's (its marker's): the push, and its
+    /// retries, carry it on.
     pub fn compensate(
         &mut self,
         key: &Key,
         version: u64,
+        offset: Option<i64>,
         payload: Payload,
         now_ns: u64,
     ) -> Option<Push> {
@@ -625,6 +629,7 @@ impl Table {
         self.stats.compensations_started += 1;
         let batch = Batch {
             version,
+            newest_offset: offset.unwrap_or(-1),
             ..Batch::EMPTY
         };
         Some(self.start_idle(key.clone(), pos, batch, payload, current, now_ns))
@@ -858,7 +863,8 @@ mod tests {
         t.seed(key("s"), 5, 1_000, 900, None);
         assert_eq!(started(t.offer(ev("s", 9, "S"), 1).unwrap()).acked_tn, 900);
         t.seed(key("o"), 5, 1_000, 800, None);
-        let push = t.compensate(&key("o"), 5, bytes("O"), 1).unwrap();
+        let push = t.compensate(&key("o"), 5, None, bytes("O"), 1).unwrap();
+        assert_eq!(push.offset, None);
         assert_eq!((push.acked_tn, push.tn), (800, 1_001));
     }
 
@@ -1001,9 +1007,9 @@ mod tests {
     fn compensation_is_skipped_while_in_flight_and_runs_when_idle() {
         let mut t = table();
         let a = started(t.offer(ev("k", 0, "A"), 10).unwrap());
-        assert_eq!(t.compensate(&key("k"), 0, bytes("A"), 11), None);
+        assert_eq!(t.compensate(&key("k"), 0, None, bytes("A"), 11), None);
         t.complete(&key("k"), a.tn, 12).unwrap();
-        let c = t.compensate(&key("k"), 0, bytes("A"), 13).unwrap();
+        let c = t.compensate(&key("k"), 0, None, bytes("A"), 13).unwrap();
         assert!(c.compensation);
         assert_eq!((c.version, c.merged, c.payload.clone()), (0, 0, bytes("A")));
         // An event during the compensation push waits behind it.
@@ -1012,14 +1018,14 @@ mod tests {
         assert_eq!(b.payload, bytes("B"));
         // A stored marker older than what the table knows is not re-pushed.
         t.complete(&key("k"), b.tn, 16).unwrap();
-        assert_eq!(t.compensate(&key("k"), 0, bytes("A"), 17), None);
+        assert_eq!(t.compensate(&key("k"), 0, None, bytes("A"), 17), None);
         assert_eq!(t.stats().compensations_skipped, 2);
     }
 
     #[test]
     fn retry_of_a_failed_compensation_is_still_a_compensation() {
         let mut t = table();
-        let c = t.compensate(&key("k"), 3, bytes("S"), 10).unwrap();
+        let c = t.compensate(&key("k"), 3, None, bytes("S"), 10).unwrap();
         let retry = t.fail(c, 11).unwrap();
         assert!(retry.compensation && retry.merged == 0);
         assert_eq!(
@@ -1171,5 +1177,17 @@ mod tests {
         assert_eq!(t.commit_position(), Some(0));
         assert!(t.release(0));
         assert_eq!(t.commit_position(), Some(2));
+    }
+
+    /// A compensation push carries its stored state's offset, and so does
+    /// its retry, so the marker the retry writes still names it (a delete
+    /// replayed below it is then known to be stale).
+    #[test]
+    fn a_retried_compensation_keeps_the_stored_offset() {
+        let mut t = table();
+        let push = t.compensate(&key("k"), 7, Some(42), bytes("S"), 1).unwrap();
+        assert_eq!(push.offset, Some(42));
+        let retry = t.fail(push, 2).unwrap();
+        assert_eq!((retry.offset, retry.version), (Some(42), 7));
     }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub(crate) changelog_written: IntCounterVec,
     pub(crate) changelog_restored: IntCounterVec,
     pub(crate) changelog_unreadable: IntCounterVec,
+    pub(crate) dead_letters_abandoned: IntCounterVec,
     pub(crate) restore_duration: prometheus::GaugeVec,
     pub(crate) committed_offset: IntGaugeVec,
     pub(crate) consumer_lag: IntGaugeVec,
@@ -213,6 +214,12 @@ impl Metrics {
                 "Changelog records no released marker schema reads, skipped while restoring (their keys' state is dropped).",
                 p,
             ),
+            dead_letters_abandoned: counter(
+                &registry,
+                "keyflight_dead_letters_abandoned_total",
+                "Dead letters given up: the dead-letter topic refused them for good, or kept failing for push.give_up_after (each logged with its record's place).",
+                p,
+            ),
             restore_duration,
             committed_offset: gauge(
                 &registry,
@@ -266,6 +273,7 @@ impl Metrics {
             changelog_written: self.changelog_written.with_label_values(l),
             changelog_restored: self.changelog_restored.with_label_values(l),
             changelog_unreadable: self.changelog_unreadable.with_label_values(l),
+            dead_letters_abandoned: self.dead_letters_abandoned.with_label_values(l),
             restore_duration: self.restore_duration.with_label_values(l),
             label,
             partition,
@@ -328,6 +336,7 @@ pub struct PartitionMetrics {
     pub(crate) changelog_written: IntCounter,
     pub(crate) changelog_restored: IntCounter,
     pub(crate) changelog_unreadable: IntCounter,
+    pub(crate) dead_letters_abandoned: IntCounter,
     pub(crate) restore_duration: prometheus::Gauge,
 }
 

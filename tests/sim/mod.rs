@@ -508,7 +508,7 @@ impl System for Engine {
 
     fn compensate(&mut self, key: u32, version: u64, value: Doc, now: u64) -> Vec<Started> {
         self.table
-            .compensate(&key_bytes(key), version, to_payload(&value), now)
+            .compensate(&key_bytes(key), version, None, to_payload(&value), now)
             .map(|p| started(key, p))
             .into_iter()
             .collect()

@@ -1237,6 +1237,8 @@ impl<'a> Sim<'a> {
                         written_by: owner.id,
                     };
                 }
+                // The model's changelog refuses nothing for good.
+                Action::Fail(reason) => self.violation(format!("the task failed: {reason}")),
                 Action::Closed(position) => {
                     let member = self.owners[i].member;
                     if let Some(position) = position {

@@ -44,8 +44,8 @@ use std::sync::Arc;
 use crate::codec::Codec;
 use crate::engine::{Event, Offer, Payload, Push, Table, TableConfig, TableStats};
 use crate::internal_events::{
-    ChangelogWritten, DeadLettered, EventMerged, KeysInFlight, PushAcknowledged, PushFailed,
-    RecordReceived, StaleEventDropped,
+    ChangelogWritten, DeadLetterAbandoned, DeadLettered, EventMerged, KeysInFlight,
+    PushAcknowledged, PushFailed, RecordReceived, StaleEventDropped,
 };
 use crate::metrics::PartitionMetrics;
 use crate::processor::commit_gate::CommitGate;
@@ -155,8 +155,9 @@ pub struct DeadLetter {
     pub cut_to: Option<usize>,
     /// What the dead letter holds until it lands.
     pub holds: Holds,
-    /// Failed attempts so far (for the backoff).
+    /// Failed attempts so far (for the backoff), and since when (ns).
     failures: u32,
+    failing_since: u64,
 }
 
 /// What a dead letter holds back until it lands, so that nothing is
@@ -196,6 +197,10 @@ pub enum Action {
     Checkpoint(i64),
     /// Closing is over: commit this final position, if any, and drop the task.
     Closed(Option<i64>),
+    /// The partition cannot go on (its changelog refuses its markers for
+    /// good): stop the process with this reason rather than hold the
+    /// partition without ever committing again.
+    Fail(String),
 }
 
 /// A changelog write awaiting its acknowledgement.
@@ -763,6 +768,14 @@ impl<S: MarkerStore> TaskCore<S> {
                 );
                 false
             }
+            Err(ProduceError::Refused(e)) => {
+                self.actions.push_back(Action::Fail(format!(
+                    "the changelog topic refuses a marker for good ({e}); check its configuration \
+                     (cleanup.policy=compact, no record policy against keyflight's markers) and ACLs"
+                )));
+                self.phase = Phase::Closed;
+                return;
+            }
             Err(e) => {
                 // Written again with the next hand-over of markers (the
                 // flush tick), not at once: a write the producer refuses
@@ -870,6 +883,7 @@ impl<S: MarkerStore> TaskCore<S> {
             cut_to: None,
             holds,
             failures: 0,
+            failing_since: 0,
         };
         self.dead_letters.insert(letter.id, letter.clone());
         self.actions.push_back(Action::DeadLetter {
@@ -880,10 +894,12 @@ impl<S: MarkerStore> TaskCore<S> {
 
     /// A dead letter's outcome. Acknowledged: what it held goes. Refused as
     /// too large: written again at once with its value cut to what the
-    /// topic takes, then with no value at all; past that it is given up
-    /// (logged with its record's place), as nothing may be retried forever.
-    /// Any other failure: written again after the backoff, and no more
-    /// records are taken until it lands.
+    /// topic takes, then with no value at all. A retriable failure: written
+    /// again after the backoff, and no more records are taken until it
+    /// lands. Nothing is retried forever, since a dead letter that never
+    /// lands would pin its partition: one refused for good (also without
+    /// its value), or failing for `give_up_after`, is given up, logged with
+    /// its record's place and counted, and what it held goes.
     pub fn dead_letter_done(&mut self, now: u64, id: u64, outcome: Result<(), ProduceError>) {
         if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
             return; // abandoned at the close's deadline
@@ -891,21 +907,15 @@ impl<S: MarkerStore> TaskCore<S> {
         let Some(letter) = self.dead_letters.get_mut(&id) else {
             return;
         };
+        if outcome.is_err() && letter.failures == 0 {
+            letter.failing_since = now;
+        }
+        let failing_for = Duration::from_nanos(now.saturating_sub(letter.failing_since));
         let cut_to = match (&outcome, letter.cut_to) {
             (Ok(()), _) => None,
             (Err(ProduceError::TooLarge(_)), None) => Some(self.config.dead_letter_max_value),
             (Err(ProduceError::TooLarge(_)), Some(cut)) if cut > 0 => Some(0),
-            (Err(ProduceError::TooLarge(e)), Some(_)) => {
-                warn!(
-                    partition = self.config.partition,
-                    offset = letter.record.offset,
-                    key = %String::from_utf8_lossy(letter.record.key.as_deref().unwrap_or_default()),
-                    reason = letter.reason,
-                    "the dead-letter topic refuses even the record without its value; giving it up: {e}"
-                );
-                None
-            }
-            (Err(e), _) => {
+            (Err(ProduceError::Retriable(e)), _) if failing_for < self.config.give_up_after => {
                 letter.failures += 1;
                 let (letter, failures) = (letter.clone(), letter.failures);
                 warn!(
@@ -918,6 +928,15 @@ impl<S: MarkerStore> TaskCore<S> {
                     letter,
                     delay: self.backoff(failures),
                 });
+            }
+            (Err(e), _) => {
+                self.metrics.emit(DeadLetterAbandoned {
+                    offset: letter.record.offset,
+                    key: letter.record.key.as_deref().unwrap_or_default(),
+                    reason: letter.reason,
+                    error: &e.to_string(),
+                });
+                None
             }
         };
         if let Some(cut_to) = cut_to {
@@ -1054,9 +1073,11 @@ impl<S: MarkerStore> TaskCore<S> {
                 self.seed_from(&key, &marker);
             }
             let payload = self.codec.stored(marker.value.as_ref());
-            if let Some(mut push) = self.table.compensate(&key, marker.version, payload, now) {
-                // It carries the stored state, so the marker keeps its offset.
-                push.offset = marker.offset;
+            let stored = (marker.version, marker.offset);
+            if let Some(push) = self
+                .table
+                .compensate(&key, stored.0, stored.1, payload, now)
+            {
                 repushed += 1;
                 self.start_push(push, Duration::ZERO);
             }

@@ -303,14 +303,14 @@ async fn run(
                 None => Some(None),
             },
         };
-        shell.carry_out();
+        shell.carry_out()?;
         match closing {
             Some(Some(Close { reply, lost: true })) => {
                 // Another member may own the partition already: nothing
                 // more of this task may reach the broker or the store.
                 warn!(partition, "partition lost: dropped without pushes, markers, commit or checkpoint; the next owner replays from the last commit");
                 shell.core.lose();
-                shell.carry_out();
+                shell.carry_out()?;
                 answer_to(reply, None);
                 return Ok(());
             }
@@ -331,7 +331,7 @@ async fn run(
         if records > 0 {
             pipe.backlog.processed(records, bytes);
         }
-        shell.carry_out();
+        shell.carry_out()?;
     }
 
     // Closing (revoke or shutdown): the core stops taking events, lets
@@ -339,7 +339,7 @@ async fn run(
     // reports the position to commit.
     pipe.records.close();
     shell.core.close();
-    shell.carry_out();
+    shell.carry_out()?;
     let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
     let mut timed_out = false;
     while !shell.core.is_closed() {
@@ -364,7 +364,7 @@ async fn run(
             // on what the shell awaits, so this is a guard, not a path).
             else => break,
         }
-        shell.carry_out();
+        shell.carry_out()?;
     }
     Ok(())
 }
@@ -387,10 +387,12 @@ fn now_ns() -> u64 {
 }
 
 impl Shell {
-    /// Carries out every action the core asked for, in order.
-    fn carry_out(&mut self) {
+    /// Carries out every action the core asked for, in order; the core's
+    /// failure is the task's.
+    fn carry_out(&mut self) -> Result<(), String> {
         while let Some(action) = self.core.poll_action() {
             match action {
+                Action::Fail(reason) => return Err(reason),
                 Action::Push { flight, delay } => self.push(flight, delay),
                 Action::WriteChangelog { key, value, .. } => {
                     let mut record = FutureRecord::to(&self.resources.changelog)
@@ -422,6 +424,7 @@ impl Shell {
                 }
             }
         }
+        Ok(())
     }
 
     /// Produces a push (after `delay`, for retries).
