@@ -37,6 +37,7 @@ mod tests {
             version: 1,
             value: None,
             offset: None,
+            value_cut: false,
         };
         store.put(b"closed", &m(100, 100)).unwrap();
         store.put(b"old-open", &m(100, 50)).unwrap();

@@ -43,6 +43,7 @@ fn seeds() -> Vec<Vec<u8>> {
         version: 9,
         value: Some(Bytes::from_static(b"{\"a\":1}")),
         offset: None,
+        value_cut: false,
     });
     vec![
         br#"{"version": 7, "name": "x", "nested": {"a": [1, 2, {"b": null}]}}"#.to_vec(),

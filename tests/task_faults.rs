@@ -290,7 +290,11 @@ fn a_marker_too_large_for_the_changelog_is_written_again_without_its_value() {
         }] => keyflight::state::MarkerCodec::new().decode(bytes).unwrap(),
         other => panic!("written again: {other:?}"),
     };
-    assert_eq!((rewritten.version, rewritten.value), (1, None));
+    assert_eq!((rewritten.version, &rewritten.value), (1, &None));
+    assert!(
+        rewritten.value_cut && !rewritten.is_deleted(),
+        "marked as cut, not taken for a delete's marker: {rewritten:?}"
+    );
     core.changelog_done(NOW, Ok(0));
     assert_eq!(commits(&mut core, NOW), vec![1]);
 }
@@ -593,4 +597,20 @@ fn a_marker_the_changelog_refuses_for_good_fails_the_task() {
         [Action::Fail(reason)] => assert!(reason.contains("Policy violation"), "{reason}"),
         other => panic!("the task fails: {other:?}"),
     }
+}
+
+/// An open marker whose value the changelog could not take (cut) is not
+/// re-pushed by compensation: it has no value, and pushing it would send a
+/// delete nobody asked for. Before marker schema v3, such a marker could
+/// not be told from a delete's.
+#[test]
+fn an_open_marker_without_its_value_is_not_compensated_as_a_delete() {
+    let metrics = Arc::new(Metrics::new());
+    let cut = keyflight::state::Marker::started(0, NOW, 3, Some("{}".into())).cut();
+    assert!(cut.is_open() && !cut.is_deleted());
+    let store = ModelStore::new([("k".into(), cut)].into_iter().collect());
+    let mut core = crate::task_sim::core_over(store, Duration::from_secs(3600), &metrics);
+    let scanned = core.tick(NOW + 3_600 * 1_000 * MS, Timer::Compensation);
+    assert_eq!(scanned.map(|s| s.repushed), Some(0));
+    assert!(actions(&mut core).is_empty(), "nothing pushed");
 }

@@ -30,6 +30,7 @@ pub(crate) fn restore(env: &Env, markers: u64) -> Result<Restore> {
             version: i,
             value: Some(value.clone()),
             offset: None,
+            value_cut: false,
         });
         let mut record = BaseRecord::<str, [u8]>::to(&changelog)
             .key(&key)

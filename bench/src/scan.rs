@@ -21,6 +21,7 @@ pub(crate) fn scan(markers: u64, open: u64, work: &Path) -> Result<Scan> {
             version: i,
             value: Some(value.clone()),
             offset: None,
+            value_cut: false,
         };
         store
             .put(format!("user-{i:07}").as_bytes(), &marker)

@@ -303,6 +303,7 @@ mod tests {
             version,
             value: None,
             offset: None,
+            value_cut: false,
         };
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
@@ -394,6 +395,7 @@ mod tests {
             version,
             value: Some(bytes::Bytes::from_static(b"{}")),
             offset: None,
+            value_cut: false,
         };
         let codec = MarkerCodec::new();
         // A single-object record of a schema no version released.

@@ -55,6 +55,10 @@ pub const RELEASED: &[(&str, &str)] = &[
         "marker.v2.avsc",
         include_str!("../../schemas/marker.v2.avsc"),
     ),
+    (
+        "marker.v3.avsc",
+        include_str!("../../schemas/marker.v3.avsc"),
+    ),
 ];
 
 /// `C3 01`, the marker of Avro single-object encoding.
@@ -76,6 +80,10 @@ pub struct Marker {
     /// (`None`: unknown, as for a compensation push or a v1 marker): a
     /// record replayed at or below it is already reflected here.
     pub offset: Option<i64>,
+    /// The changelog refused the marker as too large, so it was written
+    /// without its value: `value` is `None` although the push was no
+    /// delete. Such a marker is neither a delete's nor re-pushable.
+    pub value_cut: bool,
 }
 
 impl Marker {
@@ -88,6 +96,7 @@ impl Marker {
             version,
             value,
             offset: None,
+            value_cut: false,
         }
     }
 
@@ -112,7 +121,17 @@ impl Marker {
     /// A delete's marker, acknowledged: the key's version is kept (so an
     /// older event arriving late stays stale) until `deletes.retention`.
     pub fn is_deleted(&self) -> bool {
-        self.value.is_none() && !self.is_open()
+        self.value.is_none() && !self.value_cut && !self.is_open()
+    }
+
+    /// The marker without its value, as the changelog takes one it refused
+    /// as too large.
+    pub fn cut(self) -> Marker {
+        Marker {
+            value: None,
+            value_cut: true,
+            ..self
+        }
     }
 }
 
@@ -186,6 +205,7 @@ impl MarkerCodec {
                 avro_long(&mut out, offset);
             }
         }
+        out.push(u8::from(marker.value_cut)); // an Avro boolean: one byte
         out
     }
 
@@ -285,12 +305,27 @@ fn decode_current(mut datum: &[u8]) -> Result<Marker, MarkerDecodeError> {
             )))
         }
     };
+    let value_cut = match datum.first() {
+        Some(0) => false,
+        Some(1) => true,
+        Some(other) => {
+            return Err(MarkerDecodeError(format!(
+                "field `value_cut`: byte {other} is no boolean"
+            )))
+        }
+        None => {
+            return Err(MarkerDecodeError(
+                "field `value_cut`: the datum ends before it".into(),
+            ))
+        }
+    };
     Ok(Marker {
         t1: t1 as u64,
         t2: t2 as u64,
         version: version as u64,
         value,
         offset,
+        value_cut,
     })
 }
 
@@ -327,12 +362,17 @@ fn marker_of(record: Value) -> Result<Marker, &'static str> {
         },
         _ => return Err("offset"),
     };
+    let value_cut = match field("value_cut")? {
+        Value::Boolean(cut) => *cut,
+        _ => return Err("value_cut"),
+    };
     Ok(Marker {
         t1: long("t1")?,
         t2: long("t2")?,
         version: long("version")?,
         value,
         offset,
+        value_cut,
     })
 }
 
@@ -420,6 +460,7 @@ mod tests {
             version: 9,
             value: None,
             offset: None,
+            value_cut: false,
         };
         let bytes = codec.encode(&marker);
         assert_eq!(&bytes[..2], &[0xC3, 0x01], "Avro single-object magic");
@@ -509,7 +550,8 @@ mod tests {
                 t2: 3,
                 version: 9,
                 value: None,
-                offset: None
+                offset: None,
+                value_cut: false
             }
         );
     }
@@ -524,7 +566,8 @@ mod tests {
                 t2: 3,
                 version: 9,
                 value: Some(Bytes::from_static(b"V")),
-                offset: None
+                offset: None,
+                value_cut: false
             }
         );
         // The current schema's records still take the fast path.
@@ -648,17 +691,17 @@ mod tests {
         #[test]
         fn any_marker_round_trips(t1 in 0u64..i64::MAX as u64, t2 in 0u64..i64::MAX as u64, version in 0u64..i64::MAX as u64,
                                   value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
-                                  offset in proptest::option::of(any::<i64>())) {
+                                  offset in proptest::option::of(any::<i64>()), value_cut in any::<bool>()) {
             let codec = MarkerCodec::new();
-            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset };
+            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset, value_cut };
             prop_assert_eq!(codec.decode(&codec.encode(&marker)).unwrap(), marker);
         }
 
         #[test]
         fn direct_encoding_equals_apache_avros(t1 in any::<u64>(), t2 in any::<u64>(), version in any::<u64>(),
                                                value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
-                                               offset in proptest::option::of(any::<i64>())) {
-            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset };
+                                               offset in proptest::option::of(any::<i64>()), value_cut in any::<bool>()) {
+            let marker = Marker { t1, t2, version, value: value.map(Bytes::from), offset, value_cut };
             let schema = Schema::parse_str(MARKER_SCHEMA).unwrap();
             let record = Avro::Record(vec![
                 ("t1".into(), Avro::Long(t1 as i64)),
@@ -672,6 +715,7 @@ mod tests {
                     Some(o) => Avro::Union(1, Box::new(Avro::Long(o))),
                     None => Avro::Union(0, Box::new(Avro::Null)),
                 }),
+                ("value_cut".into(), Avro::Boolean(value_cut)),
             ]);
             let mut reference = Vec::new();
             apache_avro::GenericSingleObjectWriter::new_with_capacity(&schema, 64)
@@ -687,7 +731,7 @@ mod tests {
             // Stricter than apache-avro's reader, which reads a missing
             // union branch at the end as null.
             let codec = MarkerCodec::new();
-            let bytes = codec.encode(&Marker { t1, t2, version, value: value.map(Bytes::from), offset: Some(7) });
+            let bytes = codec.encode(&Marker { t1, t2, version, value: value.map(Bytes::from), offset: Some(7) , value_cut: false });
             for cut in 0..bytes.len() {
                 prop_assert!(codec.decode(&bytes[..cut]).is_err(), "prefix of {} bytes", cut);
             }

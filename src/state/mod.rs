@@ -605,6 +605,7 @@ mod tests {
             version: t1,
             value: Some(Bytes::from_static(v)),
             offset: None,
+            value_cut: false,
         }
     }
 
@@ -654,6 +655,7 @@ mod tests {
             version: 5,
             value: None,
             offset: Some(9),
+            value_cut: false,
         };
         {
             let (store, _) = Store::open(dir.path()).unwrap();

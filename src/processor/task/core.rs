@@ -735,9 +735,10 @@ impl<S: MarkerStore> TaskCore<S> {
     /// then a held commit waits for the rewrite.
     ///
     /// A marker the changelog refuses as too large (a merge-patch document
-    /// that grew past the topic's limit) is written again without its
-    /// value: the key keeps its version and tn, and a restart seeds it as
-    /// a deleted document, which is better than a partition that never
+    /// that grew past the topic's limit) is written again without its value
+    /// (`Marker::cut`): the key keeps its version and tn, a restart seeds
+    /// it as an empty document, and such a marker is neither a delete's nor
+    /// re-pushed by compensation; better than a partition that never
     /// commits again.
     pub fn changelog_done(&mut self, now: u64, outcome: Result<i64, ProduceError>) {
         let Some(ChangelogWrite { seq, key, marker }) = self.changelog_writes.pop_front() else {
@@ -794,10 +795,7 @@ impl<S: MarkerStore> TaskCore<S> {
                                 key = %String::from_utf8_lossy(&key),
                                 "the changelog refuses the marker as too large; writing it without its value"
                             );
-                            Some(Marker {
-                                value: None,
-                                ..marker
-                            })
+                            Some(marker.cut())
                         }
                         (_, marker) => marker,
                     };
@@ -1067,6 +1065,16 @@ impl<S: MarkerStore> TaskCore<S> {
             if self.table.in_flight(&key) || self.holds_marker(&key) {
                 continue;
             }
+            if marker.value_cut {
+                // Its value never reached the changelog: nothing to re-push.
+                warn!(
+                    partition = self.config.partition,
+                    key = %String::from_utf8_lossy(&key),
+                    version = marker.version,
+                    "an open marker without its value (too large for the changelog) cannot be re-pushed"
+                );
+                continue;
+            }
             if !self.table.knows(&key) {
                 // As for an event of an unknown key: the table learns the
                 // marker first (the push's marker keeps its t2).
@@ -1112,9 +1120,9 @@ impl<S: MarkerStore> TaskCore<S> {
     /// once: no further push, marker write, commit or checkpoint (anything
     /// it wrote now could land after the new owner's writes, win the
     /// changelog's compaction, or checkpoint past them). What is in flight
-    /// is abandoned; the next owner replays from the last commit, and the
-    /// next store opened on this host restores in full (the checkpoint file
-    /// went when this store opened).
+    /// is abandoned; the next owner replays from the last commit. The next
+    /// store opened on this host starts from its last checkpoint, which
+    /// claims only what the changelog acknowledged, and replays the rest.
     pub fn lose(&mut self) {
         if self.phase == Phase::Closed {
             return;
