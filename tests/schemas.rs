@@ -37,6 +37,7 @@ fn marker_round_trips_open_and_tombstone() {
         record.put("t2", Value::Long(10));
         record.put("version", Value::Long(7));
         record.put("value", value.clone());
+        record.put("value_cut", Value::Boolean(false));
         let bytes = to_avro_datum(&schema, record).unwrap();
         let decoded = from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
         let Value::Record(fields) = decoded else {

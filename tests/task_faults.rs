@@ -528,49 +528,6 @@ fn a_dead_letter_refused_for_good_is_given_up_and_counted() {
         .contains(r#"keyflight_dead_letters_abandoned_total{partition="0"} 1"#));
 }
 
-/// A dead letter that keeps failing with retriable errors is given up once
-/// it has failed for `give_up_after`, like a push: nothing is retried
-/// forever.
-#[test]
-fn a_dead_letter_failing_past_the_bound_is_given_up() {
-    let metrics = Arc::new(Metrics::new());
-    let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
-    let mut letter = match feed(
-        &mut core,
-        vec![InputRecord::copied(0, Some(b"k"), Some(b"not json"))],
-        NOW,
-    )
-    .as_slice()
-    {
-        [Action::DeadLetter { letter, .. }] => letter.clone(),
-        other => panic!("dead-lettered: {other:?}"),
-    };
-    let mut now = NOW;
-    let mut attempts = 0;
-    loop {
-        core.dead_letter_done(
-            now,
-            letter.id,
-            Err(ProduceError::Retriable("Local: Message timed out".into())),
-        );
-        match actions(&mut core).pop() {
-            Some(Action::DeadLetter {
-                letter: again,
-                delay,
-            }) => {
-                attempts += 1;
-                now += delay.as_nanos() as u64;
-                letter = again;
-            }
-            None => break,
-            Some(other) => panic!("a retry or nothing: {other:?}"),
-        }
-        assert!(attempts < 100, "retried forever");
-    }
-    assert!((now - NOW) / MS >= 2_000, "not before the bound");
-    assert!(core.wants_records());
-}
-
 /// A marker the changelog refuses for good stops the task with a clear
 /// reason (the process exits and says why) rather than leave the partition
 /// processing without ever committing again, as before.

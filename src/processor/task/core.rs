@@ -155,9 +155,8 @@ pub struct DeadLetter {
     pub cut_to: Option<usize>,
     /// What the dead letter holds until it lands.
     pub holds: Holds,
-    /// Failed attempts so far (for the backoff), and since when (ns).
+    /// Failed attempts so far (for the backoff).
     failures: u32,
-    failing_since: u64,
 }
 
 /// What a dead letter holds back until it lands, so that nothing is
@@ -881,7 +880,6 @@ impl<S: MarkerStore> TaskCore<S> {
             cut_to: None,
             holds,
             failures: 0,
-            failing_since: 0,
         };
         self.dead_letters.insert(letter.id, letter.clone());
         self.actions.push_back(Action::DeadLetter {
@@ -892,12 +890,12 @@ impl<S: MarkerStore> TaskCore<S> {
 
     /// A dead letter's outcome. Acknowledged: what it held goes. Refused as
     /// too large: written again at once with its value cut to what the
-    /// topic takes, then with no value at all. A retriable failure: written
-    /// again after the backoff, and no more records are taken until it
-    /// lands. Nothing is retried forever, since a dead letter that never
-    /// lands would pin its partition: one refused for good (also without
-    /// its value), or failing for `give_up_after`, is given up, logged with
-    /// its record's place and counted, and what it held goes.
+    /// topic takes, then with no value at all. A retriable failure (the
+    /// topic away, a broker down): written again after the backoff, and no
+    /// more records are taken until it lands, so the record is never lost.
+    /// One the topic refuses for good (also without its value) would never
+    /// land and pin its partition: it is given up, logged with its record's
+    /// place and counted, and what it held goes.
     pub fn dead_letter_done(&mut self, now: u64, id: u64, outcome: Result<(), ProduceError>) {
         if matches!(self.phase, Phase::Flushing { .. } | Phase::Closed) {
             return; // abandoned at the close's deadline
@@ -905,15 +903,11 @@ impl<S: MarkerStore> TaskCore<S> {
         let Some(letter) = self.dead_letters.get_mut(&id) else {
             return;
         };
-        if outcome.is_err() && letter.failures == 0 {
-            letter.failing_since = now;
-        }
-        let failing_for = Duration::from_nanos(now.saturating_sub(letter.failing_since));
         let cut_to = match (&outcome, letter.cut_to) {
             (Ok(()), _) => None,
             (Err(ProduceError::TooLarge(_)), None) => Some(self.config.dead_letter_max_value),
             (Err(ProduceError::TooLarge(_)), Some(cut)) if cut > 0 => Some(0),
-            (Err(ProduceError::Retriable(e)), _) if failing_for < self.config.give_up_after => {
+            (Err(ProduceError::Retriable(e)), _) => {
                 letter.failures += 1;
                 let (letter, failures) = (letter.clone(), letter.failures);
                 warn!(
