@@ -31,6 +31,17 @@ fn feed(core: &mut TaskCore<ModelStore>, records: Vec<InputRecord>, now: u64) ->
     actions(core)
 }
 
+/// Takes `records` in one turn, whose one action is a push: its flight.
+fn pushed(
+    core: &mut TaskCore<ModelStore>,
+    records: Vec<InputRecord>,
+) -> keyflight::processor::task::Flight {
+    match feed(core, records, NOW).pop() {
+        Some(Action::Push { flight, .. }) => flight,
+        other => panic!("the event is pushed: {other:?}"),
+    }
+}
+
 /// A commit tick, with every changelog write it hands over landing: the
 /// commits it sent.
 fn commits(core: &mut TaskCore<ModelStore>, now: u64) -> Vec<i64> {
@@ -62,10 +73,7 @@ fn commits(core: &mut TaskCore<ModelStore>, now: u64) -> Vec<i64> {
 fn a_push_the_broker_refuses_is_dead_lettered_and_its_key_moves_on() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::Latest, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
     assert!(
         feed(&mut core, vec![event(1, "k", 2)], NOW).is_empty(),
         "v2 merges"
@@ -113,10 +121,7 @@ fn a_push_the_broker_refuses_is_dead_lettered_and_its_key_moves_on() {
 fn a_refused_push_closes_its_marker_and_its_offset_is_committed_once_dead_lettered() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::Latest, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
     core.push_done(
         NOW,
         flight,
@@ -145,10 +150,7 @@ fn a_refused_push_closes_its_marker_and_its_offset_is_committed_once_dead_letter
 fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_the_bound() {
     let metrics = Arc::new(Metrics::new());
     let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
-    let Some(Action::Push { mut flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let mut flight = pushed(&mut core, vec![event(0, "k", 1)]);
     let mut now = NOW;
     let mut delays = Vec::new();
     loop {
@@ -237,10 +239,7 @@ fn a_dead_letter_too_large_for_its_topic_is_cut_and_never_retried_forever() {
 fn a_record_read_again_below_the_position_is_dead_lettered_and_holds_commits() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::Latest, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(5, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(5, "k", 1)]);
     core.push_done(NOW, flight, Ok(()), Duration::ZERO);
     core.end_turn(NOW);
     let letter = match feed(&mut core, vec![event(3, "j", 1)], NOW).as_slice() {
@@ -266,10 +265,7 @@ fn a_record_read_again_below_the_position_is_dead_lettered_and_holds_commits() {
 fn a_marker_too_large_for_the_changelog_is_written_again_without_its_value() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::JsonMergePatch, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
     core.push_done(NOW, flight, Ok(()), Duration::ZERO);
     core.end_turn(NOW);
     core.tick(NOW, Timer::ChangelogFlush);
@@ -473,10 +469,7 @@ fn a_replayed_delete_below_its_keys_marker_is_stale() {
 fn a_lost_partition_is_dropped_at_once_without_markers_commit_or_checkpoint() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::Latest, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
     assert!(feed(&mut core, vec![event(1, "k", 2)], NOW).is_empty());
 
     core.lose();
@@ -535,10 +528,7 @@ fn a_dead_letter_refused_for_good_is_given_up_and_counted() {
 fn a_marker_the_changelog_refuses_for_good_fails_the_task() {
     let metrics = Arc::new(Metrics::new());
     let mut core = new_core(MergePolicy::Latest, &metrics);
-    let Some(Action::Push { flight, .. }) = feed(&mut core, vec![event(0, "k", 1)], NOW).pop()
-    else {
-        panic!("the event is pushed");
-    };
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
     core.push_done(NOW, flight, Ok(()), Duration::ZERO);
     core.end_turn(NOW);
     core.tick(NOW, Timer::ChangelogFlush);
