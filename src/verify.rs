@@ -174,15 +174,9 @@ impl Verifier {
             Err(e) => return self.reject(partition, offset, &e),
         };
         if let Some(header) = delete_version.filter(|_| value.is_none()) {
-            match std::str::from_utf8(header)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(version) => decoded.version = Some(version),
-                None => {
-                    self.rejected.insert((partition, offset), "invalid-version");
-                    return;
-                }
+            match crate::codec::delete_version(header) {
+                Ok(version) => decoded.version = Some(version),
+                Err(e) => return self.reject(partition, offset, &e),
             }
         }
         let key = Bytes::copy_from_slice(key.unwrap_or_default());

@@ -47,6 +47,8 @@ pub enum DecodeError {
     Json(String),
     #[error("field `{field}` must be a non-negative integer version, found {found}")]
     Version { field: String, found: String },
+    #[error("the delete's version header must be a non-negative integer, found {0:?}")]
+    DeleteVersion(String),
     #[error("invalid Avro event (schemas/event.avsc): {0}")]
     Avro(String),
     #[error("a record without a key cannot be merged per key")]
@@ -60,12 +62,21 @@ impl DecodeError {
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Json(_) => "invalid-json",
-            DecodeError::Version { .. } => "invalid-version",
+            DecodeError::Version { .. } | DecodeError::DeleteVersion(_) => "invalid-version",
             DecodeError::Avro(_) => "invalid-avro",
             DecodeError::NullKey => "null-key",
             DecodeError::TooLarge { .. } => "too-large",
         }
     }
+}
+
+/// A delete's version from its header (`deletes.version_header`): decimal.
+/// The processor and `verify` read it alike.
+pub fn delete_version(header: &[u8]) -> Result<u64, DecodeError> {
+    std::str::from_utf8(header)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| DecodeError::DeleteVersion(String::from_utf8_lossy(header).into_owned()))
 }
 
 /// A decoded record value.

@@ -405,17 +405,10 @@ impl<S: MarkerStore> TaskCore<S> {
             Err(e) => return self.dead_letter(record, e.reason(), e.to_string(), Holds::Offset),
         };
         if let Some(header) = &record.delete_version {
-            match std::str::from_utf8(header)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(version) => decoded.version = Some(version),
-                None => {
-                    let detail = format!(
-                        "the delete's version header is not a non-negative integer: {:?}",
-                        String::from_utf8_lossy(header)
-                    );
-                    return self.dead_letter(record, "invalid-version", detail, Holds::Offset);
+            match crate::codec::delete_version(header) {
+                Ok(version) => decoded.version = Some(version),
+                Err(e) => {
+                    return self.dead_letter(record, e.reason(), e.to_string(), Holds::Offset)
                 }
             }
         }
