@@ -220,7 +220,10 @@ pub async fn create_topics(
         .operation_timeout(Some(timeout));
     let changelog = settings.changelog_topic();
     if let Some(found) = existing.get_mut(&changelog) {
-        found.cleanup_policy = cleanup_policy(&admin, &changelog, &options).await;
+        found.cleanup_policy = topic_configs(&admin, &[&changelog], "cleanup.policy", &options)
+            .await
+            .pop()
+            .flatten();
     }
 
     let plans = plan(settings, partitions, &existing).map_err(TopicsError::Mismatch)?;
@@ -253,23 +256,29 @@ fn compact_only(policy: &str) -> bool {
     policy.split(',').all(|p| p.trim() == "compact")
 }
 
-/// The topic's `cleanup.policy`, or `None` when the broker does not say
-/// (some Kafka-compatible brokers do not implement DescribeConfigs).
-async fn cleanup_policy(
+/// The value of the configuration entry `name` of each of `topics`, in
+/// one DescribeConfigs request; `None` where the broker does not say (some
+/// Kafka-compatible brokers do not implement DescribeConfigs).
+pub(crate) async fn topic_configs(
     admin: &AdminClient<DefaultClientContext>,
-    topic: &str,
+    topics: &[&str],
+    name: &str,
     options: &AdminOptions,
-) -> Option<String> {
-    let results = admin
-        .describe_configs(&[ResourceSpecifier::Topic(topic)], options)
-        .await
-        .ok()?;
-    let resource = results.into_iter().next()?.ok()?;
-    resource
-        .entries
+) -> Vec<Option<String>> {
+    let resources: Vec<ResourceSpecifier> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let Ok(results) = admin.describe_configs(&resources, options).await else {
+        return vec![None; topics.len()];
+    };
+    let mut values: Vec<Option<String>> = results
         .into_iter()
-        .find(|e| e.name == "cleanup.policy")?
-        .value
+        .map(|result| {
+            let resource = result.ok()?;
+            resource.entries.into_iter().find(|e| e.name == name)?.value
+        })
+        .collect();
+    values.resize(topics.len(), None);
+    values
 }
 
 #[cfg(test)]

@@ -13,9 +13,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 
+use super::admin::topic_configs;
 use super::{client_config, Role};
 use crate::config::Settings;
 
@@ -91,22 +92,11 @@ impl Limits {
             changelog.as_str(),
             settings.topics.dead_letter.as_str(),
         ];
-        let resources: Vec<ResourceSpecifier> =
-            topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-        let read = tokio::time::timeout(timeout, admin.describe_configs(&resources, &options));
-        let Ok(Ok(results)) = read.await else {
+        let read = topic_configs(&admin, &topics, "max.message.bytes", &options);
+        let Ok(found) = tokio::time::timeout(timeout, read).await else {
             return limits;
         };
-        let mut found = results.into_iter().map(|result| {
-            let resource = result.ok()?;
-            resource
-                .entries
-                .into_iter()
-                .find(|e| e.name == "max.message.bytes")?
-                .value?
-                .parse()
-                .ok()
-        });
+        let mut found = found.into_iter().map(|v| v?.parse().ok());
         limits.pushed = found.next().flatten();
         limits.changelog = found.next().flatten();
         limits.dead_letter = found.next().flatten();
