@@ -168,7 +168,7 @@ async fn run(
     let _store_lock = tokio::select! {
         guard = resources.store_locks.acquire(partition) => guard,
         closing = &mut close => {
-            answer(closing.ok(), None);
+            answer(closing.ok());
             return Ok(());
         }
     };
@@ -206,7 +206,7 @@ async fn run(
         done = &mut restoring => done.map_err(|e| e.to_string())?,
         closing = &mut close => {
             cancelled.store(true, Ordering::Relaxed);
-            answer(closing.ok(), None);
+            answer(closing.ok());
             // The store and its lock go once the restore stops (at its
             // next record).
             let _ = restoring.await;
@@ -309,10 +309,9 @@ async fn run(
                 // Another member may own the partition already: nothing
                 // more of this task may reach the broker or the store.
                 warn!(partition, "partition lost: dropped without pushes, markers, commit or checkpoint; the next owner replays from the last commit");
+                shell.reply = Some(reply);
                 shell.core.lose();
-                shell.carry_out()?;
-                answer_to(reply, None);
-                return Ok(());
+                return shell.carry_out(); // its Closed(None) answers
             }
             Some(closing) => {
                 shell.reply = closing.map(|c| c.reply);
@@ -369,15 +368,11 @@ async fn run(
     Ok(())
 }
 
-/// Answers a close request, if there is one to answer.
-fn answer(closing: Option<Close>, position: Option<i64>) {
+/// Answers a close that came before the core ran: nothing to commit.
+fn answer(closing: Option<Close>) {
     if let Some(closing) = closing {
-        answer_to(closing.reply, position);
+        let _ = closing.reply.send(None);
     }
-}
-
-fn answer_to(reply: std::sync::mpsc::Sender<Option<i64>>, position: Option<i64>) {
-    let _ = reply.send(position);
 }
 
 fn now_ns() -> u64 {
