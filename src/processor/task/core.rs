@@ -42,7 +42,7 @@ use tracing::{debug, warn};
 use std::sync::Arc;
 
 use crate::codec::Codec;
-use crate::engine::{Event, Offer, Payload, Push, Table, TableConfig, TableStats};
+use crate::engine::{Event, Offer, Push, Table, TableConfig, TableStats};
 use crate::internal_events::{
     ChangelogWritten, DeadLetterAbandoned, DeadLettered, EventMerged, KeysInFlight,
     PushAcknowledged, PushFailed, RecordReceived, StaleEventDropped,
@@ -421,11 +421,18 @@ impl<S: MarkerStore> TaskCore<S> {
         if offset > self.replayed_until && !self.seeded_offsets.is_empty() {
             self.seeded_offsets = HashMap::default(); // past every replay
         }
-        if decoded.version.is_none()
-            && matches!(decoded.payload, Payload::Tombstone)
+        let event = Event {
+            key,
+            offset,
+            version: decoded.version,
+            payload: decoded.payload,
+        };
+        // A version-less delete at or below the offset its key's marker
+        // names is already reflected there (see `seeded_offsets`).
+        if event.comes_after_all()
             && self
                 .seeded_offsets
-                .get(&key)
+                .get(&event.key)
                 .is_some_and(|seen| offset <= *seen)
         {
             if let Err(e) = self.table.drop_stale(offset) {
@@ -436,12 +443,6 @@ impl<S: MarkerStore> TaskCore<S> {
             }
             return self.metrics.emit(StaleEventDropped { offset });
         }
-        let event = Event {
-            key,
-            offset,
-            version: decoded.version,
-            payload: decoded.payload,
-        };
         match self.table.offer(event, now) {
             Ok(Offer::Started(push)) => self.starting.push(push),
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
