@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::codec::{Codec, DecodeError};
-use crate::engine::{MergePolicy, Payload};
+use crate::engine::{Event, MergePolicy, Payload};
 
 /// What the input says a key must end as.
 #[derive(Debug, Default)]
@@ -179,23 +179,21 @@ impl Verifier {
                 Err(e) => return self.reject(partition, offset, &e),
             }
         }
-        let key = Bytes::copy_from_slice(key.unwrap_or_default());
-        let expected = self.expected.entry(key).or_default();
-        let newest = expected.versions.last().copied();
-        // The engine's rule (`Event::comes_after_all`): a delete without a
-        // version comes after whatever its key had and keeps its version.
-        let after_all = decoded.version.is_none() && value.is_none();
-        let version = match (after_all, decoded.version) {
-            (true, _) => newest.unwrap_or(0),
-            (false, Some(version)) => version,
-            (false, None) => offset.max(0) as u64,
+        let event = Event {
+            key: Bytes::copy_from_slice(key.unwrap_or_default()),
+            offset,
+            version: decoded.version,
+            payload: decoded.payload,
         };
-        if !after_all && newest.is_some_and(|newest| version <= newest) {
+        let expected = self.expected.entry(event.key.clone()).or_default();
+        // The engine's ordering, deletes without a version included.
+        let (version, stale) = event.ordered_after(expected.versions.last().copied());
+        if stale {
             self.events += 1;
             return; // stale: the engine drops it too
         }
         let mut folded = expected.current.clone();
-        if self.policy.fold(&mut folded, decoded.payload).is_err() {
+        if self.policy.fold(&mut folded, event.payload).is_err() {
             // The pipeline dead-letters what its table cannot fold.
             self.rejected.insert((partition, offset), "unprocessable");
             return;

@@ -60,6 +60,18 @@ impl Event {
     pub fn comes_after_all(&self) -> bool {
         self.version.is_none() && matches!(self.payload, Payload::Tombstone)
     }
+
+    /// Where this event stands after its key's `newest` version (`None`:
+    /// none yet): its version, and whether it is stale (not newer). The
+    /// table and `verify` order events by this one rule.
+    #[inline]
+    pub fn ordered_after(&self, newest: Option<u64>) -> (u64, bool) {
+        if self.comes_after_all() {
+            return (newest.unwrap_or(0), false);
+        }
+        let version = self.effective_version();
+        (version, newest.is_some_and(|newest| version <= newest))
+    }
 }
 
 /// A push the caller must perform now: produce `payload` for `key`, then
@@ -202,11 +214,6 @@ struct Entry {
 const _: () = assert!(std::mem::size_of::<Entry>() == 64);
 
 impl Entry {
-    #[inline]
-    fn is_stale(&self, version: u64) -> bool {
-        self.versioned && version <= self.newest_version
-    }
-
     #[inline]
     fn newest(&self) -> Option<u64> {
         self.versioned.then_some(self.newest_version)
@@ -439,12 +446,8 @@ impl Table {
         let pos = self.entry_of(&event.key);
         let entry = &mut self.keys.buckets[pos];
         let after_all = event.comes_after_all();
-        let version = if after_all {
-            entry.newest().unwrap_or(0)
-        } else {
-            event.effective_version()
-        };
-        if !after_all && entry.is_stale(version) {
+        let (version, stale) = event.ordered_after(entry.newest());
+        if stale {
             self.offsets.track_done(event.offset)?;
             self.stats.events += 1;
             self.stats.stale += 1;
