@@ -7,6 +7,9 @@
 #   scripts/bench.sh                      the full run (1 000 000 events, 100 000 keys)
 #   EVENTS=100000 KEYS=10000 MARKERS=100000 scripts/bench.sh   a shorter one
 #   BROKERS="mock" scripts/bench.sh       one broker only (tansu, mock)
+#   BROKERS="mock mock-eos-100ms mock-eos-1s" ENGINE=0 scripts/bench.sh
+#                                         at-least-once against exactly-once
+#                                         (commit interval after mock-eos-)
 #   ENGINE=0 scripts/bench.sh             skip the criterion benchmark
 #   BENCH_ARGS="--latency-rate 100000" scripts/bench.sh   more driver options
 #
@@ -90,7 +93,13 @@ for broker in $brokers; do
             say "keyflight vs the bare copy on librdkafka's mock cluster"
             "$bench" "${args[@]}" --label mock --json "$out/mock.json"
             ;;
-        *) echo "unknown broker $broker (tansu, mock)" >&2; exit 2 ;;
+        mock-eos-*)
+            interval="${broker#mock-eos-}"
+            say "keyflight exactly-once (transactions every $interval) vs the bare copy on the mock cluster"
+            KEYFLIGHT_PROCESSING_GUARANTEE=exactly-once KEYFLIGHT_COMMIT_INTERVAL="$interval" \
+                "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        *) echo "unknown broker $broker (tansu, mock, mock-eos-<interval>)" >&2; exit 2 ;;
     esac
 done
 

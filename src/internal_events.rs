@@ -264,6 +264,28 @@ impl MemberEvent for OffsetsCommitted<'_> {
     }
 }
 
+/// An exactly-once transaction of a partition ended.
+pub struct TransactionEnded {
+    pub partition: i32,
+    pub committed: bool,
+}
+
+impl MemberEvent for TransactionEnded {
+    fn emit(self, m: &Metrics) {
+        let outcome = if self.committed {
+            "committed"
+        } else {
+            "aborted"
+        };
+        if !self.committed {
+            warn!(partition = self.partition, "transaction aborted");
+        }
+        m.transactions
+            .with_label_values(&[&self.partition.to_string(), outcome])
+            .inc();
+    }
+}
+
 /// A partition's task fell behind: the partition is paused until it
 /// catches up (backpressure).
 pub struct PartitionPaused {

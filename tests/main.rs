@@ -17,6 +17,7 @@ mod cli;
 mod decoders;
 mod deploy;
 mod devtools;
+mod exactly_once;
 mod faults;
 mod interop;
 mod operability;

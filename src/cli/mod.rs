@@ -126,6 +126,9 @@ pub enum CliError {
     Limits(#[from] crate::kafka::limits::LimitsError),
     #[error("{0}")]
     Runtime(String),
+    /// The brokers lack what the configuration asks for (transactions).
+    #[error("{0}")]
+    Unsupported(String),
     /// A check that ran and said no (verify found problems, replay refused).
     #[error("{0}")]
     Failed(String),
@@ -134,7 +137,9 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Config(_) | CliError::Limits(_) => ExitCode::from(2),
+            CliError::Config(_) | CliError::Limits(_) | CliError::Unsupported(_) => {
+                ExitCode::from(2)
+            }
             CliError::Topics(_) | CliError::Runtime(_) | CliError::Failed(_) => ExitCode::from(1),
         }
     }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{runtime, CliError};
-use crate::config::Settings;
+use crate::config::{ProcessingGuarantee, Settings};
+use crate::kafka::transactions;
 use crate::metrics::{server, Metrics};
 use crate::processor::member;
 
@@ -20,7 +21,10 @@ keyflight-version, keyflight-tn, keyflight-merged and keyflight-compensation.
 
 Each assigned partition restores its marker store from the changelog before
 it processes an event. Offsets are committed only once the events they cover
-are pushed (at-least-once). SIGINT or SIGTERM stops fetching, lets pushes in
+are pushed (at-least-once). With processing_guarantee = \"exactly-once\", each
+partition's pushes, markers and offsets commit together in one Kafka
+transaction per commit_interval (100ms), and a partition's new owner fences
+its old one; it needs a broker with transactions. SIGINT or SIGTERM stops fetching, lets pushes in
 flight finish (up to shutdown_timeout), commits, checkpoints and exits 0.
 
 Start several instances with the same application_id to share the partitions.";
@@ -55,6 +59,19 @@ pub fn run_announcing(
     // secrets (SASL passwords, TLS keys) are redacted.
     let shown = serde_json::to_string(&settings.redacted()).unwrap_or_default();
     tracing::info!(config = %shown, version = env!("CARGO_PKG_VERSION"), "starting");
+    if settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
+        match transactions::missing_transaction_apis(&settings) {
+            Ok(None) => {}
+            Ok(Some(missing)) => {
+                return Err(CliError::Unsupported(format!(
+                    "processing_guarantee = \"exactly-once\" needs a broker with transactions \
+                     (KIP-98), and {missing}; use \"at-least-once\" with this broker"
+                )))
+            }
+            // The clients will say more, and the first transaction fails the same.
+            Err(e) => tracing::warn!("cannot ask the brokers for their transaction support: {e}"),
+        }
+    }
     let runtime = runtime()?;
     let metrics = Arc::new(Metrics::new());
     let mut served = None;

@@ -108,7 +108,13 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
     figment = figment
         .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"))
         .merge(Flags(overrides));
-    let settings: Settings = figment.extract().map_err(from_figment)?;
+    let mut settings: Settings = figment.extract().map_err(from_figment)?;
+    let interval_is_default = figment
+        .find_metadata("commit_interval")
+        .is_none_or(|m| m.name == std::any::type_name::<Settings>());
+    if settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce && interval_is_default {
+        settings.commit_interval = EXACTLY_ONCE_COMMIT_INTERVAL;
+    }
     validate(&settings, &figment)?;
     Ok(settings)
 }

@@ -47,7 +47,15 @@ pub struct Settings {
     /// Where `run` serves `/metrics`, `/healthz` and `/readyz` (`host:port`,
     /// port 0 picks a free one), or `off`.
     pub metrics_addr: String,
-    /// How often the safe position of each partition is committed.
+    /// `at-least-once` (default): pushes, markers and offset commits are
+    /// separate writes, and a crash or a frozen owner may repeat a push.
+    /// `exactly-once`: per input partition, one Kafka transaction per commit
+    /// interval holds its pushes, markers, dead letters and input offset,
+    /// and a new owner fences the old one (needs a broker with
+    /// transactions; readers of the outputs use `read_committed`).
+    pub processing_guarantee: ProcessingGuarantee,
+    /// How often the safe position of each partition is committed (under
+    /// `exactly-once`: how often its transaction commits, 100ms unless set).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// How long a revoke or a shutdown waits for pushes in flight.
@@ -62,6 +70,19 @@ pub struct Settings {
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
 }
+
+/// What a crash or a frozen owner may do to the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessingGuarantee {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+/// The commit interval of `exactly-once` unless one is set: every push
+/// waits for its transaction's commit to be visible downstream.
+pub const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the instances of an application share the input's partitions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,6 +276,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             state_dir: PathBuf::from("state"),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
+            processing_guarantee: ProcessingGuarantee::AtLeastOnce,
             commit_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             input: Input::default(),
@@ -406,6 +428,34 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_commits_every_100ms_unless_an_interval_is_set() {
+        let s = load_str("processing_guarantee = \"exactly-once\"\n").unwrap();
+        assert_eq!(s.processing_guarantee, ProcessingGuarantee::ExactlyOnce);
+        assert_eq!(s.commit_interval, EXACTLY_ONCE_COMMIT_INTERVAL);
+        let s = load_str("processing_guarantee = \"exactly-once\"\ncommit_interval = \"1s\"\n")
+            .unwrap();
+        assert_eq!(s.commit_interval, Duration::from_secs(1));
+        let s = load(None, &Overrides::default()).unwrap();
+        assert_eq!(s.processing_guarantee, ProcessingGuarantee::AtLeastOnce);
+        assert_eq!(s.commit_interval, Duration::from_secs(5));
+        let err = load_str("processing_guarantee = \"exactly_once\"\n").unwrap_err();
+        assert!(err.to_string().contains("exactly-once"), "{err}");
+        let err = load_str(
+            "processing_guarantee = \"exactly-once\"\n[kafka.consumer]\n\"isolation.level\" = \"read_uncommitted\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("kafka.consumer.isolation.level"),
+            "{err}"
+        );
+        let err = load_str("[kafka.producer]\n\"transactional.id\" = \"x\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("keyflight sets this itself"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn file_then_flags_override() {
         let s = load_str(
             "application_id = \"orders\"\nbrokers = \"a:1\"\n[compensation]\ninterval = \"2s\"\n",
@@ -502,13 +552,17 @@ mod tests {
 mod shipped_file {
     use super::*;
 
-    /// config/keyflight.toml documents every key with its default value.
+    /// config/keyflight.toml documents every key with its default value;
+    /// `commit_interval` only in a comment, as its default depends on
+    /// `processing_guarantee`.
     #[test]
     fn documented_file_lists_every_key_with_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keyflight.toml");
         let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\n# commit_interval = \"5s\"\n"));
         let documented: toml::Value = toml::from_str(&text).unwrap();
-        let defaults = toml::Value::try_from(Settings::default()).unwrap();
+        let mut defaults = toml::Value::try_from(Settings::default()).unwrap();
+        defaults.as_table_mut().unwrap().remove("commit_interval");
         assert_eq!(documented, defaults);
         assert_eq!(
             load(Some(&path), &Overrides::default()).unwrap(),

@@ -119,6 +119,17 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),
     );
     check("compensation.interval", positive(s.compensation.interval));
+    let mut consumer = flatten(&s.kafka.common);
+    consumer.extend(flatten(&s.kafka.consumer));
+    let uncommitted = consumer
+        .get("isolation.level")
+        .is_some_and(|level| level == "read_uncommitted");
+    if s.processing_guarantee == ProcessingGuarantee::ExactlyOnce && uncommitted {
+        check(
+            "kafka.consumer.isolation.level",
+            Some("exactly-once reads committed records only (`read_committed`, librdkafka's default): restoring aborted markers would bring back state that never counted".into()),
+        );
+    }
     for (table, values, reserved) in [
         ("kafka.common", &s.kafka.common, RESERVED_COMMON),
         ("kafka.consumer", &s.kafka.consumer, RESERVED_CONSUMER),
@@ -160,6 +171,10 @@ const RESERVED_CONSUMER: &[(&str, &str)] = &[
 const RESERVED_PRODUCER: &[(&str, &str)] = &[
     ("enable.idempotence", "pushes need the idempotent producer"),
     ("acks", "pushes need acks=all"),
+    (
+        "transactional.id",
+        "processing_guarantee = \"exactly-once\" gives each input partition its own",
+    ),
 ];
 
 pub(super) fn parse_metrics_addr(text: &str) -> Result<Option<std::net::SocketAddr>, String> {

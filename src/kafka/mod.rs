@@ -14,6 +14,7 @@ pub mod limits;
 pub mod load;
 pub mod reader;
 pub mod replay;
+pub mod transactions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -203,7 +203,24 @@ pub fn try_read<E>(
                 tracing::warn!(topic, "reading goes on after a broker error: {source}");
             }
             Some(Err(source)) => return Err(failed(source)),
-            None => {}
+            // Nothing more to deliver: a partition whose position reached
+            // its end is done even if no record sits at end - 1, as under
+            // `read_committed` when a transaction marker (a control record,
+            // never delivered) or an aborted transaction ends the range.
+            None => {
+                if let Ok(positions) = consumer.position() {
+                    for element in positions.elements_for_topic(topic) {
+                        let reached = element.offset().to_raw().is_some_and(|position| {
+                            open.get(&element.partition())
+                                .is_some_and(|&end| position >= end)
+                        });
+                        if reached {
+                            open.remove(&element.partition());
+                            last_progress = Instant::now();
+                        }
+                    }
+                }
+            }
         }
         if !open.is_empty() && last_progress.elapsed() > STALL {
             return Err(Stopped::Read(ReadError::Stalled {

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub(crate) committed_offset: IntGaugeVec,
     pub(crate) consumer_lag: IntGaugeVec,
     pub(crate) partition_pauses: IntCounterVec,
+    pub(crate) transactions: IntCounterVec,
     pub(crate) partition_paused: IntGaugeVec,
     pub(crate) assigned_partitions: IntGauge,
     pub(crate) ready: IntGauge,
@@ -238,6 +239,12 @@ impl Metrics {
                 "keyflight_partition_pauses_total",
                 "Times the input partition was paused because its task had fallen behind (backpressure).",
                 p,
+            ),
+            transactions: counter(
+                &registry,
+                "keyflight_transactions_total",
+                "Exactly-once transactions ended, by outcome: committed, or aborted (the partition was dropped).",
+                &["partition", "outcome"],
             ),
             partition_paused: gauge(
                 &registry,

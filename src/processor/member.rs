@@ -67,6 +67,7 @@ impl ClientContext for GroupMember {}
 
 impl ConsumerContext for GroupMember {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.resources.set_group_metadata(consumer.group_metadata());
         match rebalance {
             Rebalance::Revoke(list) => {
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
@@ -86,7 +87,9 @@ impl ConsumerContext for GroupMember {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // The generation the tasks' transactions commit offsets under.
+        self.resources.set_group_metadata(consumer.group_metadata());
         match rebalance {
             Rebalance::Assign(list) => {
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
@@ -252,6 +255,7 @@ pub fn run(
         metrics,
         dead_letter_max_value: AtomicUsize::new(limits.dead_letter_max_value()),
         store_locks: Default::default(),
+        group_metadata: Default::default(),
     });
     let member = GroupMember {
         resources: resources.clone(),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -24,10 +25,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn, Instrument};
 
 use crate::codec::Codec;
-use crate::config::Settings;
+use crate::config::{ProcessingGuarantee, Settings};
 use crate::engine::{Push, TableConfig};
-use crate::internal_events::{CompensationScanned, PartitionRestored};
-use crate::kafka::{headers, send_waiting};
+use crate::internal_events::{
+    CompensationScanned, OffsetsCommitted, PartitionRestored, TransactionEnded,
+};
+use crate::kafka::{headers, send_waiting, transactions};
 use crate::metrics::Metrics;
 use crate::processor::restore;
 use crate::state::Store;
@@ -58,6 +61,30 @@ pub struct TaskResources {
     /// its close (a restore finishing its current read) makes the next
     /// task of the partition wait, not fail on RocksDB's lock.
     pub store_locks: StoreLocks,
+    /// The consumer's group membership (member id, generation) as of the
+    /// last rebalance: exactly-once transactions commit input offsets under
+    /// it, so that a member the group has moved on from cannot commit.
+    pub group_metadata: std::sync::Mutex<Option<Arc<ConsumerGroupMetadata>>>,
+}
+
+impl TaskResources {
+    pub fn set_group_metadata(&self, metadata: Option<ConsumerGroupMetadata>) {
+        *self
+            .group_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = metadata.map(Arc::new);
+    }
+
+    fn group_metadata(&self) -> Option<Arc<ConsumerGroupMetadata>> {
+        self.group_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce
+    }
 }
 
 /// The locks of the partitions' stores (see [`TaskResources::store_locks`]).
@@ -140,6 +167,11 @@ struct Shell {
     topic: String,
     partition: i32,
     core: TaskCore<Store>,
+    /// The member's producer, or under exactly-once the partition's own
+    /// transactional one.
+    producer: FutureProducer,
+    /// Under exactly-once: what the open transaction commits with it.
+    transaction: Option<Transaction>,
     pushes: FuturesUnordered<PushInFlight>,
     dead_letters: FuturesUnordered<DeadLetterInFlight>,
     /// Changelog writes not yet acknowledged, oldest first: the delivery,
@@ -147,6 +179,16 @@ struct Shell {
     changelog_writes: VecDeque<Result<DeliveryFuture, ProduceError>>,
     /// Where the final position goes once the core has closed.
     reply: Option<std::sync::mpsc::Sender<Option<i64>>>,
+}
+
+/// Under exactly-once, what waits for the open transaction's commit: the
+/// input position it commits, and the checkpoint that may claim its
+/// changelog records only once they are committed (an aborted transaction
+/// takes them back).
+#[derive(Default)]
+struct Transaction {
+    position: Option<i64>,
+    checkpoint: Option<i64>,
 }
 
 async fn run(
@@ -171,6 +213,27 @@ async fn run(
             answer(closing.ok());
             return Ok(());
         }
+    };
+    // Under exactly-once, the partition's transactions start before its
+    // restore: initialising them fences the previous owner and aborts its
+    // open transaction, so the restore (reading committed records only)
+    // sees all that will ever count and the previous owner adds nothing.
+    let producer = if resources.exactly_once() {
+        let starting = {
+            let (settings, topic) = (resources.settings.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || transactions::start(&settings, &topic, partition))
+        };
+        tokio::select! {
+            started = starting => started
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot start the partition's transactions (processing_guarantee = \"exactly-once\"): {e}"))?,
+            closing = &mut close => {
+                answer(closing.ok());
+                return Ok(());
+            }
+        }
+    } else {
+        resources.producer.clone()
     };
     let (store, opened) = Store::open(&dir).map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -248,10 +311,12 @@ async fn run(
         now_ns(),
     );
     let mut shell = Shell {
+        transaction: resources.exactly_once().then(Transaction::default),
         resources: resources.clone(),
         topic,
         partition,
         core,
+        producer,
         pushes: FuturesUnordered::new(),
         dead_letters: FuturesUnordered::new(),
         changelog_writes: VecDeque::new(),
@@ -264,6 +329,7 @@ async fn run(
     let mut changelog_tick = tokio::time::interval(CHANGELOG_EVERY);
     compensation_tick.tick().await; // the first tick is immediate; skip it
 
+    let mut commit_due = false;
     loop {
         let closing = tokio::select! {
             biased;
@@ -285,7 +351,11 @@ async fn run(
                 shell.core.commit_failed(position);
                 None
             }
-            _ = commit_tick.tick() => { shell.core.tick(now_ns(), Timer::Commit); None }
+            _ = commit_tick.tick() => {
+                shell.core.tick(now_ns(), Timer::Commit);
+                commit_due = true;
+                None
+            }
             _ = changelog_tick.tick() => { shell.core.tick(now_ns(), Timer::ChangelogFlush); None }
             _ = compensation_tick.tick() => {
                 let started = Instant::now();
@@ -303,7 +373,10 @@ async fn run(
                 None => Some(None),
             },
         };
-        shell.carry_out()?;
+        shell.carry_out().await?;
+        if std::mem::take(&mut commit_due) {
+            shell.commit_transaction().await?;
+        }
         match closing {
             Some(Some(Close { reply, lost: true })) => {
                 // Another member may own the partition already: nothing
@@ -311,7 +384,7 @@ async fn run(
                 warn!(partition, "partition lost: dropped without pushes, markers, commit or checkpoint; the next owner replays from the last commit");
                 shell.reply = Some(reply);
                 shell.core.lose();
-                return shell.carry_out(); // its Closed(None) answers
+                return shell.carry_out().await; // its Closed(None) answers
             }
             Some(closing) => {
                 shell.reply = closing.map(|c| c.reply);
@@ -330,7 +403,7 @@ async fn run(
         if records > 0 {
             pipe.backlog.processed(records, bytes);
         }
-        shell.carry_out()?;
+        shell.carry_out().await?;
     }
 
     // Closing (revoke or shutdown): the core stops taking events, lets
@@ -338,7 +411,7 @@ async fn run(
     // reports the position to commit.
     pipe.records.close();
     shell.core.close();
-    shell.carry_out()?;
+    shell.carry_out().await?;
     let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
     let mut timed_out = false;
     while !shell.core.is_closed() {
@@ -363,7 +436,7 @@ async fn run(
             // on what the shell awaits, so this is a guard, not a path).
             else => break,
         }
-        shell.carry_out()?;
+        shell.carry_out().await?;
     }
     Ok(())
 }
@@ -384,7 +457,7 @@ fn now_ns() -> u64 {
 impl Shell {
     /// Carries out every action the core asked for, in order; the core's
     /// failure is the task's.
-    fn carry_out(&mut self) -> Result<(), String> {
+    async fn carry_out(&mut self) -> Result<(), String> {
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Fail(reason) => return Err(reason),
@@ -396,30 +469,153 @@ impl Shell {
                     if let Some(value) = value.as_deref() {
                         record = record.payload(value);
                     }
-                    let delivery = produce_now(&self.resources.producer, record);
+                    let delivery = produce_now(&self.producer, record);
                     self.changelog_writes.push_back(delivery);
                 }
                 Action::DeadLetter { letter, delay } => self.dead_letter(letter, delay),
-                Action::Commit(position) => {
-                    let _ = self.resources.commits.send((self.partition, position));
-                }
-                Action::Checkpoint(next_offset) => {
-                    if let Err(e) = self.core.store().checkpoint(next_offset) {
-                        warn!(
-                            partition = self.partition,
-                            "checkpoint failed (a restart restores in full): {e}"
-                        );
+                Action::Commit(position) => match &mut self.transaction {
+                    Some(transaction) => transaction.position = Some(position),
+                    None => {
+                        let _ = self.resources.commits.send((self.partition, position));
                     }
-                }
+                },
+                Action::Checkpoint(next_offset) => match &mut self.transaction {
+                    Some(transaction) => transaction.checkpoint = Some(next_offset),
+                    None => self.checkpoint(next_offset),
+                },
                 Action::Closed(position) => {
                     info!(partition = self.partition, ?position, stats = ?self.core.stats(), "partition closed");
+                    // Under exactly-once the position is committed by the
+                    // last transaction, never by the member.
+                    let (position, ended) = match self.transaction.is_some() {
+                        true => (None, self.end_transactions(position).await),
+                        false => (position, Ok(())),
+                    };
                     if let Some(reply) = self.reply.take() {
                         let _ = reply.send(position);
                     }
+                    ended?;
                 }
             }
         }
         Ok(())
+    }
+
+    fn checkpoint(&self, next_offset: i64) {
+        if let Err(e) = self.core.store().checkpoint(next_offset) {
+            warn!(
+                partition = self.partition,
+                "checkpoint failed (a restart restores in full): {e}"
+            );
+        }
+    }
+
+    /// Under exactly-once: commits the open transaction (every record
+    /// produced so far, and the newest covered input position), then the
+    /// checkpoint that waited for it, and begins the next. A transaction
+    /// that cannot commit is aborted and the partition dropped as if lost:
+    /// what this task holds in memory is now ahead of what counts.
+    async fn commit_transaction(&mut self) -> Result<(), String> {
+        let Some(transaction) = self.transaction.as_mut() else {
+            return Ok(());
+        };
+        let group = self.resources.group_metadata();
+        // Offsets go with the member's current generation, once it has one.
+        let position = group.as_ref().and(transaction.position.take());
+        let (producer, topic, partition) =
+            (self.producer.clone(), self.topic.clone(), self.partition);
+        let t0 = Instant::now();
+        let inflight = self.pushes.len();
+        let committed = tokio::task::spawn_blocking(move || {
+            transactions::commit(&producer, (&topic, partition), position, group.as_deref())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/kf-commit-times.log").unwrap();
+            let _ = writeln!(f, "{} {} {}", self.partition, t0.elapsed().as_micros(), inflight);
+        }
+        match committed {
+            Ok(()) => {
+                self.resources.metrics.emit(TransactionEnded {
+                    partition: self.partition,
+                    committed: true,
+                });
+                if let Some(position) = position {
+                    self.resources
+                        .metrics
+                        .emit(OffsetsCommitted(&[(self.partition, position)]));
+                }
+                let checkpoint = self.transaction.as_mut().and_then(|t| t.checkpoint.take());
+                if let Some(next_offset) = checkpoint {
+                    self.checkpoint(next_offset);
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.drop_transactions(&e).await),
+        }
+    }
+
+    /// Under exactly-once, at the close: the last transaction commits with
+    /// the final position, or, with none (a lost partition, a failed
+    /// flush), is aborted.
+    async fn end_transactions(&mut self, position: Option<i64>) -> Result<(), String> {
+        match position {
+            Some(position) => {
+                if let Some(transaction) = self.transaction.as_mut() {
+                    transaction.position = Some(position);
+                }
+                self.commit_transaction().await
+            }
+            None => {
+                self.transaction = None;
+                self.abort().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Nothing more of the open transaction may reach the broker: its
+    /// queue is dropped, and what was sent is aborted (by this producer,
+    /// or, if it was fenced, by the next owner's initialisation).
+    async fn abort(&mut self) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue());
+            transactions::abort(&producer)
+        })
+        .await;
+        self.resources.metrics.emit(TransactionEnded {
+            partition: self.partition,
+            committed: false,
+        });
+    }
+
+    /// A transaction failed: aborts it, drops the partition like a lost one
+    /// (nothing more is produced, committed or checkpointed), and says why.
+    async fn drop_transactions(&mut self, error: &rdkafka::error::KafkaError) -> String {
+        self.transaction = None;
+        self.core.lose();
+        while let Some(action) = self.core.poll_action() {
+            if let (Action::Closed(_), Some(reply)) = (action, self.reply.take()) {
+                let _ = reply.send(None);
+            }
+        }
+        self.abort().await;
+        let id =
+            transactions::transactional_id(&self.resources.settings, &self.topic, self.partition);
+        if transactions::is_fenced(error) {
+            format!(
+                "fenced: another instance took the partition over (it initialised transactional id \
+                 {id}); this one stops, and nothing it wrote since its last commit counts ({error})"
+            )
+        } else {
+            format!(
+                "transaction of {id} failed and was aborted; the partition is replayed from its \
+                 last commit ({error})"
+            )
+        }
     }
 
     /// Produces a push (after `delay`, for retries).
@@ -428,12 +624,12 @@ impl Shell {
         let in_flight: PushInFlight = if delay.is_zero() {
             let produced = Instant::now();
             let sent = produce_now(
-                &self.resources.producer,
+                &self.producer,
                 push_record(topic, &flight.push, flight.value.as_deref()),
             );
             Box::pin(delivery(flight, sent, produced))
         } else {
-            let (producer, topic) = (self.resources.producer.clone(), topic.clone());
+            let (producer, topic) = (self.producer.clone(), topic.clone());
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 let produced = Instant::now();
@@ -450,7 +646,7 @@ impl Shell {
     /// Produces a record unchanged to the dead-letter topic (after `delay`,
     /// for retries), with where it came from and why in its headers.
     fn dead_letter(&mut self, letter: DeadLetter, delay: Duration) {
-        let producer = self.resources.producer.clone();
+        let producer = self.producer.clone();
         let topic = self.resources.settings.topics.dead_letter.clone();
         let source = self.topic.clone();
         let partition = self.partition;
