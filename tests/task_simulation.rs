@@ -257,6 +257,23 @@ mod known_defects {
         assert_still_seen(classes, "the last push is");
     }
 
+    /// A marker that a frozen owner wrote late can land after the next
+    /// owner's and win the changelog's compaction; a later owner's
+    /// compensation then re-pushes the key behind a push that the commit it
+    /// started from covers (26 of 20 000 freeze and 15 of 20 000 lost
+    /// schedules). Closing an open marker whose newest event lies below
+    /// that commit is not a fix: a commit also covers events dropped as
+    /// stale against an open marker, which only its compensation pushes
+    /// (6 of 100 000 handled schedules then lost a key's last push).
+    #[test]
+    fn a_stale_marker_that_wins_compaction_can_make_compensation_step_a_key_back() {
+        let classes = FaultClasses {
+            freeze: true,
+            ..FaultClasses::HANDLED
+        };
+        assert_still_seen(classes, "a compensation re-pushes");
+    }
+
     /// A close whose wait for pushes in flight runs out abandons them, but
     /// the producer still delivers them: they can land after the next
     /// owner's newer pushes (the "one owner per partition" issue: closing

@@ -241,6 +241,8 @@ pub struct Pushed {
     pub version: u64,
     pub value: Option<serde_json::Value>,
     pub owner: u32,
+    /// The input offset of the push's newest event (`None`: not known).
+    pub offset: Option<i64>,
 }
 
 impl Pushed {
@@ -259,6 +261,7 @@ impl Pushed {
                 .as_ref()
                 .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
             owner,
+            offset: None,
         }
     }
 
@@ -272,6 +275,7 @@ impl Pushed {
                 .as_ref()
                 .map(|v| serde_json::from_slice(v).expect("pushes are JSON")),
             owner,
+            offset: flight.push.offset,
         }
     }
 }
@@ -679,6 +683,9 @@ struct Owner {
     /// Holds the partition in the group (a frozen owner no longer does).
     member: bool,
     frozen: bool,
+    /// The committed offset it started from, and how many pushes had
+    /// landed by then.
+    started_from: (i64, usize),
 }
 
 const COMMIT_EVERY: u64 = 50;
@@ -862,8 +869,12 @@ impl<'a> Sim<'a> {
         match happening {
             Happening::Arrived(upto) => {
                 self.arrived = self.arrived.max(upto);
-                for i in 0..self.owners.len() {
-                    self.turn(i, |_| {});
+                // A turn may end an owner (and remove it): by id, not index.
+                let ids: Vec<u32> = self.owners.iter().map(|o| o.id).collect();
+                for id in ids {
+                    if let Some(i) = self.owner_index(id) {
+                        self.turn(i, |_| {});
+                    }
                 }
             }
             Happening::PushDone {
@@ -1087,6 +1098,7 @@ impl<'a> Sim<'a> {
             pushes_pending: 0,
             member: true,
             frozen: false,
+            started_from: (self.broker.committed, self.broker.pushed.len()),
         });
         for (timer, period) in [
             (Timer::Commit, COMMIT_EVERY),
@@ -1167,6 +1179,25 @@ impl<'a> Sim<'a> {
                             "the push of {key:?} (tn {}) is produced before its markT1 (marker t1 {marked:?})",
                             flight.push.tn
                         ));
+                    }
+                    // A compensation repairs a push that may not have
+                    // landed: it never steps a key back behind a push that
+                    // had landed, covered by the commit its owner started
+                    // from (a stale marker that won the changelog's
+                    // compaction must not undo it).
+                    if flight.push.compensation {
+                        let (committed, landed) = self.owners[i].started_from;
+                        let covered = self.broker.pushed[..landed]
+                            .iter()
+                            .filter(|p| p.key == *key && p.offset.is_some_and(|o| o < committed))
+                            .map(|p| p.version)
+                            .max();
+                        if covered.is_some_and(|covered| covered > flight.push.version) {
+                            self.violation(format!(
+                                "a compensation re-pushes {key:?} at version {}, behind version {covered:?}, which the commit its owner started from covers",
+                                flight.push.version
+                            ));
+                        }
                     }
                     let ok = !self.fails(self.schedule.faults.push_failure);
                     let refused = !ok && self.rng.random_bool(self.schedule.faults.push_refusal);

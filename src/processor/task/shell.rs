@@ -524,18 +524,11 @@ impl Shell {
         let position = group.as_ref().and(transaction.position.take());
         let (producer, topic, partition) =
             (self.producer.clone(), self.topic.clone(), self.partition);
-        let t0 = Instant::now();
-        let inflight = self.pushes.len();
         let committed = tokio::task::spawn_blocking(move || {
             transactions::commit(&producer, (&topic, partition), position, group.as_deref())
         })
         .await
         .map_err(|e| e.to_string())?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/kf-commit-times.log").unwrap();
-            let _ = writeln!(f, "{} {} {}", self.partition, t0.elapsed().as_micros(), inflight);
-        }
         match committed {
             Ok(()) => {
                 self.resources.metrics.emit(TransactionEnded {
