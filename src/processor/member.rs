@@ -244,12 +244,14 @@ pub fn run(
             source,
         })?;
     let (commits, commit_requests) = std::sync::mpsc::channel();
+    let (committed_in_transactions, transaction_commits) = std::sync::mpsc::channel();
     let (failures, failed) = std::sync::mpsc::channel();
     let resources = Arc::new(TaskResources {
         codec: Arc::new(settings.codec()),
         changelog: settings.changelog_topic(),
         producer,
         commits,
+        committed_in_transactions,
         failures,
         settings,
         metrics,
@@ -313,6 +315,7 @@ pub fn run(
             }
         }
         commit_requested(&consumer, &commit_requests, &input);
+        committed_in_transaction(&consumer, &transaction_commits);
         if lag_sampled.elapsed() >= LAG_SAMPLE_INTERVAL {
             sample_lag(&consumer, &input);
             lag_sampled = Instant::now();
@@ -413,6 +416,30 @@ fn sample_lag(consumer: &BaseConsumer<GroupMember>, topic: &str) {
             lag: (high - from.unwrap_or(low)).max(0),
         });
     }
+}
+
+/// Records the positions exactly-once transactions committed, as the
+/// commit callback does for the member's own commits.
+fn committed_in_transaction(
+    consumer: &BaseConsumer<GroupMember>,
+    committed: &std::sync::mpsc::Receiver<(i32, i64)>,
+) {
+    let context = consumer.context();
+    // A revoked partition's last transaction may report after its revoke.
+    let assigned = context.router.partitions();
+    let done: Vec<(i32, i64)> = committed
+        .try_iter()
+        .filter(|(partition, _)| assigned.contains(partition))
+        .collect();
+    if done.is_empty() {
+        return;
+    }
+    context
+        .committed
+        .lock()
+        .expect("committed lock")
+        .extend(done.iter().copied());
+    context.resources.metrics.emit(OffsetsCommitted(&done));
 }
 
 /// Commits the positions partition tasks asked for, if still assigned here.

@@ -27,9 +27,7 @@ use tracing::{info, warn, Instrument};
 use crate::codec::Codec;
 use crate::config::{ProcessingGuarantee, Settings};
 use crate::engine::{Push, TableConfig};
-use crate::internal_events::{
-    CompensationScanned, OffsetsCommitted, PartitionRestored, TransactionEnded,
-};
+use crate::internal_events::{CompensationScanned, PartitionRestored, TransactionEnded};
 use crate::kafka::{headers, send_waiting, transactions};
 use crate::metrics::Metrics;
 use crate::processor::restore;
@@ -48,6 +46,9 @@ pub struct TaskResources {
     pub changelog: String,
     /// Commit requests to the poll thread: (partition, offset).
     pub commits: std::sync::mpsc::Sender<(i32, i64)>,
+    /// Positions an exactly-once transaction committed, for the poll
+    /// thread's record of committed offsets (lag, metrics).
+    pub committed_in_transactions: std::sync::mpsc::Sender<(i32, i64)>,
     /// A partition task that cannot go on reports here; the process stops
     /// with an error rather than hold a partition it does not process.
     pub failures: std::sync::mpsc::Sender<String>,
@@ -536,9 +537,10 @@ impl Shell {
                     committed: true,
                 });
                 if let Some(position) = position {
-                    self.resources
-                        .metrics
-                        .emit(OffsetsCommitted(&[(self.partition, position)]));
+                    let _ = self
+                        .resources
+                        .committed_in_transactions
+                        .send((self.partition, position));
                 }
                 let checkpoint = self.transaction.as_mut().and_then(|t| t.checkpoint.take());
                 if let Some(next_offset) = checkpoint {
