@@ -43,7 +43,10 @@
 //!   raw librdkafka call behind safe wrappers (`kafka::ffi`), the header
 //!   names ([`kafka::headers`]), the one topic reader ([`kafka::reader`],
 //!   used by restore, `verify`, `replay` and the tests), admin, replay, the
-//!   embedded broker and the load producer.
+//!   embedded broker and the load producer. Under `processing_guarantee =
+//!   "exactly-once"`, [`kafka::transactions`] gives each partition task a
+//!   transactional producer; the shell then commits one transaction per
+//!   commit interval (pushes, markers, dead letters and the input position).
 //! * [`compensation`]: which open markers the periodic scan re-pushes (the
 //!   task core pushes them through the same table, never concurrently with
 //!   a normal push of the key).
