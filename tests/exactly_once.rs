@@ -18,29 +18,12 @@ use std::time::Duration;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::{
-    http_get, produce_records_at, read_all_at, wait_until, App, Broker, Record, Scrape, FAST_GROUP,
+    produce_records_at, read_all_at, round, rounds, scrape, wait_until, App, Broker, FAST_GROUP,
 };
 
 const EXACTLY_ONCE: &str = "processing_guarantee = \"exactly-once\"\n";
 /// The mode's own default commit interval (the tests' config sets 500ms).
 const EVERY_100MS: (&str, &str) = ("KEYFLIGHT_COMMIT_INTERVAL", "100ms");
-
-/// `keys` keys with version `version` each, spread over the partitions.
-fn round(keys: usize, version: u64) -> Vec<Record> {
-    (0..keys)
-        .map(|k| {
-            let key = format!("key-{k:03}");
-            let value = format!(r#"{{"version":{version},"key":{k}}}"#);
-            (Some(key.into_bytes()), Some(value.into_bytes()))
-        })
-        .collect()
-}
-
-fn scrape(addr: &str) -> Scrape {
-    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
-    Scrape::parse(&body)
-}
 
 /// Two exactly-once instances share four partitions through a rebalance:
 /// every partition's pushes, markers and input position go through its own
@@ -54,10 +37,7 @@ async fn exactly_once_instances_push_every_keys_latest_event_through_transaction
     let app = App::on_mock_cluster(&cluster, 4, &format!("{EXACTLY_ONCE}{FAST_GROUP}"));
     let mut a = app.start_with_env(&app.state_dir("a"), &[EVERY_100MS]);
     a.await_log("partition restored", 4, Duration::from_secs(60));
-    let mut records = Vec::new();
-    for version in 1..=20 {
-        records.extend(round(100, version));
-    }
+    let records = rounds(100, 1..=20);
     produce_records_at(&bootstrap, &app.input, &records).await;
     app.await_verified(Duration::from_secs(60), || a.log());
 
@@ -82,10 +62,7 @@ async fn exactly_once_instances_push_every_keys_latest_event_through_transaction
     // on B (fencing A's, had A kept writing) before B restores them.
     let mut b = app.start_with_env(&app.state_dir("b"), &[EVERY_100MS]);
     b.await_log("partition restored", 1, Duration::from_secs(60));
-    let mut newer = Vec::new();
-    for version in 100..=110 {
-        newer.extend(round(100, version));
-    }
+    let newer = rounds(100, 100..=110);
     produce_records_at(&bootstrap, &app.input, &newer).await;
     let report = app.await_verified(Duration::from_secs(60), || {
         format!("{}\n{}", a.log(), b.log())

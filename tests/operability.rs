@@ -4,15 +4,9 @@
 use std::time::Duration;
 
 use crate::support::{
-    await_final_state, create_topic, http_get, produce, produce_bytes, wait_until, App, Broker,
-    Scrape, TestEvent,
+    await_final_state, create_topic, http_get, produce, produce_bytes, scrape, wait_until, App,
+    Broker, TestEvent,
 };
-
-fn scrape(addr: &str) -> Scrape {
-    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
-    Scrape::parse(&body)
-}
 
 /// A crash leaves 20 open markers behind (pushes failed: the output topic
 /// was missing). The next instance serves /readyz as not ready until its

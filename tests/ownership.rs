@@ -3,18 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{produce_records_at, read_all_at, wait_until, App, FAST_GROUP};
-
-/// `keys` keys with version `version` each.
-fn round(keys: usize, version: u64) -> Vec<crate::support::Record> {
-    (0..keys)
-        .map(|k| {
-            let key = format!("key-{k:02}");
-            let value = format!(r#"{{"version":{version},"key":{k}}}"#);
-            (Some(key.into_bytes()), Some(value.into_bytes()))
-        })
-        .collect()
-}
+use crate::support::{produce_records_at, read_all_at, round, rounds, wait_until, App, FAST_GROUP};
 
 /// Instance A owns the partition and is frozen (SIGSTOP) mid-stream; its
 /// session expires, B takes the partition over and pushes newer events;
@@ -36,10 +25,7 @@ async fn a_frozen_owner_that_wakes_drops_its_lost_partition_without_commit_or_ch
     let a_state = app.state_dir("a");
     let mut a = app.start(&a_state);
     a.await_log("partition restored", 1, Duration::from_secs(60));
-    let mut records = Vec::new();
-    for version in 1..=200 {
-        records.extend(round(20, version));
-    }
+    let records = rounds(20, 1..=200);
     produce_records_at(&bootstrap, &app.input, &records).await;
     // Frozen while it works through the burst.
     wait_until(Duration::from_secs(30), Duration::from_millis(20), || {

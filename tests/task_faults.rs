@@ -42,6 +42,23 @@ fn pushed(
     }
 }
 
+/// A core whose push of key `k` was acknowledged, at the flush that hands
+/// its marker to the changelog: that write's action.
+fn marker_written(policy: MergePolicy, metrics: &Arc<Metrics>) -> (TaskCore<ModelStore>, Action) {
+    let mut core = new_core(policy, metrics);
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    let mut written = actions(&mut core);
+    assert!(
+        matches!(written.as_slice(), [Action::WriteChangelog { .. }]),
+        "the marker is written: {written:?}"
+    );
+    let write = written.pop().expect("one write");
+    (core, write)
+}
+
 /// A commit tick, with every changelog write it hands over landing: the
 /// commits it sent.
 fn commits(core: &mut TaskCore<ModelStore>, now: u64) -> Vec<i64> {
@@ -264,14 +281,10 @@ fn a_record_read_again_below_the_position_is_dead_lettered_and_holds_commits() {
 #[test]
 fn a_marker_too_large_for_the_changelog_is_written_again_without_its_value() {
     let metrics = Arc::new(Metrics::new());
-    let mut core = new_core(MergePolicy::JsonMergePatch, &metrics);
-    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
-    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
-    core.end_turn(NOW);
-    core.tick(NOW, Timer::ChangelogFlush);
+    let (mut core, write) = marker_written(MergePolicy::JsonMergePatch, &metrics);
     assert!(matches!(
-        actions(&mut core).as_slice(),
-        [Action::WriteChangelog { value: Some(_), .. }]
+        write,
+        Action::WriteChangelog { value: Some(_), .. }
     ));
     core.changelog_done(
         NOW,
@@ -527,15 +540,7 @@ fn a_dead_letter_refused_for_good_is_given_up_and_counted() {
 #[test]
 fn a_marker_the_changelog_refuses_for_good_fails_the_task() {
     let metrics = Arc::new(Metrics::new());
-    let mut core = new_core(MergePolicy::Latest, &metrics);
-    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
-    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
-    core.end_turn(NOW);
-    core.tick(NOW, Timer::ChangelogFlush);
-    assert!(matches!(
-        actions(&mut core).as_slice(),
-        [Action::WriteChangelog { .. }]
-    ));
+    let (mut core, _) = marker_written(MergePolicy::Latest, &metrics);
     core.changelog_done(
         NOW,
         Err(ProduceError::Refused("Broker: Policy violation".into())),

@@ -128,17 +128,24 @@ impl ConsumerContext for GroupMember {
                 }
             }
         }
-        if !done.is_empty() {
-            self.committed
-                .lock()
-                .expect("committed lock")
-                .extend(done.iter().copied());
-            self.resources.metrics.emit(OffsetsCommitted(&done));
-        }
+        self.record_committed(&done);
     }
 }
 
 impl GroupMember {
+    /// Records offsets the group now has committed, by the member or by an
+    /// exactly-once transaction (for the lag and the metrics).
+    fn record_committed(&self, done: &[(i32, i64)]) {
+        if done.is_empty() {
+            return;
+        }
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .extend(done.iter().copied());
+        self.resources.metrics.emit(OffsetsCommitted(done));
+    }
+
     /// Forwards every assigned partition to the fetch queue again (see
     /// [`FetchQueue`]).
     fn reforward(&self, consumer: &BaseConsumer<GroupMember>) {
@@ -431,15 +438,7 @@ fn committed_in_transaction(
         .try_iter()
         .filter(|(partition, _)| assigned.contains(partition))
         .collect();
-    if done.is_empty() {
-        return;
-    }
-    context
-        .committed
-        .lock()
-        .expect("committed lock")
-        .extend(done.iter().copied());
-    context.resources.metrics.emit(OffsetsCommitted(&done));
+    context.record_committed(&done);
 }
 
 /// Commits the positions partition tasks asked for, if still assigned here.

@@ -292,6 +292,13 @@ impl Processor {
 
 pub use keyflight::metrics::scrape::{http_get, Scrape};
 
+/// `GET /metrics` at `addr`, which must answer 200, parsed.
+pub fn scrape(addr: &str) -> Scrape {
+    let (status, body) = http_get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    Scrape::parse(&body)
+}
+
 impl Drop for Processor {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -175,6 +175,23 @@ pub fn wait_until<T>(
     }
 }
 
+/// `keys` keys (`key-000`, `key-001`, …), each with a JSON value of
+/// version `version`.
+pub fn round(keys: usize, version: u64) -> Vec<Record> {
+    (0..keys)
+        .map(|k| {
+            let key = format!("key-{k:03}");
+            let value = format!(r#"{{"version":{version},"key":{k}}}"#);
+            (Some(key.into_bytes()), Some(value.into_bytes()))
+        })
+        .collect()
+}
+
+/// One [`round`] of `keys` keys per version in `versions`, in order.
+pub fn rounds(keys: usize, versions: std::ops::RangeInclusive<u64>) -> Vec<Record> {
+    versions.flat_map(|version| round(keys, version)).collect()
+}
+
 /// Produces records with optional keys and values, in order (keys hash
 /// to partitions like Java clients).
 pub async fn produce_records(broker: &Broker, topic: &str, records: &[Record]) {
