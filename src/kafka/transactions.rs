@@ -94,13 +94,14 @@ fn retrying(mut call: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {
     }
 }
 
-/// Whether a transaction error means another instance owns the partition now.
+/// Whether a transaction error means another instance owns the partition
+/// now (other fatal errors, such as a broken idempotence sequence, do not).
 pub fn is_fenced(error: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(
         error.rdkafka_error_code(),
         Some(Code::ProducerFenced | Code::InvalidProducerEpoch | Code::Fenced)
-    ) || matches!(error, KafkaError::Transaction(e) if e.is_fatal())
+    )
 }
 
 /// The Kafka API keys exactly-once needs beyond producing and fetching.
