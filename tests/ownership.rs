@@ -319,3 +319,69 @@ fn plain(line: &str) -> String {
     }
     out
 }
+
+/// Static membership on Tansu: A and B each own one of two partitions; A
+/// stops (SIGTERM) and starts again on the same state directory. With
+/// `group.instance_id` set, the restart is within the session timeout and
+/// the group does not rebalance: B's partition is never revoked, A gets its
+/// own partition back, and everything produced meanwhile verifies. The
+/// same restart without instance ids runs first as the control: there, A's
+/// leave and rejoin revoke B's partition. Eager assignment makes any
+/// rebalance visible in B's log (cooperative assignment revokes nothing
+/// from B when B keeps its partition).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_static_member_restarting_within_its_session_moves_no_partition() {
+    let broker = crate::support::Broker::start();
+    for static_members in [false, true] {
+        let app = crate::support::App::create(
+            &broker,
+            2,
+            "[group]\nassignment = \"eager\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"30000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\"max.poll.interval.ms\" = \"30000\"\n",
+        );
+        let env = |name: &'static str| -> Vec<(&'static str, &'static str)> {
+            if static_members {
+                vec![("KEYFLIGHT_GROUP__INSTANCE_ID", name)]
+            } else {
+                vec![]
+            }
+        };
+        let mut a = app.start_with_env(&app.state_dir("a"), &env("a"));
+        a.await_log("partition restored", 2, Duration::from_secs(60));
+        let b = app.start_with_env(&app.state_dir("b"), &env("b"));
+        b.await_log("partition restored", 1, Duration::from_secs(60));
+        let b_owns = assigned(&b.log());
+        let b_before = b.log();
+
+        a.stop(Duration::from_secs(30));
+        let a_owned: Vec<i32> = (0..2).filter(|p| !b_owns.contains(p)).collect();
+        let mut a = app.start_with_env(&app.state_dir("a"), &env("a"));
+        a.await_log("partition restored", 1, Duration::from_secs(60));
+        produce_records_at(&broker.bootstrap, &app.input, &round(40, 1)).await;
+        let report = app.await_verified(Duration::from_secs(90), || {
+            format!("A:\n{}\nB:\n{}", a.log(), b.log())
+        });
+        assert_eq!(report["events_behind"], 0, "{report}");
+        let b_after = b.log()[b_before.len()..].to_string();
+        let b_rebalanced =
+            b_after.contains("partitions revoked") || b_after.contains("partition assigned");
+        println!(
+            "static membership {static_members}: B rebalanced {b_rebalanced}, A restarted with {:?}",
+            assigned(&a.log())
+        );
+        if static_members {
+            assert!(
+                !b_rebalanced,
+                "B kept its partition through A's restart:\n{b_after}"
+            );
+            assert_eq!(assigned(&a.log()), a_owned, "A got its own partition back");
+        } else {
+            assert!(
+                b_rebalanced,
+                "control: a dynamic member's restart rebalances B:\n{b_after}"
+            );
+        }
+        a.stop(Duration::from_secs(30));
+        let mut b = b;
+        b.stop(Duration::from_secs(30));
+    }
+}
