@@ -64,6 +64,7 @@ impl Driver {
             table: Table::new(TableConfig {
                 policy: MergePolicy::Latest,
                 max_active_keys: usize::MAX,
+                ..TableConfig::default()
             }),
             sequence,
             value: Bytes::from_static(br#"{"status":"active","score":42}"#),

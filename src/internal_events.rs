@@ -133,11 +133,16 @@ impl PartitionEvent for StaleEventDropped {
 }
 
 /// The number of keys with a push in flight changed.
-pub struct KeysInFlight(pub usize);
+pub struct KeysInFlight {
+    pub in_flight: usize,
+    /// Keys waiting for their push window, without a push in flight.
+    pub waiting: usize,
+}
 
 impl PartitionEvent for KeysInFlight {
     fn emit(self, m: &PartitionMetrics) {
-        m.keys_in_flight.set(self.0 as i64);
+        m.keys_in_flight.set(self.in_flight as i64);
+        m.keys_waiting.set(self.waiting as i64);
     }
 }
 

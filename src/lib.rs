@@ -22,8 +22,10 @@
 //!   singleflight [`engine::Table`] (a state machine per key: idle, in
 //!   flight, in flight with a pending merged push), the merge policies
 //!   (`latest`, RFC 7396 `json-merge-patch`), stale-event dropping by
-//!   version, the per-key `tn` clock, and offset coverage (the position safe
-//!   to commit).
+//!   version, the per-key `tn` clock, offset coverage (the position safe
+//!   to commit), and push shaping: a key may wait in a window (`delay`,
+//!   `min_interval`) whose end sits in one heap per table, driven by the
+//!   caller's clock.
 //! * [`processor`]: `keyflight run`, along Kafka Streams' seams.
 //!   [`processor::member`] is the consumer-group member (rebalances, routing
 //!   records to tasks in batches, pausing, commits);

@@ -25,6 +25,7 @@ mod ownership;
 mod pipeline;
 mod recovery;
 mod schemas;
+mod shaping;
 mod simulation;
 mod state_crash;
 mod task_faults;

@@ -232,6 +232,40 @@ pub struct Singleflight {
     /// partition is paused (its fetched records are then dropped by the
     /// client and fetched again on resume).
     pub max_held_bytes: usize,
+    /// A quiet period: a key's push starts this long after its latest event
+    /// when the first of them found it idle (0: at once).
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// The longest a key that never goes quiet waits under `delay`; unset:
+    /// ten times `delay`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_delay: Option<Duration>,
+    /// A cooldown: a key's next push starts no sooner than this after its
+    /// previous push started (0: off).
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+}
+
+impl Singleflight {
+    /// How many times `delay` a key waits at most when `max_delay` is unset.
+    pub const MAX_DELAY_FACTOR: u32 = 10;
+
+    /// The table's push shaping, in nanoseconds.
+    pub fn windows(&self) -> crate::engine::Windows {
+        let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        let max_delay = self
+            .max_delay
+            .unwrap_or(self.delay * Self::MAX_DELAY_FACTOR);
+        crate::engine::Windows {
+            delay: ns(self.delay),
+            max_delay: ns(max_delay.max(self.delay)),
+            min_interval: ns(self.min_interval),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,6 +342,9 @@ impl Default for Singleflight {
             merge_policy: MergePolicy::Latest,
             max_active_keys: 10_000,
             max_held_bytes: 8 * 1024 * 1024,
+            delay: Duration::ZERO,
+            max_delay: None,
+            min_interval: Duration::ZERO,
         }
     }
 }
@@ -506,6 +543,26 @@ mod tests {
     }
 
     #[test]
+    fn push_shaping_reads_durations_and_defaults_max_delay_to_ten_delays() {
+        let s = load_str("[singleflight]\ndelay = \"200ms\"\nmin_interval = \"1s\"\n").unwrap();
+        let w = s.singleflight.windows();
+        assert_eq!(
+            (w.delay, w.max_delay, w.min_interval),
+            (200_000_000, 2_000_000_000, 1_000_000_000)
+        );
+        let s = load_str("[singleflight]\ndelay = \"200ms\"\nmax_delay = \"500ms\"\n").unwrap();
+        assert_eq!(s.singleflight.windows().max_delay, 500_000_000);
+        let err = load_str("[singleflight]\ndelay = \"1s\"\nmax_delay = \"500ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`singleflight.max_delay`")
+                && err.contains("at least singleflight.delay (1s)"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn raw_input_with_merge_patch_is_refused() {
         let err = load_str(
             "[input]\nformat = \"raw\"\n[singleflight]\nmerge_policy = \"json-merge-patch\"\n",
@@ -553,13 +610,14 @@ mod shipped_file {
     use super::*;
 
     /// config/keyflight.toml documents every key with its default value;
-    /// `commit_interval` only in a comment, as its default depends on
-    /// `processing_guarantee`.
+    /// `commit_interval` and `singleflight.max_delay` only in a comment, as
+    /// their defaults depend on other keys.
     #[test]
     fn documented_file_lists_every_key_with_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keyflight.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\n# commit_interval = \"5s\"\n"));
+        assert!(text.contains("\n# max_delay = \"1s\"\n"));
         let documented: toml::Value = toml::from_str(&text).unwrap();
         let mut defaults = toml::Value::try_from(Settings::default()).unwrap();
         defaults.as_table_mut().unwrap().remove("commit_interval");

@@ -114,6 +114,17 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         "singleflight.max_active_keys",
         (s.singleflight.max_active_keys == 0).then(|| "must be at least 1".into()),
     );
+    if let Some(max_delay) = s.singleflight.max_delay {
+        check(
+            "singleflight.max_delay",
+            (max_delay < s.singleflight.delay || max_delay.is_zero()).then(|| {
+                format!(
+                    "must be at least singleflight.delay ({}) and above 0",
+                    humantime::format_duration(s.singleflight.delay)
+                )
+            }),
+        );
+    }
     check(
         "singleflight.max_held_bytes",
         (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),

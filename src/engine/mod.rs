@@ -11,4 +11,4 @@ pub mod table;
 
 pub use merge::{MergeError, MergePolicy, Payload, Value};
 pub use offsets::OffsetTracker;
-pub use table::{EngineError, Event, Key, Offer, Push, Table, TableConfig, TableStats};
+pub use table::{EngineError, Event, Key, Offer, Push, Table, TableConfig, TableStats, Windows};

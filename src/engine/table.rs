@@ -11,6 +11,20 @@
 //! InFlight, not yet produced ──catch_up──▶ InFlight{push(flight ∪ pending), pending: None}
 //! ```
 //!
+//! With push shaping ([`Windows`]) a key may also wait, holding its events
+//! without a push in flight:
+//!
+//! ```text
+//! Idle ──event e, inside delay or min_interval──▶ Waiting{pending: e, due}
+//! Waiting ──event e──▶ Waiting{pending: fold(pending, e), due (delay slides, up to max_delay)}
+//! InFlight ──ack, pending = Some(p), inside min_interval──▶ Waiting{pending: p, due}
+//! Waiting ──wake at due──▶ InFlight{push(pending), pending: None}
+//! ```
+//!
+//! A waiting key's events hold the commit position like pending ones, and
+//! its deadline sits in one heap for the whole table: a million waiting
+//! keys cost a million heap entries, not a million timers.
+//!
 //! A key never has two pushes in flight, so a stale push can never land after
 //! a fresh one: the last push to start is the last to finish, and it starts
 //! after the last event arrived. That is the fix for the article's Case 1 and
@@ -108,6 +122,10 @@ pub enum Offer {
     /// The event is not newer than what the key already pushed or holds:
     /// dropped, and its offset counts as covered.
     Stale,
+    /// The key was idle but inside its window (`delay`, or `min_interval`
+    /// since its last push started): it waits, and [`Table::wake`] starts
+    /// its push when the window ends.
+    Waiting,
 }
 
 /// Errors the table reports instead of panicking.
@@ -132,6 +150,8 @@ pub struct TableStats {
     pub compensations_skipped: u64,
     pub acked: u64,
     pub failed: u64,
+    /// Events that found their key idle and made it wait (a window opened).
+    pub windows_opened: u64,
 }
 
 /// Events folded together and not yet acknowledged downstream. Their offsets
@@ -187,6 +207,23 @@ struct Active {
     /// the next patch folds onto it, and goes back to
     /// [`Table::values`] when the key turns idle.
     current: Option<Payload>,
+    /// Set while the key waits without a push in flight (then `flight` is
+    /// empty, `tn` is 0 and `pending` holds the events).
+    waiting: Option<Waiting>,
+}
+
+/// A key waiting for its window to end.
+#[derive(Debug)]
+struct Waiting {
+    key: Key,
+    /// When the window opened (the first event, or the acknowledgement that
+    /// found the key inside `min_interval`).
+    opened: u64,
+    /// When its push starts; it only ever moves later.
+    due: u64,
+    /// Whether later events move `due` (a `delay` window: the quiet period
+    /// starts again with each event, up to `max_delay` after `opened`).
+    slides: bool,
 }
 
 /// Per known key: one bucket of [`Keys`], a cache line.
@@ -367,8 +404,9 @@ fn same_key(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct TableConfig {
     pub policy: MergePolicy,
-    /// Keys in flight beyond which the table reports saturation.
+    /// Keys in flight or waiting beyond which the table reports saturation.
     pub max_active_keys: usize,
+    pub windows: Windows,
 }
 
 impl Default for TableConfig {
@@ -376,7 +414,42 @@ impl Default for TableConfig {
         Self {
             policy: MergePolicy::Latest,
             max_active_keys: 10_000,
+            windows: Windows::default(),
         }
+    }
+}
+
+/// Push shaping, in nanoseconds of the caller's clock; 0 turns each off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Windows {
+    /// A quiet period: an event that finds its key idle makes the key wait
+    /// this long after the key's latest event before its push starts.
+    pub delay: u64,
+    /// The longest a `delay` window stays open after its first event, so a
+    /// key that never goes quiet is still pushed (at least `delay`).
+    pub max_delay: u64,
+    /// A cooldown: a key's push starts no sooner than this after its
+    /// previous push started. Retries of a failed push and compensation
+    /// pushes do not wait for it.
+    pub min_interval: u64,
+}
+
+impl Windows {
+    /// When a push of a key whose last push started at `last_start` (0:
+    /// none known) may start, by `min_interval`.
+    #[inline]
+    fn interval_ends(&self, last_start: u64) -> u64 {
+        if self.min_interval == 0 || last_start == 0 {
+            0
+        } else {
+            last_start.saturating_add(self.min_interval)
+        }
+    }
+
+    /// Whether any window is on.
+    #[inline]
+    fn any(&self) -> bool {
+        self.delay != 0 || self.min_interval != 0
     }
 }
 
@@ -396,6 +469,10 @@ pub struct Table {
     /// keys in flight are the slots not in `free_slots`.
     flights: Vec<Active>,
     free_slots: Vec<u32>,
+    /// When each waiting key's window ends: `(due, slot)`, one entry per
+    /// waiting key. An entry may be earlier than its key's `due` (a delay
+    /// that slid); [`Table::wake`] then puts it back at the later time.
+    wakes: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
     offsets: OffsetTracker,
     stats: TableStats,
 }
@@ -409,6 +486,7 @@ impl Table {
             acked: Vec::new(),
             flights: Vec::new(),
             free_slots: Vec::new(),
+            wakes: Default::default(),
             offsets: OffsetTracker::new(),
             stats: TableStats::default(),
         }
@@ -471,6 +549,12 @@ impl Table {
             pending.version = version;
             pending.merged += 1;
             pending.newest_offset = event.offset;
+            if let Some(waiting) = active.waiting.as_mut().filter(|w| w.slides) {
+                let windows = &self.config.windows;
+                let quiet = now_ns.saturating_add(windows.delay);
+                let cap = waiting.opened.saturating_add(windows.max_delay);
+                waiting.due = waiting.due.max(quiet.min(cap));
+            }
             self.stats.events += 1;
             self.stats.merged += 1;
             return Ok(Offer::Merged);
@@ -498,10 +582,87 @@ impl Table {
             newest_offset: event.offset,
         };
         self.stats.events += 1;
+        let windows = self.config.windows;
+        if windows.any() {
+            let quiet = if windows.delay == 0 {
+                0
+            } else {
+                now_ns.saturating_add(windows.delay)
+            };
+            let due = quiet.max(windows.interval_ends(self.keys.buckets[pos].last_tn));
+            if due > now_ns {
+                self.stats.windows_opened += 1;
+                let waiting = Waiting {
+                    key: event.key,
+                    opened: now_ns,
+                    due,
+                    slides: windows.delay != 0,
+                };
+                // The push takes its value from `current` when it starts.
+                let held = if policy.retains_value() {
+                    current
+                } else {
+                    Some(payload)
+                };
+                self.wait_idle(pos, batch, held, waiting);
+                return Ok(Offer::Waiting);
+            }
+        }
         self.stats.pushes_started += 1;
         Ok(Offer::Started(self.start_idle(
             event.key, pos, batch, payload, current, now_ns,
         )))
+    }
+
+    /// Starts the push of every waiting key whose window ended by `now_ns`
+    /// (the caller calls this at [`Table::next_wake`]).
+    pub fn wake(&mut self, now_ns: u64) -> Vec<Push> {
+        let retains = self.config.policy.retains_value();
+        let mut started = Vec::new();
+        while let Some(&std::cmp::Reverse((due, slot))) = self.wakes.peek() {
+            if due > now_ns {
+                break;
+            }
+            self.wakes.pop();
+            let active = &mut self.flights[slot as usize];
+            let Some(waiting) = active.waiting.take() else {
+                debug_assert!(false, "a wake for a key that is not waiting");
+                continue;
+            };
+            if waiting.due > now_ns {
+                // Its delay slid since: wake it later.
+                self.wakes.push(std::cmp::Reverse((waiting.due, slot)));
+                active.waiting = Some(waiting);
+                continue;
+            }
+            let pos = self.keys.get(&waiting.key).expect("a waiting key is known");
+            let entry = &mut self.keys.buckets[pos];
+            let batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
+            let payload = push_value(&mut active.current, retains);
+            let acked = self.acked[entry.id as usize];
+            self.stats.pushes_started += 1;
+            started.push(start_flight(
+                waiting.key,
+                entry,
+                active,
+                batch,
+                payload,
+                now_ns,
+                acked,
+            ));
+        }
+        started
+    }
+
+    /// When the earliest waiting key's window may end (`None`: no key
+    /// waits). Possibly early: [`Table::wake`] then starts nothing.
+    pub fn next_wake(&self) -> Option<u64> {
+        self.wakes.peek().map(|std::cmp::Reverse((due, _))| *due)
+    }
+
+    /// Keys waiting for their window to end.
+    pub fn waiting_keys(&self) -> usize {
+        self.wakes.len()
     }
 
     /// The push `(key, tn)` was acknowledged. Returns the next push of the
@@ -529,6 +690,20 @@ impl Table {
             active.flight = Batch::EMPTY;
             entry.slot = 0;
             self.free_slots.push(slot as u32);
+            return Ok(None);
+        }
+        let due = self.config.windows.interval_ends(entry.last_tn);
+        if due > now_ns {
+            // The events merged behind it wait for the cooldown.
+            active.flight = Batch::EMPTY;
+            active.tn = 0;
+            active.waiting = Some(Waiting {
+                key: key.clone(),
+                opened: now_ns,
+                due,
+                slides: false,
+            });
+            self.wakes.push(std::cmp::Reverse((due, slot as u32)));
             return Ok(None);
         }
         let batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
@@ -749,7 +924,27 @@ impl Table {
         current: Option<Payload>,
         now_ns: u64,
     ) -> Push {
+        let slot = self.take_slot(pos, current);
         let entry = &mut self.keys.buckets[pos];
+        let active = &mut self.flights[slot];
+        let acked = self.acked[entry.id as usize];
+        start_flight(key, entry, active, batch, payload, now_ns, acked)
+    }
+
+    /// An idle key starts waiting with `batch` pending; `current` is its
+    /// value meanwhile.
+    fn wait_idle(&mut self, pos: usize, batch: Batch, current: Option<Payload>, waiting: Waiting) {
+        let due = waiting.due;
+        let slot = self.take_slot(pos, current);
+        let active = &mut self.flights[slot];
+        active.pending = batch;
+        active.waiting = Some(waiting);
+        self.wakes.push(std::cmp::Reverse((due, slot as u32)));
+    }
+
+    /// A free slot for the key at `pos`, holding `current`.
+    #[inline(always)]
+    fn take_slot(&mut self, pos: usize, current: Option<Payload>) -> usize {
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,
             None => {
@@ -758,19 +953,19 @@ impl Table {
                     flight: Batch::EMPTY,
                     pending: Batch::EMPTY,
                     current: None,
+                    waiting: None,
                 });
                 self.flights.len() - 1
             }
         };
-        entry.slot = slot as u32 + 1;
+        self.keys.buckets[pos].slot = slot as u32 + 1;
         let active = &mut self.flights[slot];
         // A free slot holds no value (the key that left it took or returned it).
-        debug_assert!(active.current.is_none());
+        debug_assert!(active.current.is_none() && active.waiting.is_none());
         if current.is_some() {
             active.current = current;
         }
-        let acked = self.acked[entry.id as usize];
-        start_flight(key, entry, active, batch, payload, now_ns, acked)
+        slot
     }
 }
 
@@ -945,6 +1140,7 @@ mod tests {
         let mut t = Table::new(TableConfig {
             policy: MergePolicy::JsonMergePatch,
             max_active_keys: 10,
+            ..TableConfig::default()
         });
         let patch = |offset, v: serde_json::Value| Event {
             key: key("k"),
@@ -1048,6 +1244,7 @@ mod tests {
         let mut t = Table::new(TableConfig {
             policy: MergePolicy::JsonMergePatch,
             max_active_keys: 10,
+            ..TableConfig::default()
         });
         t.seed(
             key("k"),
@@ -1082,6 +1279,7 @@ mod tests {
         let mut t = Table::new(TableConfig {
             policy: MergePolicy::Latest,
             max_active_keys: 2,
+            ..TableConfig::default()
         });
         let a = started(t.offer(ev("a", 0, "1"), 1).unwrap());
         assert!(!t.is_saturated());
@@ -1096,6 +1294,7 @@ mod tests {
         let mut t = Table::new(TableConfig {
             policy: MergePolicy::JsonMergePatch,
             max_active_keys: 2,
+            ..TableConfig::default()
         });
         let p = started(
             t.offer(
@@ -1134,6 +1333,7 @@ mod tests {
         let mut t = Table::new(TableConfig {
             policy: MergePolicy::JsonMergePatch,
             max_active_keys: usize::MAX,
+            ..TableConfig::default()
         });
         let n = 5_000;
         let mut pushes = Vec::new();
@@ -1192,5 +1392,105 @@ mod tests {
         assert_eq!(push.offset, Some(42));
         let retry = t.fail(push, 2).unwrap();
         assert_eq!((retry.offset, retry.version), (Some(42), 7));
+    }
+
+    fn shaped(delay: u64, max_delay: u64, min_interval: u64) -> Table {
+        Table::new(TableConfig {
+            windows: Windows {
+                delay,
+                max_delay,
+                min_interval,
+            },
+            ..TableConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_burst_inside_the_delay_is_one_push_when_the_key_goes_quiet() {
+        let mut t = shaped(100, 1_000, 0);
+        assert_eq!(t.offer(ev("k", 0, "A"), 10).unwrap(), Offer::Waiting);
+        assert_eq!(t.offer(ev("k", 1, "B"), 50).unwrap(), Offer::Merged);
+        assert_eq!(t.offer(ev("k", 2, "C"), 90).unwrap(), Offer::Merged);
+        assert_eq!(
+            t.commit_position(),
+            Some(0),
+            "waiting events hold the commit"
+        );
+        assert_eq!(t.next_wake(), Some(110), "A's due, slid since");
+        assert!(t.wake(110).is_empty(), "the quiet period restarted at C");
+        assert_eq!(t.next_wake(), Some(190), "put back at C's due");
+        let push = t.wake(190).pop().expect("quiet since C");
+        assert_eq!(
+            (push.payload, push.merged, push.offset),
+            (bytes("C"), 3, Some(2))
+        );
+        assert_eq!(t.next_wake(), None);
+        assert_eq!(t.complete(&key("k"), push.tn, 200).unwrap(), None);
+        assert_eq!(t.commit_position(), Some(3));
+    }
+
+    #[test]
+    fn max_delay_pushes_a_key_that_never_goes_quiet() {
+        let mut t = shaped(100, 250, 0);
+        assert_eq!(t.offer(ev("k", 0, "A"), 0).unwrap(), Offer::Waiting);
+        let mut pushed = None;
+        for (n, at) in (50..=300).step_by(50).enumerate() {
+            if let Some(push) = t.wake(at).pop() {
+                pushed = Some((at, push));
+                break;
+            }
+            assert_eq!(
+                t.offer(ev("k", n as i64 + 1, "x"), at).unwrap(),
+                Offer::Merged
+            );
+        }
+        let (at, push) = pushed.expect("pushed while events kept coming");
+        assert_eq!(
+            (at, push.merged),
+            (250, 5),
+            "max_delay after the first event"
+        );
+    }
+
+    #[test]
+    fn min_interval_holds_a_keys_next_push_and_its_events_commit() {
+        let mut t = shaped(0, 0, 1_000);
+        let first = started(t.offer(ev("k", 0, "A"), 100).unwrap());
+        assert_eq!(t.offer(ev("k", 1, "B"), 200).unwrap(), Offer::Merged);
+        assert_eq!(
+            t.complete(&key("k"), first.tn, 300).unwrap(),
+            None,
+            "B waits"
+        );
+        assert_eq!(t.commit_position(), Some(1), "B is not covered yet");
+        assert_eq!(t.offer(ev("k", 2, "C"), 400).unwrap(), Offer::Merged);
+        assert_eq!(
+            t.next_wake(),
+            Some(first.tn + 1_000),
+            "no sliding for a cooldown"
+        );
+        let next = t
+            .wake(first.tn + 1_000)
+            .pop()
+            .expect("the cooldown is over");
+        assert_eq!((next.payload.clone(), next.merged), (bytes("C"), 2));
+        assert_eq!(next.acked_tn, first.tn);
+        assert_eq!(t.complete(&key("k"), next.tn, 1_200).unwrap(), None);
+        assert_eq!(t.commit_position(), Some(3));
+        // An idle key inside its cooldown waits too; past it, it starts at once.
+        assert_eq!(t.offer(ev("k", 3, "D"), 1_300).unwrap(), Offer::Waiting);
+        let d = t.wake(next.tn + 1_000).pop().expect("D");
+        t.complete(&key("k"), d.tn, d.tn + 1).unwrap();
+        started(t.offer(ev("k", 4, "E"), d.tn + 5_000).unwrap());
+    }
+
+    #[test]
+    fn a_waiting_key_is_not_compensated_and_counts_as_active() {
+        let mut t = shaped(100, 100, 0);
+        assert_eq!(t.offer(ev("k", 0, "A"), 0).unwrap(), Offer::Waiting);
+        assert_eq!(t.active_keys(), 1);
+        assert!(t.compensate(&key("k"), 0, None, bytes("old"), 10).is_none());
+        let push = t.wake(100).pop().unwrap();
+        assert_eq!(push.payload, bytes("A"));
     }
 }

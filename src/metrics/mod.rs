@@ -33,6 +33,7 @@ pub struct Metrics {
     pub(crate) push_failures: IntCounterVec,
     pub(crate) push_latency: HistogramVec,
     pub(crate) keys_in_flight: IntGaugeVec,
+    pub(crate) keys_waiting: IntGaugeVec,
     pub(crate) open_markers: IntGaugeVec,
     pub(crate) compensation_scan: Histogram,
     pub(crate) compensation_repushed: IntCounterVec,
@@ -178,6 +179,12 @@ impl Metrics {
                 "Keys with a push in flight.",
                 p,
             ),
+            keys_waiting: gauge(
+                &registry,
+                "keyflight_keys_waiting",
+                "Keys whose events wait for their push window (singleflight.delay, min_interval).",
+                p,
+            ),
             open_markers: gauge(
                 &registry,
                 "keyflight_open_markers",
@@ -273,6 +280,7 @@ impl Metrics {
             latency_normal: self.push_latency.with_label_values(&[NORMAL]),
             latency_compensation: self.push_latency.with_label_values(&[COMPENSATION]),
             keys_in_flight: self.keys_in_flight.with_label_values(l),
+            keys_waiting: self.keys_waiting.with_label_values(l),
             open_markers: self.open_markers.with_label_values(l),
             compensation_scan: self.compensation_scan.clone(),
             compensation_repushed: self.compensation_repushed.with_label_values(l),
@@ -294,6 +302,7 @@ impl Metrics {
         let label = partition.to_string();
         let l = &[label.as_str()];
         let _ = self.keys_in_flight.remove_label_values(l);
+        let _ = self.keys_waiting.remove_label_values(l);
         let _ = self.open_markers.remove_label_values(l);
         let _ = self.restore_duration.remove_label_values(l);
         let _ = self.committed_offset.remove_label_values(l);
@@ -336,6 +345,7 @@ pub struct PartitionMetrics {
     pub(crate) latency_normal: Histogram,
     pub(crate) latency_compensation: Histogram,
     pub(crate) keys_in_flight: IntGauge,
+    pub(crate) keys_waiting: IntGauge,
     pub(crate) open_markers: IntGauge,
     pub(crate) compensation_scan: Histogram,
     pub(crate) compensation_repushed: IntCounter,

@@ -13,7 +13,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use bytes::Bytes;
-use keyflight::engine::{Event, MergePolicy, Offer, Payload, Push, Table, TableConfig, Value};
+use keyflight::engine::{
+    Event, MergePolicy, Offer, Payload, Push, Table, TableConfig, Value, Windows,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -95,6 +97,14 @@ pub trait System {
     fn compensate(&mut self, _key: u32, _version: u64, _value: Doc, _now: u64) -> Vec<Started> {
         Vec::new()
     }
+    /// The pushes of keys whose window ended by `now`.
+    fn wake(&mut self, _now: u64) -> Vec<Started> {
+        Vec::new()
+    }
+    /// When the system wants [`System::wake`] called next.
+    fn next_wake(&self) -> Option<u64> {
+        None
+    }
     /// The position the system would commit, if it tracks one.
     fn commit_position(&self) -> Option<i64> {
         None
@@ -146,6 +156,16 @@ pub struct Outcome {
     pub failed: usize,
     pub violations: Vec<String>,
     pub final_position: Option<i64>,
+    /// What happened, in order (for checks of timing).
+    pub trace: Vec<Step>,
+}
+
+/// One happening of a run, at its instant.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Arrived { at: u64, input: usize },
+    Started { at: u64, push: Started, retry: bool },
+    Finished { at: u64, key: u32, id: u64 },
 }
 
 impl Outcome {
@@ -163,6 +183,7 @@ enum Action {
     Arrive(usize),
     Finish(Started, bool),
     Compensate(u32),
+    Wake,
 }
 
 /// Runs a schedule. With `check`, asserts the engine's invariants at every
@@ -217,16 +238,30 @@ pub fn run(
     // The marker's stored data: the last push started per key.
     let mut marker: HashMap<u32, (u64, Doc)> = HashMap::new();
 
+    // Wakes scheduled and not yet run, by instant.
+    let mut wakes = std::collections::BTreeSet::new();
     while let Some(Reverse((now, _, index))) = queue.pop() {
+        let mut retry = false;
         let mut started = match actions[index].take().expect("each action runs once") {
             Action::Arrive(i) => {
                 coverage.arrived(i);
+                out.trace.push(Step::Arrived { at: now, input: i });
                 system.event(i as i64, &inputs[i], now)
+            }
+            Action::Wake => {
+                wakes.remove(&now);
+                system.wake(now)
             }
             Action::Finish(push, ok) => {
                 if in_flight.get(&push.key) == Some(&push.id) {
                     in_flight.remove(&push.key);
                 }
+                out.trace.push(Step::Finished {
+                    at: now,
+                    key: push.key,
+                    id: push.id,
+                });
+                retry = !ok;
                 if ok {
                     coverage.acked(push.key, push.version);
                     out.completed.push(push.clone());
@@ -258,6 +293,11 @@ pub fn run(
                 }
             }
             in_flight.insert(push.key, push.id);
+            out.trace.push(Step::Started {
+                at: now,
+                push: push.clone(),
+                retry,
+            });
             marker.insert(push.key, (push.version, push.value.clone()));
             out.started += 1;
             let ok = !latency.fails(&push);
@@ -269,6 +309,12 @@ pub fn run(
                 Action::Finish(push, ok),
                 tie_rng,
             );
+        }
+        if let Some(at) = system.next_wake() {
+            let at = at.max(now);
+            if wakes.insert(at) {
+                schedule(&mut queue, &mut actions, at, Action::Wake, tie_rng);
+            }
         }
         if check {
             if let (Some(position), Some(uncovered)) =
@@ -399,10 +445,16 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(policy: MergePolicy) -> Self {
+        Self::shaped(policy, Windows::default())
+    }
+
+    /// An engine whose keys wait in `windows`.
+    pub fn shaped(policy: MergePolicy, windows: Windows) -> Self {
         Self {
             table: Table::new(TableConfig {
                 policy,
                 max_active_keys: usize::MAX,
+                windows,
             }),
             batched: false,
             starting: Vec::new(),
@@ -461,7 +513,7 @@ impl System for Engine {
                 Vec::new()
             }
             Offer::Started(push) => vec![started(input.key, push)],
-            Offer::Merged | Offer::Stale => Vec::new(),
+            Offer::Merged | Offer::Stale | Offer::Waiting => Vec::new(),
         }
     }
 
@@ -512,6 +564,21 @@ impl System for Engine {
             .map(|p| started(key, p))
             .into_iter()
             .collect()
+    }
+
+    fn wake(&mut self, now: u64) -> Vec<Started> {
+        self.table
+            .wake(now)
+            .into_iter()
+            .map(|push| {
+                let key = u32::from_be_bytes(push.key[..].try_into().expect("a u32 key"));
+                started(key, push)
+            })
+            .collect()
+    }
+
+    fn next_wake(&self) -> Option<u64> {
+        self.table.next_wake()
     }
 
     fn commit_position(&self) -> Option<i64> {
@@ -677,8 +744,29 @@ pub fn check_engine_schedule(seed: u64) -> Vec<String> {
         rng: ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15),
         fail_rate: schedule.fail_rate,
     };
+    // Half the schedules shape pushes (drawn apart, so the schedule of a
+    // seed is the same with and without).
+    let mut shaping = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_5A4E);
+    let windows = if shaping.random_bool(0.5) {
+        Windows::default()
+    } else {
+        let delay = if shaping.random_bool(0.6) {
+            shaping.random_range(1..50)
+        } else {
+            0
+        };
+        Windows {
+            delay,
+            max_delay: delay * shaping.random_range(1..5),
+            min_interval: if shaping.random_bool(0.5) {
+                shaping.random_range(1..80)
+            } else {
+                0
+            },
+        }
+    };
     // Odd seeds produce each batch's pushes at its end, as keyflight does.
-    let mut engine = Engine::new(schedule.policy);
+    let mut engine = Engine::shaped(schedule.policy, windows);
     engine.batched = seed % 2 == 1;
     let out = run(
         &mut engine,
@@ -689,6 +777,7 @@ pub fn check_engine_schedule(seed: u64) -> Vec<String> {
         true,
     );
     let mut problems = out.violations.clone();
+    problems.extend(window_violations(&schedule.inputs, &out.trace, windows));
 
     let expected = expected_finals(&schedule.inputs, schedule.policy);
     let actual = out.final_values();
@@ -727,6 +816,90 @@ pub fn check_engine_schedule(seed: u64) -> Vec<String> {
                 "{normal_started} pushes for {} events",
                 schedule.inputs.len()
             ));
+        }
+    }
+    problems
+}
+
+/// The shaping rules, checked on a run's trace: no push starts inside its
+/// key's `delay` (the quiet period after the newest event of a window that
+/// opened on an idle key, at most `max_delay` after it opened) or its
+/// `min_interval` (after the key's previous push started), and no key
+/// waits longer than the later of the two. Retries and compensation pushes
+/// start at once.
+pub fn window_violations(inputs: &[Input], trace: &[Step], w: Windows) -> Vec<String> {
+    #[derive(Default)]
+    struct KeyState {
+        in_flight: bool,
+        /// Events not in a push yet: behind a flight, or held after one.
+        pending: bool,
+        /// A window opened by an event that found the key idle: (opened, newest event).
+        window: Option<(u64, u64)>,
+        last_start: u64,
+    }
+    let accepted = accepted_events(inputs);
+    let mut keys: HashMap<u32, KeyState> = HashMap::new();
+    let mut problems = Vec::new();
+    for step in trace {
+        match step {
+            Step::Arrived { at, input } => {
+                if !accepted[*input] {
+                    continue;
+                }
+                let key = keys.entry(inputs[*input].key).or_default();
+                match key.window.as_mut() {
+                    Some((_, newest)) => *newest = *at,
+                    None if key.in_flight || key.pending => key.pending = true,
+                    None => key.window = Some((*at, *at)),
+                }
+            }
+            Step::Finished { key, .. } => {
+                keys.entry(*key).or_default().in_flight = false;
+            }
+            Step::Started { at, push, retry } => {
+                let key = keys.entry(push.key).or_default();
+                if !retry && !push.compensation {
+                    let interval_ends = if w.min_interval > 0 && key.last_start > 0 {
+                        key.last_start + w.min_interval
+                    } else {
+                        0
+                    };
+                    if *at < interval_ends {
+                        problems.push(format!(
+                            "t={at}: key {} pushed {} after its previous push started (min_interval {})",
+                            push.key,
+                            at - key.last_start,
+                            w.min_interval
+                        ));
+                    }
+                    if let Some((opened, newest)) = key.window {
+                        let quiet = if w.delay > 0 {
+                            (newest + w.delay).min(opened + w.max_delay)
+                        } else {
+                            0
+                        };
+                        if *at < quiet {
+                            problems.push(format!(
+                                "t={at}: key {} pushed inside its delay (window opened at {opened}, newest event at {newest}, delay {}, max_delay {})",
+                                push.key, w.delay, w.max_delay
+                            ));
+                        }
+                        let latest = quiet.max(interval_ends).max(opened);
+                        if *at > latest {
+                            problems.push(format!(
+                                "t={at}: key {} waited past its window (opened at {opened}, due by {latest})",
+                                push.key
+                            ));
+                        }
+                    }
+                    key.window = None;
+                }
+                if !push.compensation {
+                    key.pending = false;
+                }
+                key.in_flight = true;
+                key.last_start = push.id;
+            }
         }
     }
     problems

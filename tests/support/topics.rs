@@ -60,6 +60,9 @@ pub struct Pushed {
     pub headers: BTreeMap<String, String>,
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp (ms since the epoch): for keyflight's pushes,
+    /// when the push was produced.
+    pub timestamp: Option<i64>,
 }
 
 /// Reads a whole topic (every partition, to its high watermark now).
@@ -102,6 +105,7 @@ pub fn read_all_at(bootstrap: &str, topic: &str) -> Vec<Pushed> {
             headers,
             partition: message.partition(),
             offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
         });
     })
     .unwrap_or_else(|e| panic!("cannot read {topic}: {e}"));

@@ -150,6 +150,7 @@ fn core_with(
         table: TableConfig {
             policy,
             max_active_keys,
+            ..TableConfig::default()
         },
         compensation_grace: Duration::from_millis(GRACE),
         checkpoint_every,
@@ -954,6 +955,9 @@ impl<'a> Sim<'a> {
                     Timer::Commit => COMMIT_EVERY,
                     Timer::ChangelogFlush => FLUSH_EVERY,
                     Timer::Compensation => COMPENSATE_EVERY,
+                    // Not a period: the cores here run without windows, so
+                    // nothing ever waits for a wake.
+                    Timer::Wake => return,
                 };
                 self.at(self.now + period, Happening::Tick { owner, timer });
                 let now = self.clock();

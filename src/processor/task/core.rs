@@ -117,6 +117,9 @@ pub enum Timer {
     /// The compensation scan (`compensation.interval`), and with it the
     /// sweep of deletes older than `deletes.retention`.
     Compensation,
+    /// The earliest waiting key's window may have ended (at
+    /// [`TaskCore::next_wake`]): the keys whose window did start their push.
+    Wake,
 }
 
 /// How long a key's marker may wait in memory for a newer one before it is
@@ -446,9 +449,19 @@ impl<S: MarkerStore> TaskCore<S> {
         match self.table.offer(event, now) {
             Ok(Offer::Started(push)) => self.starting.push(push),
             Ok(Offer::Merged) => self.metrics.emit(EventMerged),
+            Ok(Offer::Waiting) => self.report_keys(),
             Ok(Offer::Stale) => self.metrics.emit(StaleEventDropped { offset }),
             Err(e) => self.dead_letter(record, "unprocessable", e.to_string(), Holds::Offset),
         }
+    }
+
+    /// Reports the keys in flight and waiting.
+    fn report_keys(&self) {
+        let waiting = self.table.waiting_keys();
+        self.metrics.emit(KeysInFlight {
+            in_flight: self.table.active_keys() - waiting,
+            waiting,
+        });
     }
 
     /// Starts the table's entry for a key from its stored marker, so replayed
@@ -496,7 +509,7 @@ impl<S: MarkerStore> TaskCore<S> {
         let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone())
             .at_offset(push.offset);
         self.write_marker(&push.key, Some(&marker));
-        self.metrics.emit(KeysInFlight(self.table.active_keys()));
+        self.report_keys();
         self.pushes_in_flight += 1;
         self.actions.push_back(Action::Push {
             flight: Flight {
@@ -635,7 +648,7 @@ impl<S: MarkerStore> TaskCore<S> {
                 // A delete's marker stays too (its version keeps a late older
                 // event stale) until the sweep (`deletes.retention`).
                 self.write_marker(&push.key, Some(&marker.acknowledged(push.tn)));
-                self.metrics.emit(KeysInFlight(self.table.active_keys()))
+                self.report_keys()
             }
         }
         if !running {
@@ -961,8 +974,22 @@ impl<S: MarkerStore> TaskCore<S> {
                 self.sweep_deletes(now);
                 return Some(self.compensate(now));
             }
+            Timer::Wake => {
+                for push in self.table.wake(now) {
+                    self.start_push(push, Duration::ZERO);
+                }
+            }
         }
         None
+    }
+
+    /// When to tick [`Timer::Wake`] next (`None`: no key waits in a window,
+    /// or the task is closing; a closing task's waiting events stay
+    /// uncommitted for the next owner).
+    pub fn next_wake(&self) -> Option<u64> {
+        (self.phase == Phase::Running)
+            .then(|| self.table.next_wake())
+            .flatten()
     }
 
     /// Removes the state of keys deleted longer than `delete_retention` ago

@@ -292,6 +292,7 @@ async fn run(
         table: TableConfig {
             policy: settings.singleflight.merge_policy,
             max_active_keys: settings.singleflight.max_active_keys,
+            windows: settings.singleflight.windows(),
         },
         compensation_grace: settings.compensation.grace,
         checkpoint_every: CHECKPOINT_EVERY,
@@ -332,6 +333,8 @@ async fn run(
 
     let mut commit_due = false;
     loop {
+        let wake = shell.core.next_wake();
+        let wake_in = Duration::from_nanos(wake.unwrap_or(0).saturating_sub(now_ns()));
         let closing = tokio::select! {
             biased;
             closing = &mut close => Some(closing.ok()),
@@ -358,6 +361,7 @@ async fn run(
                 None
             }
             _ = changelog_tick.tick() => { shell.core.tick(now_ns(), Timer::ChangelogFlush); None }
+            _ = tokio::time::sleep(wake_in), if wake.is_some() => { shell.core.tick(now_ns(), Timer::Wake); None }
             _ = compensation_tick.tick() => {
                 let started = Instant::now();
                 if let Some(scanned) = shell.core.tick(now_ns(), Timer::Compensation) {
