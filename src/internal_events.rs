@@ -146,6 +146,16 @@ impl PartitionEvent for KeysInFlight {
     }
 }
 
+/// A push was not produced: its value equals the key's last acknowledged
+/// one (`singleflight.skip_unchanged`).
+pub struct PushSkipped;
+
+impl PartitionEvent for PushSkipped {
+    fn emit(self, m: &PartitionMetrics) {
+        m.pushes_skipped.inc();
+    }
+}
+
 /// The broker acknowledged a push.
 pub struct PushAcknowledged {
     pub compensation: bool,

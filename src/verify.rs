@@ -80,6 +80,10 @@ pub struct Report {
     /// Keys whose latest events went to the dead-letter topic in a push the
     /// broker refused (`push-refused`): they pass, as dead letters do.
     pub refused_pushes: u64,
+    /// Keys whose last push is older than their latest event but carries
+    /// the same value (`singleflight.skip_unchanged` skipped the newer push):
+    /// they pass, counted in `matched` too.
+    pub unchanged: u64,
 }
 
 impl Report {
@@ -96,7 +100,7 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "verify: {} — {} keys checked, {} matched, {} missing, {} stale, {} differing, {} unexpected; \
-             {} events ({} behind their last push), {} pushes; dead letters: {} expected, {} found, {} missing, {} keys' refused pushes",
+             {} events ({} behind their last push), {} pushes; dead letters: {} expected, {} found, {} missing, {} keys' refused pushes{}",
             if self.passed() { "PASS" } else { "FAIL" },
             self.keys,
             self.matched,
@@ -111,6 +115,14 @@ impl Report {
             self.dead_letters_found,
             self.dead_letters_missing.len(),
             self.refused_pushes,
+            if self.unchanged > 0 {
+                format!(
+                    "; {} keys end on an older push of the same value (skip_unchanged)",
+                    self.unchanged
+                )
+            } else {
+                String::new()
+            },
         )
     }
 }
@@ -132,6 +144,8 @@ pub struct Verifier {
     push_count: u64,
     /// Only part of the history is read (`verify --since`).
     partial: bool,
+    /// `singleflight.skip_unchanged`: an older last push of the latest value passes.
+    skip_unchanged: bool,
 }
 
 impl Verifier {
@@ -148,6 +162,7 @@ impl Verifier {
             events: 0,
             push_count: 0,
             partial: false,
+            skip_unchanged: false,
         }
     }
 
@@ -156,6 +171,14 @@ impl Verifier {
     /// patches) are not compared, only versions.
     pub fn partial(mut self) -> Self {
         self.partial = true;
+        self
+    }
+
+    /// The pipeline skips pushes of unchanged values
+    /// (`singleflight.skip_unchanged`): a key whose last push is older than
+    /// its latest event passes when the values are equal.
+    pub fn skip_unchanged(mut self) -> Self {
+        self.skip_unchanged = true;
         self
     }
 
@@ -296,7 +319,16 @@ impl Verifier {
                 report.missing.push(problem);
                 continue;
             };
-            if push.version.is_some_and(|v| Some(v) < expected_version) {
+            let older = push.version.is_some_and(|v| Some(v) < expected_version);
+            let values_comparable = !(self.partial && self.policy == MergePolicy::JsonMergePatch);
+            if older
+                && self.skip_unchanged
+                && values_comparable
+                && self.same_value(expected.current.as_ref(), push.value.as_ref())
+            {
+                report.unchanged += 1;
+                report.matched += 1;
+            } else if older {
                 let problem = problem(Some(push));
                 report.events_behind += problem.events_behind;
                 report.stale.push(problem);
@@ -566,5 +598,34 @@ mod tests {
         let report = v.report();
         assert_eq!(report.unexpected, vec!["ghost".to_string()]);
         assert!(!report.passed());
+    }
+
+    #[test]
+    fn with_skip_unchanged_an_older_push_of_the_same_value_passes_and_is_reported() {
+        for skip in [false, true] {
+            let mut v = verifier(MergePolicy::Latest);
+            if skip {
+                v = v.skip_unchanged();
+            }
+            v.event(0, 0, Some(b"k"), Some(br#"{"a":1}"#), None);
+            v.event(0, 1, Some(b"k"), Some(br#"{"a":2}"#), None);
+            v.event(0, 2, Some(b"k"), Some(br#"{"a":1}"#), None);
+            v.event(0, 3, Some(b"j"), Some(br#"{"a":1}"#), None);
+            v.event(0, 4, Some(b"j"), Some(br#"{"a":2}"#), None);
+            push(&mut v, 0, "k", Some(r#"{"a":1}"#), 0);
+            push(&mut v, 1, "k", Some(r#"{"a":2}"#), 1);
+            push(&mut v, 2, "k", Some(r#"{"a":1}"#), 2);
+            push(&mut v, 3, "j", Some(r#"{"a":1}"#), 3);
+            // k's events 3 and 4 re-send its values: skipped, k ends on 2.
+            v.event(0, 5, Some(b"k"), Some(br#"{"a":1}"#), None);
+            let report = v.report();
+            assert_eq!(
+                report.stale.len(),
+                if skip { 1 } else { 2 },
+                "j's older push differs: stale either way"
+            );
+            assert_eq!(report.unchanged, u64::from(skip));
+            assert_eq!(report.summary().contains("skip_unchanged"), skip);
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! Push shaping against Tansu: a quiet period (`singleflight.delay`) turns
-//! a burst into one push per key, and a cooldown
-//! (`singleflight.min_interval`) bounds a hot key's push rate. The
-//! engine's own rules for both are checked on random schedules in
-//! `simulation`.
+//! a burst into one push per key, a cooldown (`singleflight.min_interval`)
+//! bounds a hot key's push rate, and `singleflight.skip_unchanged` pushes
+//! no value a key already has downstream. The engine's own rules for the
+//! windows are checked on random schedules in `simulation`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use keyflight::kafka::headers as header;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::support::{read_all, round, App, Broker, Record};
+use crate::support::{committed_and_high, read_all, round, wait_until, App, Broker, Record};
 
 /// Produces `rounds` one after another, each round once the broker has
 /// acknowledged the one before: a burst spread over the time the broker
@@ -148,4 +148,71 @@ async fn min_interval_bounds_a_hot_keys_push_rate() {
         "pushes at least 500 ms apart: {gaps:?}"
     );
     processor.stop(Duration::from_secs(30));
+}
+
+/// Values `{"key":k,"value":tag}` for keys `keys`, without a version field
+/// (offsets order them).
+fn values(tag: &str, keys: std::ops::Range<usize>) -> Vec<Record> {
+    keys.map(|k| {
+        (
+            Some(format!("key-{k:03}").into_bytes()),
+            Some(format!(r#"{{"key":{k},"value":"{tag}"}}"#).into_bytes()),
+        )
+    })
+    .collect()
+}
+
+/// Waits until the processor committed everything produced so far.
+fn processed(broker: &Broker, app: &App, log: impl Fn() -> String) {
+    let (_, high) = committed_and_high(broker, &app.id, &app.input, 1);
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let (committed, _) = committed_and_high(broker, &app.id, &app.input, 1);
+        (committed >= high)
+            .then_some(())
+            .ok_or_else(|| format!("committed {committed:?} of {high:?}\n{}", log()))
+    });
+}
+
+/// `skip_unchanged = true`: 10 keys get a value, then the same 10 values
+/// again and 5 of them a new one: 15 pushes, not 25. A second instance
+/// then restores the changelog on a fresh state directory and gets every
+/// key's current value once more: nothing is pushed, since the markers say
+/// what each key last pushed. `verify` passes throughout and reports the
+/// keys that end on an older push of the same value.
+#[tokio::test(flavor = "multi_thread")]
+async fn skip_unchanged_drops_identical_re_sends_and_survives_a_restart() {
+    let broker = Broker::start();
+    let app = App::create(&broker, 1, "[singleflight]\nskip_unchanged = true\n");
+    let mut a = app.start(&app.state_dir("a"));
+    a.await_log("partition restored", 1, Duration::from_secs(60));
+    crate::support::produce_records(&broker, &app.input, &values("a", 0..10)).await;
+    processed(&broker, &app, || a.log());
+    let mut again = values("a", 0..10);
+    again.extend(values("b", 0..5));
+    crate::support::produce_records(&broker, &app.input, &again).await;
+    processed(&broker, &app, || a.log());
+    assert_eq!(
+        read_all(&broker, &app.pushed).len(),
+        15,
+        "the 10 re-sends were skipped"
+    );
+    let report = app.verify().expect("verify passes");
+    assert_eq!(report["unchanged"], 5, "{report}");
+    a.stop(Duration::from_secs(30));
+
+    let mut b = app.start(&app.state_dir("b"));
+    b.await_log("partition restored", 1, Duration::from_secs(60));
+    let mut current = values("b", 0..5);
+    current.extend(values("a", 5..10));
+    crate::support::produce_records(&broker, &app.input, &current).await;
+    processed(&broker, &app, || b.log());
+    assert_eq!(
+        read_all(&broker, &app.pushed).len(),
+        15,
+        "after the restore, nothing is pushed again:\n{}",
+        b.log()
+    );
+    let report = app.verify().expect("verify passes");
+    assert_eq!(report["unchanged"], 10, "{report}");
+    b.stop(Duration::from_secs(30));
 }

@@ -10,7 +10,7 @@ use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::{Holds, ProduceError, PUSH_REFUSED, REDELIVERED};
 use keyflight::processor::task::{Action, InputRecord, TaskCore, Timer};
 
-use crate::task_sim::{new_core, ModelStore};
+use crate::task_sim::{core_skipping_unchanged, new_core, ModelStore};
 
 const NOW: u64 = 1_700_000_000_000_000_000;
 const MS: u64 = 1_000_000;
@@ -565,4 +565,86 @@ fn an_open_marker_without_its_value_is_not_compensated_as_a_delete() {
     let scanned = core.tick(NOW + 3_600 * 1_000 * MS, Timer::Compensation);
     assert_eq!(scanned.map(|s| s.repushed), Some(0));
     assert!(actions(&mut core).is_empty(), "nothing pushed");
+}
+
+/// A record without a version field (its offset orders it) and value `value`.
+fn unversioned(offset: i64, key: &str, value: &str) -> InputRecord {
+    InputRecord::copied(offset, Some(key.as_bytes()), Some(value.as_bytes()))
+}
+
+/// `singleflight.skip_unchanged`: a re-send of a key's acknowledged value is
+/// not pushed, yet its offset is covered and the skip counted; a changed
+/// value is pushed. After a restart the key's closed marker still says what
+/// was pushed last, so a re-send is skipped there too, while a key whose
+/// marker is open (its push may not have landed) is pushed again.
+#[test]
+fn skip_unchanged_drops_re_sends_of_the_acknowledged_value_also_after_a_restart() {
+    use keyflight::state::MarkerStore;
+    let metrics = Arc::new(Metrics::new());
+    let mut core = core_skipping_unchanged(ModelStore::new(Default::default()), &metrics);
+    for (offset, key) in [(0, "k"), (1, "open")] {
+        let flight = match feed(&mut core, vec![unversioned(offset, key, r#"{"x":1}"#)], NOW).pop()
+        {
+            Some(Action::Push { flight, .. }) => flight,
+            other => panic!("the first value is pushed: {other:?}"),
+        };
+        if key == "k" {
+            core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+        }
+    }
+    let same = feed(&mut core, vec![unversioned(2, "k", r#"{"x":1}"#)], NOW + MS);
+    assert!(
+        !same.iter().any(|a| matches!(a, Action::Push { .. })),
+        "the re-send is skipped: {same:?}"
+    );
+    let changed = feed(
+        &mut core,
+        vec![unversioned(3, "k", r#"{"x":2}"#)],
+        NOW + 2 * MS,
+    );
+    let flight = match changed.as_slice() {
+        [Action::Push { flight, .. }] => flight.clone(),
+        other => panic!("a changed value is pushed: {other:?}"),
+    };
+    core.push_done(NOW + 2 * MS, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW + 2 * MS);
+    assert_eq!(
+        commits(&mut core, NOW + 3 * MS),
+        vec![1],
+        "the skipped offset 2 is covered; `open`'s push (offset 1) is not"
+    );
+    assert!(metrics
+        .render()
+        .contains(r#"keyflight_pushes_skipped_total{partition="0"} 1"#));
+
+    // A restart over the store the changelog's writes reached.
+    let markers = ["k", "open"]
+        .iter()
+        .map(|key| {
+            let key = bytes::Bytes::from(key.to_string());
+            let marker = core.store().get(&key).unwrap().expect("a marker");
+            (key, marker)
+        })
+        .collect();
+    let mut restarted = core_skipping_unchanged(ModelStore::new(markers), &metrics);
+    let turn = feed(
+        &mut restarted,
+        vec![
+            unversioned(4, "k", r#"{"x":2}"#),
+            unversioned(5, "open", r#"{"x":1}"#),
+        ],
+        NOW + 4 * MS,
+    );
+    let pushed: Vec<&[u8]> = turn
+        .iter()
+        .filter_map(|a| match a {
+            Action::Push { flight, .. } => Some(&flight.push.key[..]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pushed,
+        vec![&b"open"[..]],
+        "k's re-send is skipped, `open` is pushed: {turn:?}"
+    );
 }

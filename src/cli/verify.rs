@@ -98,6 +98,9 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     if since.is_some() {
         verifier = verifier.partial();
     }
+    if settings.singleflight.skip_unchanged {
+        verifier = verifier.skip_unchanged();
+    }
 
     bar.set_message(topics.input.clone());
     reader::read(&consumer, &topics.input, &input, |m| {

@@ -248,6 +248,9 @@ pub struct Singleflight {
     /// previous push started (0: off).
     #[serde(with = "humantime_serde")]
     pub min_interval: Duration,
+    /// No push when a key's merged value equals its last acknowledged push's
+    /// value (the events are covered, the marker moves to the new version).
+    pub skip_unchanged: bool,
 }
 
 impl Singleflight {
@@ -345,6 +348,7 @@ impl Default for Singleflight {
             delay: Duration::ZERO,
             max_delay: None,
             min_interval: Duration::ZERO,
+            skip_unchanged: false,
         }
     }
 }

@@ -407,6 +407,9 @@ pub struct TableConfig {
     /// Keys in flight or waiting beyond which the table reports saturation.
     pub max_active_keys: usize,
     pub windows: Windows,
+    /// Keep a digest of each key's last acknowledged value
+    /// ([`Table::acked_digest`]), for `singleflight.skip_unchanged`.
+    pub digests: bool,
 }
 
 impl Default for TableConfig {
@@ -415,6 +418,7 @@ impl Default for TableConfig {
             policy: MergePolicy::Latest,
             max_active_keys: 10_000,
             windows: Windows::default(),
+            digests: false,
         }
     }
 }
@@ -465,6 +469,9 @@ pub struct Table {
     /// The tn of each key's last acknowledged push, by [`Entry::id`] (0: none
     /// known). Beside the entries, which fill their cache line.
     acked: Vec<u64>,
+    /// A digest of each key's last acknowledged value, by [`Entry::id`] (0:
+    /// not known), when [`TableConfig::digests`]; empty otherwise.
+    digests: Vec<u128>,
     /// In-flight state of active keys, indexed by `Entry::slot - 1`; the
     /// keys in flight are the slots not in `free_slots`.
     flights: Vec<Active>,
@@ -484,6 +491,7 @@ impl Table {
             keys: Keys::new(),
             values: Vec::new(),
             acked: Vec::new(),
+            digests: Vec::new(),
             flights: Vec::new(),
             free_slots: Vec::new(),
             wakes: Default::default(),
@@ -502,6 +510,9 @@ impl Table {
         let (pos, new) = self.keys.get_or_insert(key);
         if new {
             self.acked.push(0);
+            if self.config.digests {
+                self.digests.push(0);
+            }
             if self.config.policy.retains_value() {
                 self.values.push(None);
             }
@@ -663,6 +674,25 @@ impl Table {
     /// Keys waiting for their window to end.
     pub fn waiting_keys(&self) -> usize {
         self.wakes.len()
+    }
+
+    /// The digest the caller recorded for the key's last acknowledged
+    /// value (`None`: none known, or digests are off).
+    pub fn acked_digest(&self, key: &[u8]) -> Option<u128> {
+        let pos = self.keys.get(key)?;
+        let digest = *self.digests.get(self.keys.buckets[pos].id as usize)?;
+        (digest != 0).then_some(digest)
+    }
+
+    /// Records the digest of the key's last acknowledged value (`None`:
+    /// forget it). Nothing when digests are off.
+    pub fn set_acked_digest(&mut self, key: &[u8], digest: Option<u128>) {
+        if !self.config.digests {
+            return;
+        }
+        let pos = self.entry_of(key);
+        let id = self.keys.buckets[pos].id as usize;
+        self.digests[id] = digest.unwrap_or(0);
     }
 
     /// The push `(key, tn)` was acknowledged. Returns the next push of the

@@ -455,6 +455,7 @@ impl Engine {
                 policy,
                 max_active_keys: usize::MAX,
                 windows,
+                digests: false,
             }),
             batched: false,
             starting: Vec::new(),

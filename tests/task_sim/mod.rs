@@ -86,6 +86,14 @@ pub fn new_core(policy: MergePolicy, metrics: &Arc<Metrics>) -> TaskCore<ModelSt
     core_with(policy, 4, Timing::NEVER, store, 0, metrics, EPOCH)
 }
 
+/// [`new_core`] (latest policy) over `store`, with
+/// `singleflight.skip_unchanged`.
+pub fn core_skipping_unchanged(store: ModelStore, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
+    let mut config = core_config(MergePolicy::Latest, 4, Timing::NEVER);
+    config.table.digests = true;
+    core_from(config, store, 0, metrics, EPOCH)
+}
+
 /// [`new_core`] (latest policy), giving a failing key's pushes up after
 /// `give_up_after`.
 pub fn core_giving_up_after(
@@ -135,17 +143,26 @@ impl Timing {
 fn core_with(
     policy: MergePolicy,
     max_active_keys: usize,
-    Timing {
-        checkpoint_every,
-        give_up_after,
-        delete_retention,
-    }: Timing,
+    timing: Timing,
     store: ModelStore,
     changelog_next: i64,
     metrics: &Arc<Metrics>,
     now: u64,
 ) -> TaskCore<ModelStore> {
-    let config = CoreConfig {
+    let config = core_config(policy, max_active_keys, timing);
+    core_from(config, store, changelog_next, metrics, now)
+}
+
+fn core_config(
+    policy: MergePolicy,
+    max_active_keys: usize,
+    Timing {
+        checkpoint_every,
+        give_up_after,
+        delete_retention,
+    }: Timing,
+) -> CoreConfig {
+    CoreConfig {
         partition: 0,
         table: TableConfig {
             policy,
@@ -159,8 +176,17 @@ fn core_with(
         give_up_after,
         dead_letter_max_value: 1 << 20,
         delete_retention,
-    };
-    let codec = Arc::new(Codec::new(InputFormat::Json, policy, "v"));
+    }
+}
+
+fn core_from(
+    config: CoreConfig,
+    store: ModelStore,
+    changelog_next: i64,
+    metrics: &Arc<Metrics>,
+    now: u64,
+) -> TaskCore<ModelStore> {
+    let codec = Arc::new(Codec::new(InputFormat::Json, config.table.policy, "v"));
     TaskCore::new(
         config,
         codec,

@@ -42,10 +42,10 @@ use tracing::{debug, warn};
 use std::sync::Arc;
 
 use crate::codec::Codec;
-use crate::engine::{Event, Offer, Push, Table, TableConfig, TableStats};
+use crate::engine::{Event, Offer, Payload, Push, Table, TableConfig, TableStats};
 use crate::internal_events::{
     ChangelogWritten, DeadLetterAbandoned, DeadLettered, EventMerged, KeysInFlight,
-    PushAcknowledged, PushFailed, RecordReceived, StaleEventDropped,
+    PushAcknowledged, PushFailed, PushSkipped, RecordReceived, StaleEventDropped,
 };
 use crate::metrics::PartitionMetrics;
 use crate::processor::commit_gate::CommitGate;
@@ -380,12 +380,17 @@ impl<S: MarkerStore> TaskCore<S> {
             bytes += record.bytes();
             self.process(record, now);
         }
-        let mut starting = std::mem::take(&mut self.starting);
-        for push in starting.drain(..) {
-            let push = self.table.catch_up(push);
-            self.start_push(push, Duration::ZERO);
+        // A skipped push (skip_unchanged) can start the key's next one.
+        while !self.starting.is_empty() {
+            let mut starting = std::mem::take(&mut self.starting);
+            for push in starting.drain(..) {
+                let push = self.table.catch_up(push);
+                self.start_push(push, Duration::ZERO, now);
+            }
+            if self.starting.is_empty() {
+                self.starting = starting; // keep the allocation
+            }
         }
-        self.starting = starting;
         (records, bytes)
     }
 
@@ -484,6 +489,13 @@ impl<S: MarkerStore> TaskCore<S> {
             self.replayed_until = self.replayed_until.max(offset);
         }
         let payload = self.codec.stored(marker.value.as_ref());
+        if self.config.table.digests {
+            // A closed marker holds the value of the key's last acknowledged
+            // push; an open one holds a push that may not have landed.
+            let acked =
+                (marker.t1 == marker.t2 && !marker.value_cut).then(|| self.digest(&payload));
+            self.table.set_acked_digest(key, acked);
+        }
         self.table.seed(
             key.clone(),
             marker.version,
@@ -498,8 +510,42 @@ impl<S: MarkerStore> TaskCore<S> {
     /// keeps), without reading the key's previous one; after an
     /// acknowledgement it is also that push's markT2: one write, one
     /// changelog record.
-    fn start_push(&mut self, push: Push, delay: Duration) {
+    ///
+    /// Under `skip_unchanged`, a push whose value equals the key's last
+    /// acknowledged value is not produced: it is done with at once, as if
+    /// acknowledged (its events covered, the marker closed at its version).
+    fn start_push(&mut self, push: Push, delay: Duration, now: u64) {
+        if self.config.table.digests
+            && !push.compensation
+            && self.phase == Phase::Running
+            && self.table.acked_digest(&push.key) == Some(self.digest(&push.payload))
+        {
+            let value = self.codec.encode(&push.payload, push.version);
+            let marker =
+                Marker::started(push.acked_tn, push.tn, push.version, value).at_offset(push.offset);
+            self.metrics.emit(PushSkipped);
+            return self.done_with(push, marker, now);
+        }
         self.start_retry(push, delay, 0, 0);
+    }
+
+    /// A digest of the value a push of `payload` carries, whatever its
+    /// version (a tombstone has one too), never 0.
+    fn digest(&self, payload: &Payload) -> u128 {
+        // Fixed seeds: digests of one process are compared with each other
+        // only, but a run is then repeatable.
+        let hash = |seed: u64, bytes: &[u8]| {
+            ahash::RandomState::with_seeds(seed, !seed, seed.rotate_left(17), 0x6b66)
+                .hash_one(bytes)
+        };
+        match self.codec.encode(payload, 0) {
+            None => 1,
+            Some(bytes) => {
+                let digest = (u128::from(hash(0x5eed_0001, &bytes)) << 64)
+                    | u128::from(hash(0x5eed_0002, &bytes));
+                digest.max(2)
+            }
+        }
     }
 
     /// [`TaskCore::start_push`], for a key whose pushes failed `failures`
@@ -614,6 +660,8 @@ impl<S: MarkerStore> TaskCore<S> {
     /// pushed next).
     fn refused_push_landed(&mut self, flight: Flight, now: u64) {
         self.pushes_in_flight -= 1;
+        // Downstream never got it: what it holds is not known any more.
+        self.table.set_acked_digest(&flight.push.key, None);
         self.done_with(flight.push, flight.marker, now);
     }
 
@@ -623,6 +671,10 @@ impl<S: MarkerStore> TaskCore<S> {
             compensation: push.compensation,
             latency,
         });
+        if self.config.table.digests {
+            let digest = self.digest(&push.payload);
+            self.table.set_acked_digest(&push.key, Some(digest));
+        }
         self.done_with(push, marker, now);
     }
 
@@ -976,7 +1028,7 @@ impl<S: MarkerStore> TaskCore<S> {
             }
             Timer::Wake => {
                 for push in self.table.wake(now) {
-                    self.start_push(push, Duration::ZERO);
+                    self.start_push(push, Duration::ZERO, now);
                 }
             }
         }
@@ -1102,7 +1154,7 @@ impl<S: MarkerStore> TaskCore<S> {
                 .compensate(&key, stored.0, stored.1, payload, now)
             {
                 repushed += 1;
-                self.start_push(push, Duration::ZERO);
+                self.start_push(push, Duration::ZERO, now);
             }
         }
         Scanned {

@@ -293,6 +293,7 @@ async fn run(
             policy: settings.singleflight.merge_policy,
             max_active_keys: settings.singleflight.max_active_keys,
             windows: settings.singleflight.windows(),
+            digests: settings.singleflight.skip_unchanged,
         },
         compensation_grace: settings.compensation.grace,
         checkpoint_every: CHECKPOINT_EVERY,
