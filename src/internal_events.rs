@@ -146,6 +146,15 @@ impl PartitionEvent for KeysInFlight {
     }
 }
 
+/// The expiry sweep (`state.ttl`) removed this many idle keys' markers.
+pub struct MarkersExpired(pub usize);
+
+impl PartitionEvent for MarkersExpired {
+    fn emit(self, m: &PartitionMetrics) {
+        m.markers_expired.inc_by(self.0 as u64);
+    }
+}
+
 /// A push was not produced: its value equals the key's last acknowledged
 /// one (`singleflight.skip_unchanged`).
 pub struct PushSkipped;

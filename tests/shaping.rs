@@ -1,8 +1,9 @@
-//! Push shaping against Tansu: a quiet period (`singleflight.delay`) turns
-//! a burst into one push per key, a cooldown (`singleflight.min_interval`)
-//! bounds a hot key's push rate, and `singleflight.skip_unchanged` pushes
-//! no value a key already has downstream. The engine's own rules for the
-//! windows are checked on random schedules in `simulation`.
+//! Push shaping and bounded state against Tansu: a quiet period
+//! (`singleflight.delay`) turns a burst into one push per key, a cooldown
+//! (`singleflight.min_interval`) bounds a hot key's push rate,
+//! `singleflight.skip_unchanged` pushes no value a key already has
+//! downstream, and `state.ttl` forgets idle keys. The engine's own rules
+//! for the windows are checked on random schedules in `simulation`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -215,4 +216,46 @@ async fn skip_unchanged_drops_identical_re_sends_and_survives_a_restart() {
     let report = app.verify().expect("verify passes");
     assert_eq!(report["unchanged"], 10, "{report}");
     b.stop(Duration::from_secs(30));
+}
+
+/// `state.ttl = "1s"`, the sweep running with a compensation scan every
+/// 500 ms: 10 keys pushed once are forgotten, each with a tombstone as its
+/// last changelog record. A second instance restoring the changelog on a
+/// fresh state directory then holds no marker, and pushes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_keys_are_tombstoned_in_the_changelog_and_stay_gone_after_a_restore() {
+    let broker = Broker::start();
+    let app = App::create(
+        &broker,
+        1,
+        "[state]\nttl = \"1s\"\n[compensation]\ninterval = \"500ms\"\n",
+    );
+    let mut a = app.start(&app.state_dir("a"));
+    a.await_log("partition restored", 1, Duration::from_secs(60));
+    crate::support::produce_records(&broker, &app.input, &values("a", 0..10)).await;
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let last = crate::support::last_per_key(&read_all(&broker, &app.changelog));
+        let gone = last
+            .values()
+            .filter(|record| record.value.is_none())
+            .count();
+        (last.len() == 10 && gone == 10)
+            .then_some(())
+            .ok_or_else(|| format!("{gone} of {} keys tombstoned\n{}", last.len(), a.log()))
+    });
+    assert_eq!(read_all(&broker, &app.pushed).len(), 10);
+    a.stop(Duration::from_secs(30));
+
+    let state = app.state_dir("b");
+    let mut b = app.start(&state);
+    b.await_log("partition restored", 1, Duration::from_secs(60));
+    b.stop(Duration::from_secs(30));
+    let dir = keyflight::state::Store::dir(&state, &app.id, &app.input, 0);
+    let (store, _) = keyflight::state::Store::open_read_only(&dir).unwrap();
+    assert_eq!(store.markers().unwrap(), vec![], "nothing comes back");
+    assert_eq!(
+        read_all(&broker, &app.pushed).len(),
+        10,
+        "nothing pushed again"
+    );
 }

@@ -648,3 +648,47 @@ fn skip_unchanged_drops_re_sends_of_the_acknowledged_value_also_after_a_restart(
         "k's re-send is skipped, `open` is pushed: {turn:?}"
     );
 }
+
+/// `state.ttl`: the sweep, with the compensation scan, removes the marker
+/// of an idle key whose last push was acknowledged longer than the TTL ago
+/// (a changelog tombstone, then out of the store), and keeps a key
+/// acknowledged within the TTL, a key whose push is in flight, and an open
+/// marker (compensation's).
+#[test]
+fn an_idle_keys_marker_expires_after_the_ttl_and_busy_keys_stay() {
+    use keyflight::state::Marker;
+    let metrics = Arc::new(Metrics::new());
+    let closed = |at: u64| Marker::started(0, at, 1, Some(r#"{"v":1}"#.into())).acknowledged(at);
+    let second = 1_000 * MS;
+    let store = ModelStore::new(
+        [
+            ("old".into(), closed(NOW)),
+            ("recent".into(), closed(NOW + 50 * second)),
+            ("busy".into(), closed(NOW)),
+            (
+                "open".into(),
+                Marker::started(0, NOW, 1, Some(r#"{"v":1}"#.into())),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let mut core = crate::task_sim::core_expiring(store, Duration::from_secs(30), &metrics);
+    let busy = feed(&mut core, vec![event(0, "busy", 2)], NOW + 60 * second);
+    assert!(matches!(busy.as_slice(), [Action::Push { .. }]), "{busy:?}");
+    core.tick(NOW + 61 * second, Timer::Compensation);
+    core.tick(NOW + 61 * second, Timer::ChangelogFlush);
+    let tombstones: Vec<Vec<u8>> = actions(&mut core)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::WriteChangelog {
+                key, value: None, ..
+            } => Some(key.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tombstones, vec![b"old".to_vec()]);
+    assert!(metrics
+        .render()
+        .contains(r#"keyflight_markers_expired_total{partition="0"} 1"#));
+}

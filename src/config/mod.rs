@@ -67,8 +67,21 @@ pub struct Settings {
     pub group: Group,
     pub push: PushSettings,
     pub deletes: Deletes,
+    pub state: StateSettings,
     pub compensation: Compensation,
     pub kafka: KafkaSettings,
+}
+
+/// How long the state of a key nobody writes to is kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSettings {
+    /// A key whose last push was acknowledged longer ago than this, and
+    /// that is idle, is forgotten: its marker is removed from the store and
+    /// tombstoned in the changelog (0s: never). A straggler older than the
+    /// forgotten version is then taken for new.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 /// What a crash or a frozen owner may do to the outputs.
@@ -322,6 +335,7 @@ impl Default for Settings {
             group: Group::default(),
             push: PushSettings::default(),
             deletes: Deletes::default(),
+            state: StateSettings::default(),
             compensation: Compensation::default(),
             kafka: KafkaSettings::default(),
         }

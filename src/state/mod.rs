@@ -119,6 +119,17 @@ pub trait MarkerStore {
     /// Keys whose marker is a delete's, acknowledged at or before
     /// `acknowledged_before`, in key order.
     fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes>;
+    /// One step of a walk over every marker in key order: of up to `limit`
+    /// markers after key `after` (`None`: from the first), the keys of the
+    /// closed ones (no delete's) acknowledged at or before
+    /// `acknowledged_before`, and where the next step starts (`None`: the
+    /// walk reached the end).
+    fn closed_before(
+        &self,
+        after: Option<&[u8]>,
+        acknowledged_before: u64,
+        limit: usize,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), StateError>;
     /// The changelog encoding of a marker.
     fn encode(&self, marker: &Marker) -> Vec<u8>;
 }
@@ -138,6 +149,14 @@ impl MarkerStore for Store {
     }
     fn deleted_before(&self, acknowledged_before: u64) -> Vec<Bytes> {
         Store::deleted_before(self, acknowledged_before)
+    }
+    fn closed_before(
+        &self,
+        after: Option<&[u8]>,
+        acknowledged_before: u64,
+        limit: usize,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), StateError> {
+        Store::closed_before(self, after, acknowledged_before, limit)
     }
     fn open_count(&self) -> usize {
         self.memory().open.len()
@@ -498,6 +517,39 @@ impl Store {
         keys
     }
 
+    /// See [`MarkerStore::closed_before`]. Reads RocksDB after applying the
+    /// held writes, one iterator per step.
+    pub fn closed_before(
+        &self,
+        after: Option<&[u8]>,
+        acknowledged_before: u64,
+        limit: usize,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), StateError> {
+        self.apply(&mut self.memory())?;
+        let mode = match after {
+            Some(key) => rocksdb::IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        let (mut expired, mut last, mut read) = (Vec::new(), None, 0);
+        for item in self.db.iterator_cf(self.cf(MARKERS), mode) {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if after == Some(&key[..]) {
+                continue;
+            }
+            if read == limit {
+                return Ok((expired, last));
+            }
+            read += 1;
+            let marker = self.decode(&key, &value)?;
+            let key = Bytes::copy_from_slice(&key);
+            if !marker.is_open() && !marker.is_deleted() && marker.t2 <= acknowledged_before {
+                expired.push(key.clone());
+            }
+            last = Some(key);
+        }
+        Ok((expired, None))
+    }
+
     /// How many markers are open (the open index's size).
     pub fn open_count(&self) -> Result<usize, StateError> {
         Ok(self.memory().open.len())
@@ -646,6 +698,32 @@ mod tests {
     /// A delete's closed marker is indexed (for the sweep after the
     /// retention) beside the open ones, survives a checkpointed reopen,
     /// and leaves the index when the key is written again or removed.
+    #[test]
+    fn a_walk_over_closed_markers_goes_on_from_its_cursor_and_skips_open_ones_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.put(b"a", &marker(5, 5, b"x")).unwrap();
+        store.put(b"b", &marker(9, 9, b"x")).unwrap(); // acknowledged too late
+        store.put(b"c", &marker(6, 5, b"x")).unwrap(); // open
+        let mut deleted = marker(5, 5, b"x");
+        deleted.value = None;
+        store.put(b"d", &deleted).unwrap();
+        store.put(b"e", &marker(5, 5, b"x")).unwrap();
+        let (first, next) = store.closed_before(None, 8, 2).unwrap();
+        assert_eq!(
+            (first, next.as_deref()),
+            (vec![Bytes::from("a")], Some(&b"b"[..]))
+        );
+        let (second, next) = store.closed_before(next.as_deref(), 8, 2).unwrap();
+        assert_eq!((second, next.as_deref()), (vec![], Some(&b"d"[..])));
+        let (third, next) = store.closed_before(next.as_deref(), 8, 2).unwrap();
+        assert_eq!(
+            (third, next),
+            (vec![Bytes::from("e")], None),
+            "the end of the walk"
+        );
+    }
+
     #[test]
     fn deletes_are_indexed_until_the_key_changes() {
         let dir = tempfile::tempdir().unwrap();

@@ -122,6 +122,20 @@ pub fn core_over(
     core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
 }
 
+/// [`new_core`] (latest policy) over `store`, forgetting idle keys after
+/// `state_ttl`.
+pub fn core_expiring(
+    store: ModelStore,
+    state_ttl: Duration,
+    metrics: &Arc<Metrics>,
+) -> TaskCore<ModelStore> {
+    let timing = Timing {
+        state_ttl,
+        ..Timing::NEVER
+    };
+    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
+}
+
 /// A task core as the simulation configures it (JSON input, version field
 /// `v`, the model's grace period and retry backoff).
 /// A core's clocks that a schedule sets.
@@ -130,6 +144,7 @@ struct Timing {
     checkpoint_every: Duration,
     give_up_after: Duration,
     delete_retention: Duration,
+    state_ttl: Duration,
 }
 
 impl Timing {
@@ -137,6 +152,7 @@ impl Timing {
         checkpoint_every: Duration::from_secs(3600),
         give_up_after: Duration::from_secs(3600),
         delete_retention: Duration::from_secs(3600),
+        state_ttl: Duration::ZERO,
     };
 }
 
@@ -160,6 +176,7 @@ fn core_config(
         checkpoint_every,
         give_up_after,
         delete_retention,
+        state_ttl,
     }: Timing,
 ) -> CoreConfig {
     CoreConfig {
@@ -176,6 +193,7 @@ fn core_config(
         give_up_after,
         dead_letter_max_value: 1 << 20,
         delete_retention,
+        state_ttl,
     }
 }
 
@@ -234,6 +252,32 @@ impl MarkerStore for ModelStore {
             .filter(|(_, m)| m.is_deleted() && m.t2 <= acknowledged_before)
             .map(|(k, _)| k.clone())
             .collect()
+    }
+    fn closed_before(
+        &self,
+        after: Option<&[u8]>,
+        acknowledged_before: u64,
+        limit: usize,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), StateError> {
+        let markers = self.markers.borrow();
+        let from = match after {
+            Some(key) => std::ops::Bound::Excluded(Bytes::copy_from_slice(key)),
+            None => std::ops::Bound::Unbounded,
+        };
+        let step: Vec<(Bytes, Marker)> = markers
+            .range((from, std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        let more = step.len() > limit;
+        let step = &step[..step.len().min(limit)];
+        let expired = step
+            .iter()
+            .filter(|(_, m)| !m.is_open() && !m.is_deleted() && m.t2 <= acknowledged_before)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let next = more.then(|| step.last().map(|(k, _)| k.clone())).flatten();
+        Ok((expired, next))
     }
     fn open_count(&self) -> usize {
         self.markers

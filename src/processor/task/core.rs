@@ -44,7 +44,7 @@ use std::sync::Arc;
 use crate::codec::Codec;
 use crate::engine::{Event, Offer, Payload, Push, Table, TableConfig, TableStats};
 use crate::internal_events::{
-    ChangelogWritten, DeadLetterAbandoned, DeadLettered, EventMerged, KeysInFlight,
+    ChangelogWritten, DeadLetterAbandoned, DeadLettered, EventMerged, KeysInFlight, MarkersExpired,
     PushAcknowledged, PushFailed, PushSkipped, RecordReceived, StaleEventDropped,
 };
 use crate::metrics::PartitionMetrics;
@@ -78,6 +78,9 @@ pub struct CoreConfig {
     /// How long a delete's marker is kept before the sweep removes the key's
     /// state from the store and the changelog.
     pub delete_retention: Duration,
+    /// How long an idle key's closed marker is kept after its last
+    /// acknowledged push (`state.ttl`; zero: for good).
+    pub state_ttl: Duration,
 }
 
 /// Why a produce failed, as far as the core's decision goes (the shell
@@ -126,6 +129,10 @@ pub enum Timer {
 /// written to the changelog: a key's writes within this window become one
 /// record.
 pub const CHANGELOG_EVERY: Duration = Duration::from_millis(100);
+
+/// How many markers one step of the expiry sweep reads (one step per
+/// compensation scan): a pass over N markers takes N / this many scans.
+pub const EXPIRY_STEP: usize = 10_000;
 
 /// A push to produce, and what the core needs back with its outcome.
 #[derive(Clone, Debug)]
@@ -265,6 +272,9 @@ pub struct TaskCore<S> {
     /// once the input passes `replayed_until`.
     seeded_offsets: HashMap<Bytes, i64, ahash::RandomState>,
     replayed_until: i64,
+    /// Where the expiry sweep's walk over the store goes on (`None`: from
+    /// the first key).
+    sweep_cursor: Option<Bytes>,
     /// Markers not yet handed to the changelog, the newest per key (`None`:
     /// a tombstone). Encoded only when written: most are replaced before.
     unlogged: HashMap<Bytes, Option<Marker>, ahash::RandomState>,
@@ -312,6 +322,7 @@ impl<S: MarkerStore> TaskCore<S> {
             commits_held: 0,
             seeded_offsets: HashMap::default(),
             replayed_until: -1,
+            sweep_cursor: None,
             unlogged: HashMap::default(),
             changelog_writes: VecDeque::new(),
             newest_write: HashMap::default(),
@@ -1024,6 +1035,7 @@ impl<S: MarkerStore> TaskCore<S> {
             Timer::ChangelogFlush => self.hand_markers_to_changelog(),
             Timer::Compensation => {
                 self.sweep_deletes(now);
+                self.sweep_expired(now);
                 return Some(self.compensate(now));
             }
             Timer::Wake => {
@@ -1057,6 +1069,43 @@ impl<S: MarkerStore> TaskCore<S> {
                 continue; // written again since: not idle
             }
             self.write_marker(&key, None);
+        }
+    }
+
+    /// One step of the expiry sweep (`state.ttl`): of the next
+    /// [`EXPIRY_STEP`] markers of the store, those closed longer than the
+    /// TTL ago whose key is idle are removed like a swept delete's (a
+    /// tombstone to the changelog, then out of the store). A key with a
+    /// push in flight, waiting, or with a marker on its way is not idle;
+    /// an open marker is compensation's, never expired.
+    fn sweep_expired(&mut self, now: u64) {
+        let ttl = self.config.state_ttl.as_nanos().min(u64::MAX as u128) as u64;
+        let Some(before) = now.checked_sub(ttl).filter(|_| ttl > 0) else {
+            return;
+        };
+        let step = self
+            .store
+            .closed_before(self.sweep_cursor.as_deref(), before, EXPIRY_STEP);
+        let (expired, next) = match step {
+            Ok(step) => step,
+            Err(e) => {
+                return warn!(
+                    partition = self.config.partition,
+                    "the expiry sweep could not read the store (tried again at the next scan): {e}"
+                )
+            }
+        };
+        self.sweep_cursor = next;
+        let mut removed = 0;
+        for key in expired {
+            if self.table.in_flight(&key) || self.holds_marker(&key) {
+                continue;
+            }
+            self.write_marker(&key, None);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.metrics.emit(MarkersExpired(removed));
         }
     }
 

@@ -304,6 +304,7 @@ async fn run(
             .dead_letter_max_value
             .load(std::sync::atomic::Ordering::Relaxed),
         delete_retention: settings.deletes.retention,
+        state_ttl: settings.state.ttl,
     };
     let core = TaskCore::new(
         config,
