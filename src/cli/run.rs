@@ -106,6 +106,9 @@ pub fn run_announcing(
         stop.store(true, Ordering::Relaxed);
         worker.await
     });
+    // Tasks still holding a client drop it here; bounded, as the member's
+    // own teardown is.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     match result {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(member::RunError::Limits(e)))) => Err(CliError::Limits(e)),

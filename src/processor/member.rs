@@ -376,6 +376,7 @@ pub fn run(
     consumer.context().fetch.close();
     let _ = resources.producer.flush(Duration::from_secs(5));
     info!("stopped");
+    close_clients_within(TEARDOWN_LIMIT, move || drop((consumer, resources)));
     if let Some(refused) = limits_refused {
         return Err(RunError::Limits(refused));
     }
@@ -384,6 +385,29 @@ pub fn run(
         None => Ok(()),
     }
 }
+
+/// Runs the clients' teardown (leaving the group, destroying the
+/// librdkafka handles) on a thread of its own and waits for it at most
+/// `limit`: everything is committed by then, and a teardown that hangs in
+/// the client must not keep the process from exiting on a signal.
+fn close_clients_within(limit: Duration, teardown: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("keyflight-teardown".into())
+        .spawn(move || {
+            teardown();
+            let _ = done.send(());
+        });
+    if spawned.is_ok() && finished.recv_timeout(limit).is_err() {
+        warn!(
+            "the Kafka clients did not close within {}; exiting without them (everything was committed)",
+            humantime::format_duration(limit)
+        );
+    }
+}
+
+/// How long the clients' teardown may take after everything is committed.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Records taken from the fetch queue per call and routed per lock of the
 /// assignment, at most.
