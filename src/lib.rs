@@ -25,7 +25,8 @@
 //!   version, the per-key `tn` clock, offset coverage (the position safe
 //!   to commit), and push shaping: a key may wait in a window (`delay`,
 //!   `min_interval`) whose end sits in one heap per table, driven by the
-//!   caller's clock.
+//!   caller's clock. Idle keys beyond a cache are forgotten (their markers
+//!   hold their state; the task core reads a key it does not know back).
 //! * [`processor`]: `keyflight run`, along Kafka Streams' seams.
 //!   [`processor::member`] is the consumer-group member (rebalances, routing
 //!   records to tasks in batches, pausing, commits);

@@ -72,8 +72,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
 }
 
-/// How long the state of a key nobody writes to is kept.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// How much state of keys nobody writes to is kept, in memory and for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateSettings {
     /// A key whose last push was acknowledged longer ago than this, and
@@ -82,6 +82,19 @@ pub struct StateSettings {
     /// forgotten version is then taken for new.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Idle keys a partition keeps in memory besides those in flight or
+    /// waiting; past it the least recently used are forgotten and read back
+    /// from their markers when they come again.
+    pub cached_keys: usize,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::ZERO,
+            cached_keys: 20_000,
+        }
+    }
 }
 
 /// What a crash or a frozen owner may do to the outputs.

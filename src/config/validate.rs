@@ -126,6 +126,10 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         );
     }
     check(
+        "state.cached_keys",
+        (s.state.cached_keys == 0).then(|| "must be at least 1".into()),
+    );
+    check(
         "singleflight.max_held_bytes",
         (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),
     );

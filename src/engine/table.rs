@@ -152,6 +152,8 @@ pub struct TableStats {
     pub failed: u64,
     /// Events that found their key idle and made it wait (a window opened).
     pub windows_opened: u64,
+    /// Idle keys forgotten beyond the cache.
+    pub evicted: u64,
 }
 
 /// Events folded together and not yet acknowledged downstream. Their offsets
@@ -245,6 +247,10 @@ struct Entry {
     /// bucket, which moves when the table grows).
     id: u32,
     versioned: bool,
+    /// Used since the eviction hand last passed (spared once, CLOCK).
+    referenced: bool,
+    /// Never evicted: what it holds is not in its marker (see [`Table::pin`]).
+    pinned: bool,
 }
 
 // One entry per cache line.
@@ -277,12 +283,17 @@ impl Entry {
 /// hashes the key once (ahash, randomly seeded); a probe compares the key
 /// only when the 32-bit tag matches. At most [`Keys::MAX_LOAD`] full, so
 /// a known key costs 128 to 256 bytes here (a `hashbrown` map of the previous
-/// 96-byte entries: 110 to 220). Keys are never removed.
+/// 96-byte entries: 110 to 220). Idle keys beyond
+/// [`TableConfig::cached_keys`] are removed (see [`Table::evict_one`]).
 #[derive(Debug)]
 struct Keys {
     hasher: ahash::RandomState,
     buckets: Vec<Entry>,
     len: usize,
+    /// Ids of removed keys, handed to new ones (so the per-id vectors stay
+    /// as long as the most keys ever known at once).
+    free_ids: Vec<u32>,
+    next_id: u32,
 }
 
 impl Keys {
@@ -295,6 +306,8 @@ impl Keys {
             hasher: ahash::RandomState::new(),
             buckets: empty_buckets(Self::INITIAL_BUCKETS),
             len: 0,
+            free_ids: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -355,14 +368,39 @@ impl Keys {
                 .find(key, hash)
                 .expect_err("a new key is not in the table");
         }
+        let id = self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        });
         self.buckets[pos] = Entry {
             key: StoredKey::from_slice(key),
             tag: Self::tag(hash),
-            id: self.len as u32,
+            id,
             ..Entry::default()
         };
         self.len += 1;
         pos
+    }
+
+    /// Removes the entry at `pos` and returns it. Linear probing without
+    /// tombstones: each entry after it in its cluster moves back into the
+    /// gap unless that would put it before its home bucket.
+    fn remove(&mut self, mut pos: usize) -> Entry {
+        let mask = self.buckets.len() - 1;
+        let removed = std::mem::take(&mut self.buckets[pos]);
+        let mut next = (pos + 1) & mask;
+        while self.buckets[next].tag != 0 {
+            let home = self.hash(&self.buckets[next].key) as usize & mask;
+            // Its home lies outside (pos, next] (cyclically): it may move to pos.
+            if next.wrapping_sub(home) & mask >= next.wrapping_sub(pos) & mask {
+                self.buckets[pos] = std::mem::take(&mut self.buckets[next]);
+                pos = next;
+            }
+            next = (next + 1) & mask;
+        }
+        self.len -= 1;
+        self.free_ids.push(removed.id);
+        removed
     }
 
     fn grow(&mut self) {
@@ -410,6 +448,10 @@ pub struct TableConfig {
     /// Keep a digest of each key's last acknowledged value
     /// ([`Table::acked_digest`]), for `singleflight.skip_unchanged`.
     pub digests: bool,
+    /// Idle keys kept beyond those in flight or waiting; past it the
+    /// table forgets idle keys (the caller seeds a key it does not know
+    /// from its marker again).
+    pub cached_keys: usize,
 }
 
 impl Default for TableConfig {
@@ -419,6 +461,7 @@ impl Default for TableConfig {
             max_active_keys: 10_000,
             windows: Windows::default(),
             digests: false,
+            cached_keys: usize::MAX,
         }
     }
 }
@@ -480,6 +523,8 @@ pub struct Table {
     /// waiting key. An entry may be earlier than its key's `due` (a delay
     /// that slid); [`Table::wake`] then puts it back at the later time.
     wakes: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
+    /// The eviction hand: the bucket [`Table::evict_one`] looks at next.
+    hand: usize,
     offsets: OffsetTracker,
     stats: TableStats,
 }
@@ -495,6 +540,7 @@ impl Table {
             flights: Vec::new(),
             free_slots: Vec::new(),
             wakes: Default::default(),
+            hand: 0,
             offsets: OffsetTracker::new(),
             stats: TableStats::default(),
         }
@@ -504,20 +550,78 @@ impl Table {
         self.config.policy
     }
 
-    /// The bucket of `key`, created idle when the key is new.
+    /// The bucket of `key`, created idle when the key is new (and then,
+    /// past the cache, an idle key is forgotten to make room).
     #[inline(always)]
     fn entry_of(&mut self, key: &[u8]) -> usize {
-        let (pos, new) = self.keys.get_or_insert(key);
+        let (mut pos, new) = self.keys.get_or_insert(key);
+        self.keys.buckets[pos].referenced = true;
         if new {
+            self.new_id(self.keys.buckets[pos].id as usize);
+            if self.keys.len - self.active_keys() > self.config.cached_keys {
+                self.evict_one(key);
+                pos = self.keys.get(key).expect("the new key stays");
+            }
+        }
+        pos
+    }
+
+    /// Sets up the per-id state of a new key: appended, or reset when the
+    /// id was a forgotten key's.
+    #[inline(always)]
+    fn new_id(&mut self, id: usize) {
+        let retains = self.config.policy.retains_value();
+        if id == self.acked.len() {
             self.acked.push(0);
             if self.config.digests {
                 self.digests.push(0);
             }
-            if self.config.policy.retains_value() {
+            if retains {
                 self.values.push(None);
             }
+        } else {
+            self.acked[id] = 0;
+            if self.config.digests {
+                self.digests[id] = 0;
+            }
+            if retains {
+                self.values[id] = None;
+            }
         }
-        pos
+    }
+
+    /// Forgets one idle key other than `keep`, in CLOCK order: the hand
+    /// goes round the buckets, sparing once a key used since it last
+    /// passed. A key in flight or waiting, or pinned, is never forgotten.
+    /// Nothing is lost: an idle key's state is its marker's (version, t1,
+    /// t2, value), which the caller reads back when the key comes again.
+    #[cold]
+    fn evict_one(&mut self, keep: &[u8]) {
+        let mask = self.keys.buckets.len() - 1;
+        for _ in 0..2 * self.keys.buckets.len() {
+            let pos = self.hand & mask;
+            let entry = &mut self.keys.buckets[pos];
+            if entry.tag != 0 && entry.slot == 0 && !entry.pinned && &entry.key[..] != keep {
+                if !entry.referenced {
+                    let removed = self.keys.remove(pos);
+                    let id = removed.id as usize;
+                    if let Some(value) = self.values.get_mut(id) {
+                        *value = None;
+                    }
+                    self.stats.evicted += 1;
+                    return; // the hand stays: an entry may have moved here
+                }
+                entry.referenced = false;
+            }
+            self.hand = (pos + 1) & mask;
+        }
+    }
+
+    /// Keeps the key in memory for good: its marker does not hold all of
+    /// its state (a marker written without its value).
+    pub fn pin(&mut self, key: &[u8]) {
+        let pos = self.entry_of(key);
+        self.keys.buckets[pos].pinned = true;
     }
 
     /// Where an idle key keeps its value (`json-merge-patch` only).
@@ -1522,5 +1626,82 @@ mod tests {
         assert!(t.compensate(&key("k"), 0, None, bytes("old"), 10).is_none());
         let push = t.wake(100).pop().unwrap();
         assert_eq!(push.payload, bytes("A"));
+    }
+
+    proptest::proptest! {
+        /// Removal without tombstones keeps every other key findable, also
+        /// across growth and wrap-around clusters (a 16-bucket start).
+        #[test]
+        fn removed_keys_are_gone_and_the_rest_stay_findable(
+            ops in proptest::collection::vec((0u16..64, proptest::bool::ANY), 1..400)
+        ) {
+            let mut keys = Keys::new();
+            let mut model = std::collections::BTreeSet::new();
+            for (k, insert) in ops {
+                let key = k.to_be_bytes();
+                if insert {
+                    keys.get_or_insert(&key);
+                    model.insert(k);
+                } else if let Some(pos) = keys.get(&key) {
+                    keys.remove(pos);
+                    model.remove(&k);
+                }
+                proptest::prop_assert_eq!(keys.len, model.len());
+                for k in 0u16..64 {
+                    proptest::prop_assert_eq!(keys.get(&k.to_be_bytes()).is_some(), model.contains(&k));
+                }
+            }
+            let mut ids: Vec<u32> = keys.buckets.iter().filter(|e| e.tag != 0).map(|e| e.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            proptest::prop_assert_eq!(ids.len(), model.len(), "ids are unique");
+        }
+    }
+
+    #[test]
+    fn idle_keys_beyond_the_cache_are_forgotten_in_clock_order_and_busy_ones_never() {
+        let mut t = Table::new(TableConfig {
+            cached_keys: 2,
+            ..TableConfig::default()
+        });
+        let busy = started(t.offer(ev("busy", 0, "B"), 1).unwrap());
+        for (n, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            let push = started(t.offer(ev(k, n as i64 + 1, "x"), 2).unwrap());
+            t.complete(&key(k), push.tn, 3).unwrap();
+        }
+        assert!(t.knows(b"busy"), "a key in flight stays");
+        assert_eq!(t.known_keys(), 3, "two idle keys and the busy one");
+        assert_eq!(t.stats().evicted, 2);
+        // The newest idle keys are the ones kept (the hand spares used ones once).
+        assert!(
+            t.knows(b"c") && t.knows(b"d"),
+            "{:?}",
+            ["a", "b", "c", "d"].map(|k| t.knows(k.as_bytes()))
+        );
+        // A forgotten key comes back unknown: the caller seeds it again.
+        assert!(!t.knows(b"a"));
+        t.seed(key("a"), 9, 5, 5, None);
+        assert_eq!(
+            t.offer(ev("a", 5, "x"), 6).unwrap(),
+            Offer::Stale,
+            "its seeded version keeps it"
+        );
+        t.complete(&key("busy"), busy.tn, 7).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_key_is_never_forgotten() {
+        let mut t = Table::new(TableConfig {
+            cached_keys: 1,
+            ..TableConfig::default()
+        });
+        let push = started(t.offer(ev("pinned", 0, "x"), 1).unwrap());
+        t.complete(&key("pinned"), push.tn, 2).unwrap();
+        t.pin(b"pinned");
+        for (n, k) in ["a", "b", "c"].iter().enumerate() {
+            let push = started(t.offer(ev(k, n as i64 + 1, "x"), 3).unwrap());
+            t.complete(&key(k), push.tn, 4).unwrap();
+        }
+        assert!(t.knows(b"pinned"));
     }
 }

@@ -456,6 +456,7 @@ impl Engine {
                 max_active_keys: usize::MAX,
                 windows,
                 digests: false,
+                cached_keys: usize::MAX,
             }),
             batched: false,
             starting: Vec::new(),

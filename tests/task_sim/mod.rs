@@ -145,6 +145,8 @@ struct Timing {
     give_up_after: Duration,
     delete_retention: Duration,
     state_ttl: Duration,
+    /// Idle keys the table keeps in memory (`state.cached_keys`).
+    cached_keys: usize,
 }
 
 impl Timing {
@@ -153,6 +155,7 @@ impl Timing {
         give_up_after: Duration::from_secs(3600),
         delete_retention: Duration::from_secs(3600),
         state_ttl: Duration::ZERO,
+        cached_keys: usize::MAX,
     };
 }
 
@@ -177,6 +180,7 @@ fn core_config(
         give_up_after,
         delete_retention,
         state_ttl,
+        cached_keys,
     }: Timing,
 ) -> CoreConfig {
     CoreConfig {
@@ -184,6 +188,7 @@ fn core_config(
         table: TableConfig {
             policy,
             max_active_keys,
+            cached_keys,
             ..TableConfig::default()
         },
         compensation_grace: Duration::from_millis(GRACE),
@@ -511,6 +516,8 @@ pub struct Schedule {
     pub inputs: Vec<InputEvent>,
     pub policy: MergePolicy,
     pub max_active_keys: usize,
+    /// Idle keys the cores keep in memory; beyond, they read markers back.
+    pub cached_keys: usize,
     pub faults: Faults,
 }
 
@@ -646,6 +653,11 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
             MergePolicy::JsonMergePatch
         },
         max_active_keys: rng.random_range(1..=4),
+        cached_keys: if rng.random_bool(0.5) {
+            usize::MAX
+        } else {
+            rng.random_range(1..=3)
+        },
         faults,
     }
 }
@@ -1149,6 +1161,7 @@ impl<'a> Sim<'a> {
             Timing {
                 checkpoint_every: Duration::from_millis(schedule.faults.checkpoint_every),
                 give_up_after: Duration::from_millis(schedule.faults.give_up_after),
+                cached_keys: schedule.cached_keys,
                 ..Timing::NEVER
             },
             ModelStore::new(markers),

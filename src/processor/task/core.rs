@@ -864,6 +864,8 @@ impl<S: MarkerStore> TaskCore<S> {
                                 key = %String::from_utf8_lossy(&key),
                                 "the changelog refuses the marker as too large; writing it without its value"
                             );
+                            // Its value is in memory only from now on.
+                            self.table.pin(&key);
                             Some(marker.cut())
                         }
                         (_, marker) => marker,

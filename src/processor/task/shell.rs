@@ -294,6 +294,7 @@ async fn run(
             max_active_keys: settings.singleflight.max_active_keys,
             windows: settings.singleflight.windows(),
             digests: settings.singleflight.skip_unchanged,
+            cached_keys: settings.state.cached_keys,
         },
         compensation_grace: settings.compensation.grace,
         checkpoint_every: CHECKPOINT_EVERY,
