@@ -10,6 +10,11 @@
 #   BROKERS="mock mock-eos-100ms mock-eos-1s" ENGINE=0 scripts/bench.sh
 #                                         at-least-once against exactly-once
 #                                         (commit interval after mock-eos-)
+#   BROKERS="mock mock-delay-100ms mock-interval-1s" ENGINE=0 scripts/bench.sh
+#                                         push shaping (singleflight.delay,
+#                                         singleflight.min_interval) against none
+#   KEYS=1000000 BROKERS="mock mock-cache-100000000" ENGINE=0 scripts/bench.sh
+#                                         idle keys cached (state.cached_keys)
 #   ENGINE=0 scripts/bench.sh             skip the criterion benchmark
 #   BENCH_ARGS="--latency-rate 100000" scripts/bench.sh   more driver options
 #
@@ -99,7 +104,22 @@ for broker in $brokers; do
             KEYFLIGHT_PROCESSING_GUARANTEE=exactly-once KEYFLIGHT_COMMIT_INTERVAL="$interval" \
                 "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
             ;;
-        *) echo "unknown broker $broker (tansu, mock, mock-eos-<interval>)" >&2; exit 2 ;;
+        mock-delay-*)
+            say "keyflight with singleflight.delay = ${broker#mock-delay-} vs the bare copy on the mock cluster"
+            KEYFLIGHT_SINGLEFLIGHT__DELAY="${broker#mock-delay-}" \
+                "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        mock-interval-*)
+            say "keyflight with singleflight.min_interval = ${broker#mock-interval-} vs the bare copy on the mock cluster"
+            KEYFLIGHT_SINGLEFLIGHT__MIN_INTERVAL="${broker#mock-interval-}" \
+                "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        mock-cache-*)
+            say "keyflight with state.cached_keys = ${broker#mock-cache-} vs the bare copy on the mock cluster"
+            KEYFLIGHT_STATE__CACHED_KEYS="${broker#mock-cache-}" \
+                "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        *) echo "unknown broker $broker (tansu, mock, mock-eos-<interval>, mock-delay-<d>, mock-interval-<d>, mock-cache-<n>)" >&2; exit 2 ;;
     esac
 done
 

@@ -23,6 +23,7 @@ pub(crate) fn drained(addr: &str, events: u64) -> bool {
     scrape(addr).is_ok_and(|m| {
         m.sum("keyflight_events_consumed_total", &[]) >= events as f64
             && m.sum("keyflight_keys_in_flight", &[]) == 0.0
+            && m.sum("keyflight_keys_waiting", &[]) == 0.0
             && m.sum("keyflight_consumer_lag_records", &[]) == 0.0
     })
 }

@@ -104,6 +104,10 @@ pub(crate) struct Scan {
     pub(crate) open: u64,
     pub(crate) open_scan_ms: f64,
     pub(crate) full_scan_ms: f64,
+    /// One step of the `state.ttl` sweep (`EXPIRY_STEP` markers), mean
+    /// over a walk of the whole store, and the whole walk.
+    pub(crate) expiry_step_ms: f64,
+    pub(crate) expiry_walk_ms: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -172,6 +176,7 @@ pub(crate) fn print_report(r: &Report) {
          latency at {:.0}/s{}, {} events per system and round (the first {} s left out){}\n\
          added latency                p50 {} ms, p99 {} ms (median of the rounds)   (target p99 <= 5 ms)\n\
          compensation scan            {:.3} ms with {} open of {} (full scan {:.0} ms)   (target <= 5 ms)\n\
+         expiry sweep (state.ttl)     {:.1} ms a step of {} markers, {:.0} ms a walk over all\n\
          restore                      {} markers in {:.2} s = {:.0} records/s (start to ready {:.1} s)   (target <= 10 s)\n\
          peak RSS with {} keys   {:.0} MB   (target <= 300 MB)",
         r.label,
@@ -215,6 +220,9 @@ pub(crate) fn print_report(r: &Report) {
         r.scan.open,
         r.scan.markers,
         r.scan.full_scan_ms,
+        r.scan.expiry_step_ms,
+        keyflight::processor::task::core::EXPIRY_STEP,
+        r.scan.expiry_walk_ms,
         r.restore.markers,
         r.restore.seconds,
         r.restore.records_per_s,
