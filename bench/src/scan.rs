@@ -56,10 +56,17 @@ pub(crate) fn scan(markers: u64, open: u64, work: &Path) -> Result<Scan> {
     let started = Instant::now();
     loop {
         let (expired, next) = store
-            .closed_before(cursor.as_deref(), 999, keyflight::processor::task::core::EXPIRY_STEP)
+            .closed_before(
+                cursor.as_deref(),
+                999,
+                keyflight::processor::task::core::EXPIRY_STEP,
+            )
             .map_err(|e| e.to_string())?;
         if !expired.is_empty() {
-            return Err(format!("the expiry walk found {} expired markers, expected none", expired.len()));
+            return Err(format!(
+                "the expiry walk found {} expired markers, expected none",
+                expired.len()
+            ));
         }
         steps += 1;
         match next {

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keyflight::codec::{Codec, InputFormat};
-use keyflight::engine::{MergePolicy, TableConfig};
+use keyflight::engine::{MergePolicy, TableConfig, Windows};
 use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::Scanned;
 use keyflight::processor::task::core::{ProduceError, PUSH_REFUSED};
@@ -147,6 +147,7 @@ struct Timing {
     state_ttl: Duration,
     /// Idle keys the table keeps in memory (`state.cached_keys`).
     cached_keys: usize,
+    windows: Windows,
 }
 
 impl Timing {
@@ -156,6 +157,11 @@ impl Timing {
         delete_retention: Duration::from_secs(3600),
         state_ttl: Duration::ZERO,
         cached_keys: usize::MAX,
+        windows: Windows {
+            delay: 0,
+            max_delay: 0,
+            min_interval: 0,
+        },
     };
 }
 
@@ -181,6 +187,7 @@ fn core_config(
         delete_retention,
         state_ttl,
         cached_keys,
+        windows,
     }: Timing,
 ) -> CoreConfig {
     CoreConfig {
@@ -189,6 +196,7 @@ fn core_config(
             policy,
             max_active_keys,
             cached_keys,
+            windows,
             ..TableConfig::default()
         },
         compensation_grace: Duration::from_millis(GRACE),
@@ -518,6 +526,8 @@ pub struct Schedule {
     pub max_active_keys: usize,
     /// Idle keys the cores keep in memory; beyond, they read markers back.
     pub cached_keys: usize,
+    /// Push shaping (ns).
+    pub windows: Windows,
     pub faults: Faults,
 }
 
@@ -658,6 +668,16 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
         } else {
             rng.random_range(1..=3)
         },
+        windows: if rng.random_bool(0.5) {
+            Windows::default()
+        } else {
+            let delay = rng.random_range(0..40) * MS;
+            Windows {
+                delay,
+                max_delay: delay * rng.random_range(1..4),
+                min_interval: rng.random_range(0..60) * MS,
+            }
+        },
         faults,
     }
 }
@@ -769,6 +789,8 @@ struct Owner {
     /// The committed offset it started from, and how many pushes had
     /// landed by then.
     started_from: (i64, usize),
+    /// When its core's next `Timer::Wake` is scheduled (ms), if any.
+    wake_at: Option<u64>,
 }
 
 const COMMIT_EVERY: u64 = 50;
@@ -1037,9 +1059,14 @@ impl<'a> Sim<'a> {
                     Timer::Commit => COMMIT_EVERY,
                     Timer::ChangelogFlush => FLUSH_EVERY,
                     Timer::Compensation => COMPENSATE_EVERY,
-                    // Not a period: the cores here run without windows, so
-                    // nothing ever waits for a wake.
-                    Timer::Wake => return,
+                    // Not a period: when the core asks (see `turn`).
+                    Timer::Wake => {
+                        self.owners[i].wake_at = None;
+                        let now = self.clock();
+                        return self.turn(i, move |core| {
+                            let _: Option<Scanned> = core.tick(now, Timer::Wake);
+                        });
+                    }
                 };
                 self.at(self.now + period, Happening::Tick { owner, timer });
                 let now = self.clock();
@@ -1162,6 +1189,7 @@ impl<'a> Sim<'a> {
                 checkpoint_every: Duration::from_millis(schedule.faults.checkpoint_every),
                 give_up_after: Duration::from_millis(schedule.faults.give_up_after),
                 cached_keys: schedule.cached_keys,
+                windows: schedule.windows,
                 ..Timing::NEVER
             },
             ModelStore::new(markers),
@@ -1186,6 +1214,7 @@ impl<'a> Sim<'a> {
             member: true,
             frozen: false,
             started_from: (self.broker.committed, self.broker.pushed.len()),
+            wake_at: None,
         });
         for (timer, period) in [
             (Timer::Commit, COMMIT_EVERY),
@@ -1233,7 +1262,32 @@ impl<'a> Sim<'a> {
                 if o.core.wants_records() && o.position < self.arrived {
                     self.at(self.now, Happening::Arrived(self.arrived));
                 }
+                self.schedule_wake(i);
             }
+        }
+    }
+
+    /// Schedules owner `i`'s next `Timer::Wake` when its core's earliest
+    /// window ends before the one already scheduled (as the shell sleeps
+    /// until `next_wake`).
+    fn schedule_wake(&mut self, i: usize) {
+        let Some(ns) = self.owners[i].core.next_wake() else {
+            return;
+        };
+        let at = (ns.saturating_sub(EPOCH).div_ceil(MS)).max(self.now);
+        if self.owners[i]
+            .wake_at
+            .is_none_or(|scheduled| at < scheduled)
+        {
+            self.owners[i].wake_at = Some(at);
+            let owner = self.owners[i].id;
+            self.at(
+                at,
+                Happening::Tick {
+                    owner,
+                    timer: Timer::Wake,
+                },
+            );
         }
     }
 
