@@ -133,8 +133,10 @@ fn check(report: &Value) {
             round[system]["latency"]["samples"], round[system]["measured"],
             "every event is matched to the output that delivers it: {report:#}"
         );
+        // CPU time is counted in clock ticks (10 ms): a system can copy a
+        // round of 3 000 events in less than one.
         assert!(
-            round[system]["cpu_us_per_event"].as_f64() > Some(0.0),
+            round[system]["cpu_us_per_event"].as_f64() >= Some(0.0),
             "{report:#}"
         );
         // The system used CPU over the span, so the machine was busy.
