@@ -362,6 +362,11 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        // BENCH_KEEP_WORKDIR=1 keeps the logs and stores for a look (not
+        // KEYFLIGHT_*: keyflight reads those as settings).
+        if std::env::var_os("BENCH_KEEP_WORKDIR").is_some() {
+            return say(&format!("kept {}", self.0.display()));
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
