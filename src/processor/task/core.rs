@@ -529,15 +529,25 @@ impl<S: MarkerStore> TaskCore<S> {
         if self.config.table.digests
             && !push.compensation
             && self.phase == Phase::Running
-            && self.table.acked_digest(&push.key) == Some(self.digest(&push.payload))
+            && self
+                .table
+                .acked_digest(&push.key)
+                .is_some_and(|acked| acked == self.digest(&push.payload))
         {
-            let value = self.codec.encode(&push.payload, push.version);
-            let marker =
-                Marker::started(push.acked_tn, push.tn, push.version, value).at_offset(push.offset);
+            let (_, marker) = self.marker_of(&push);
             self.metrics.emit(PushSkipped);
             return self.done_with(push, marker, now);
         }
         self.start_retry(push, delay, 0, 0);
+    }
+
+    /// The bytes a push carries and its markT1 (which an acknowledgement
+    /// turns into its markT2).
+    fn marker_of(&self, push: &Push) -> (Option<Bytes>, Marker) {
+        let value = self.codec.encode(&push.payload, push.version);
+        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone())
+            .at_offset(push.offset);
+        (value, marker)
     }
 
     /// A digest of the value a push of `payload` carries, whatever its
@@ -562,9 +572,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// [`TaskCore::start_push`], for a key whose pushes failed `failures`
     /// times since `failing_since`.
     fn start_retry(&mut self, push: Push, delay: Duration, failures: u32, failing_since: u64) {
-        let value = self.codec.encode(&push.payload, push.version);
-        let marker = Marker::started(push.acked_tn, push.tn, push.version, value.clone())
-            .at_offset(push.offset);
+        let (value, marker) = self.marker_of(&push);
         self.write_marker(&push.key, Some(&marker));
         self.report_keys();
         self.pushes_in_flight += 1;
@@ -1066,20 +1074,31 @@ impl<S: MarkerStore> TaskCore<S> {
         let Some(before) = now.checked_sub(retention) else {
             return;
         };
-        for key in self.store.deleted_before(before) {
+        let deleted = self.store.deleted_before(before);
+        self.forget_idle(deleted);
+    }
+
+    /// Removes the state of those of `keys` that are idle (a tombstone to
+    /// the changelog, then out of the store); a key with a push in flight,
+    /// waiting, or with a marker on its way was written again since.
+    /// Returns how many were removed.
+    fn forget_idle(&mut self, keys: Vec<Bytes>) -> usize {
+        let mut removed = 0;
+        for key in keys {
             if self.table.in_flight(&key) || self.holds_marker(&key) {
-                continue; // written again since: not idle
+                continue;
             }
             self.write_marker(&key, None);
+            removed += 1;
         }
+        removed
     }
 
     /// One step of the expiry sweep (`state.ttl`): of the next
     /// [`EXPIRY_STEP`] markers of the store, those closed longer than the
-    /// TTL ago whose key is idle are removed like a swept delete's (a
-    /// tombstone to the changelog, then out of the store). A key with a
-    /// push in flight, waiting, or with a marker on its way is not idle;
-    /// an open marker is compensation's, never expired.
+    /// TTL ago whose key is idle are removed like a swept delete's
+    /// ([`TaskCore::forget_idle`]); an open marker is compensation's, never
+    /// expired.
     fn sweep_expired(&mut self, now: u64) {
         let ttl = self.config.state_ttl.as_nanos().min(u64::MAX as u128) as u64;
         let Some(before) = now.checked_sub(ttl).filter(|_| ttl > 0) else {
@@ -1098,14 +1117,7 @@ impl<S: MarkerStore> TaskCore<S> {
             }
         };
         self.sweep_cursor = next;
-        let mut removed = 0;
-        for key in expired {
-            if self.table.in_flight(&key) || self.holds_marker(&key) {
-                continue;
-            }
-            self.write_marker(&key, None);
-            removed += 1;
-        }
+        let removed = self.forget_idle(expired);
         if removed > 0 {
             self.metrics.emit(MarkersExpired(removed));
         }
