@@ -493,6 +493,18 @@ impl Windows {
         }
     }
 
+    /// When a `delay` window opened at `opened` may end, its key's newest
+    /// event having come at `now` (0: no delay). `max_delay` counts as at
+    /// least `delay`.
+    #[inline]
+    fn quiet_until(&self, now: u64, opened: u64) -> u64 {
+        if self.delay == 0 {
+            return 0;
+        }
+        let cap = opened.saturating_add(self.max_delay.max(self.delay));
+        now.saturating_add(self.delay).min(cap)
+    }
+
     /// Whether any window is on.
     #[inline]
     fn any(&self) -> bool {
@@ -566,27 +578,19 @@ impl Table {
         pos
     }
 
-    /// Sets up the per-id state of a new key: appended, or reset when the
-    /// id was a forgotten key's.
+    /// Sets up the per-id state of a new key. A recycled id's is clean
+    /// already ([`Table::evict_one`] clears it).
     #[inline(always)]
     fn new_id(&mut self, id: usize) {
-        let retains = self.config.policy.retains_value();
-        if id == self.acked.len() {
-            self.acked.push(0);
-            if self.config.digests {
-                self.digests.push(0);
-            }
-            if retains {
-                self.values.push(None);
-            }
-        } else {
-            self.acked[id] = 0;
-            if self.config.digests {
-                self.digests[id] = 0;
-            }
-            if retains {
-                self.values[id] = None;
-            }
+        if id < self.acked.len() {
+            return;
+        }
+        self.acked.push(0);
+        if self.config.digests {
+            self.digests.push(0);
+        }
+        if self.config.policy.retains_value() {
+            self.values.push(None);
         }
     }
 
@@ -603,8 +607,11 @@ impl Table {
             let entry = &mut self.keys.buckets[pos];
             if entry.tag != 0 && entry.slot == 0 && !entry.pinned && &entry.key[..] != keep {
                 if !entry.referenced {
-                    let removed = self.keys.remove(pos);
-                    let id = removed.id as usize;
+                    let id = self.keys.remove(pos).id as usize;
+                    self.acked[id] = 0;
+                    if let Some(digest) = self.digests.get_mut(id) {
+                        *digest = 0;
+                    }
                     if let Some(value) = self.values.get_mut(id) {
                         *value = None;
                     }
@@ -665,10 +672,8 @@ impl Table {
             pending.merged += 1;
             pending.newest_offset = event.offset;
             if let Some(waiting) = active.waiting.as_mut().filter(|w| w.slides) {
-                let windows = &self.config.windows;
-                let quiet = now_ns.saturating_add(windows.delay);
-                let cap = waiting.opened.saturating_add(windows.max_delay);
-                waiting.due = waiting.due.max(quiet.min(cap));
+                let quiet = self.config.windows.quiet_until(now_ns, waiting.opened);
+                waiting.due = waiting.due.max(quiet);
             }
             self.stats.events += 1;
             self.stats.merged += 1;
@@ -699,12 +704,9 @@ impl Table {
         self.stats.events += 1;
         let windows = self.config.windows;
         if windows.any() {
-            let quiet = if windows.delay == 0 {
-                0
-            } else {
-                now_ns.saturating_add(windows.delay)
-            };
-            let due = quiet.max(windows.interval_ends(self.keys.buckets[pos].last_tn));
+            let due = windows
+                .quiet_until(now_ns, now_ns)
+                .max(windows.interval_ends(self.keys.buckets[pos].last_tn));
             if due > now_ns {
                 self.stats.windows_opened += 1;
                 let waiting = Waiting {
@@ -831,13 +833,13 @@ impl Table {
             // The events merged behind it wait for the cooldown.
             active.flight = Batch::EMPTY;
             active.tn = 0;
-            active.waiting = Some(Waiting {
+            let waiting = Waiting {
                 key: key.clone(),
                 opened: now_ns,
                 due,
                 slides: false,
-            });
-            self.wakes.push(std::cmp::Reverse((due, slot as u32)));
+            };
+            self.wait(slot, waiting);
             return Ok(None);
         }
         let batch = std::mem::replace(&mut active.pending, Batch::EMPTY);
@@ -1068,12 +1070,17 @@ impl Table {
     /// An idle key starts waiting with `batch` pending; `current` is its
     /// value meanwhile.
     fn wait_idle(&mut self, pos: usize, batch: Batch, current: Option<Payload>, waiting: Waiting) {
-        let due = waiting.due;
         let slot = self.take_slot(pos, current);
-        let active = &mut self.flights[slot];
-        active.pending = batch;
-        active.waiting = Some(waiting);
-        self.wakes.push(std::cmp::Reverse((due, slot as u32)));
+        self.flights[slot].pending = batch;
+        self.wait(slot, waiting);
+    }
+
+    /// The key in `slot` waits (its events pending, no push in flight)
+    /// until [`Table::wake`] at its due time: one heap entry per waiting key.
+    fn wait(&mut self, slot: usize, waiting: Waiting) {
+        self.wakes
+            .push(std::cmp::Reverse((waiting.due, slot as u32)));
+        self.flights[slot].waiting = Some(waiting);
     }
 
     /// A free slot for the key at `pos`, holding `current`.
