@@ -10,7 +10,7 @@ use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::{Holds, ProduceError, PUSH_REFUSED, REDELIVERED};
 use keyflight::processor::task::{Action, InputRecord, TaskCore, Timer};
 
-use crate::task_sim::{core_skipping_unchanged, new_core, ModelStore};
+use crate::task_sim::{configured_core, new_core, ModelStore};
 
 const NOW: u64 = 1_700_000_000_000_000_000;
 const MS: u64 = 1_000_000;
@@ -166,7 +166,9 @@ fn a_refused_push_closes_its_marker_and_its_offset_is_committed_once_dead_letter
 #[test]
 fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_the_bound() {
     let metrics = Arc::new(Metrics::new());
-    let mut core = crate::task_sim::core_giving_up_after(Duration::from_secs(2), &metrics);
+    let mut core = configured_core(ModelStore::new(Default::default()), &metrics, |c| {
+        c.give_up_after = Duration::from_secs(2)
+    });
     let mut flight = pushed(&mut core, vec![event(0, "k", 1)]);
     let mut now = NOW;
     let mut delays = Vec::new();
@@ -420,7 +422,9 @@ fn a_delete_with_a_version_header_is_ordered_by_it() {
 fn a_deletes_marker_is_kept_until_the_retention_then_swept() {
     let metrics = Arc::new(Metrics::new());
     let store = ModelStore::new(Default::default());
-    let mut core = crate::task_sim::core_over(store, Duration::from_secs(60), &metrics);
+    let mut core = configured_core(store, &metrics, |c| {
+        c.delete_retention = Duration::from_secs(60)
+    });
     core.take_batch(vec![versioned(0, "k", 5), delete(1, "k", None)]);
     core.end_turn(NOW);
     settle(&mut core, NOW);
@@ -460,7 +464,7 @@ fn a_replayed_delete_below_its_keys_marker_is_stale() {
         .at_offset(Some(29))
         .acknowledged(100);
     let store = ModelStore::new([("k".into(), marker)].into_iter().collect());
-    let mut core = crate::task_sim::core_over(store, Duration::from_secs(3600), &metrics);
+    let mut core = configured_core(store, &metrics, |_| {});
     core.take_batch(vec![delete(15, "k", None), versioned(16, "k", 16)]);
     core.end_turn(NOW);
     assert!(settle(&mut core, NOW).is_empty(), "replayed: both stale");
@@ -561,7 +565,7 @@ fn an_open_marker_without_its_value_is_not_compensated_as_a_delete() {
     let cut = keyflight::state::Marker::started(0, NOW, 3, Some("{}".into())).cut();
     assert!(cut.is_open() && !cut.is_deleted());
     let store = ModelStore::new([("k".into(), cut)].into_iter().collect());
-    let mut core = crate::task_sim::core_over(store, Duration::from_secs(3600), &metrics);
+    let mut core = configured_core(store, &metrics, |_| {});
     let scanned = core.tick(NOW + 3_600 * 1_000 * MS, Timer::Compensation);
     assert_eq!(scanned.map(|s| s.repushed), Some(0));
     assert!(actions(&mut core).is_empty(), "nothing pushed");
@@ -581,7 +585,8 @@ fn unversioned(offset: i64, key: &str, value: &str) -> InputRecord {
 fn skip_unchanged_drops_re_sends_of_the_acknowledged_value_also_after_a_restart() {
     use keyflight::state::MarkerStore;
     let metrics = Arc::new(Metrics::new());
-    let mut core = core_skipping_unchanged(ModelStore::new(Default::default()), &metrics);
+    let skipping = |c: &mut keyflight::processor::task::core::CoreConfig| c.table.digests = true;
+    let mut core = configured_core(ModelStore::new(Default::default()), &metrics, skipping);
     for (offset, key) in [(0, "k"), (1, "open")] {
         let flight = match feed(&mut core, vec![unversioned(offset, key, r#"{"x":1}"#)], NOW).pop()
         {
@@ -626,7 +631,7 @@ fn skip_unchanged_drops_re_sends_of_the_acknowledged_value_also_after_a_restart(
             (key, marker)
         })
         .collect();
-    let mut restarted = core_skipping_unchanged(ModelStore::new(markers), &metrics);
+    let mut restarted = configured_core(ModelStore::new(markers), &metrics, skipping);
     let turn = feed(
         &mut restarted,
         vec![
@@ -673,7 +678,7 @@ fn an_idle_keys_marker_expires_after_the_ttl_and_busy_keys_stay() {
         .into_iter()
         .collect(),
     );
-    let mut core = crate::task_sim::core_expiring(store, Duration::from_secs(30), &metrics);
+    let mut core = configured_core(store, &metrics, |c| c.state_ttl = Duration::from_secs(30));
     let busy = feed(&mut core, vec![event(0, "busy", 2)], NOW + 60 * second);
     assert!(matches!(busy.as_slice(), [Action::Push { .. }]), "{busy:?}");
     core.tick(NOW + 61 * second, Timer::Compensation);

@@ -86,65 +86,23 @@ pub fn new_core(policy: MergePolicy, metrics: &Arc<Metrics>) -> TaskCore<ModelSt
     core_with(policy, 4, Timing::NEVER, store, 0, metrics, EPOCH)
 }
 
-/// [`new_core`] (latest policy) over `store`, with
-/// `singleflight.skip_unchanged`.
-pub fn core_skipping_unchanged(store: ModelStore, metrics: &Arc<Metrics>) -> TaskCore<ModelStore> {
+/// A task core over `store` (latest policy), as [`new_core`] but for what
+/// `configure` changes, e.g. `|c| c.state_ttl = Duration::from_secs(30)`.
+pub fn configured_core(
+    store: ModelStore,
+    metrics: &Arc<Metrics>,
+    configure: impl FnOnce(&mut CoreConfig),
+) -> TaskCore<ModelStore> {
     let mut config = core_config(MergePolicy::Latest, 4, Timing::NEVER);
-    config.table.digests = true;
+    configure(&mut config);
     core_from(config, store, 0, metrics, EPOCH)
 }
 
-/// [`new_core`] (latest policy), giving a failing key's pushes up after
-/// `give_up_after`.
-pub fn core_giving_up_after(
-    give_up_after: Duration,
-    metrics: &Arc<Metrics>,
-) -> TaskCore<ModelStore> {
-    let store = ModelStore::new(BTreeMap::new());
-    let timing = Timing {
-        give_up_after,
-        ..Timing::NEVER
-    };
-    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
-}
-
-/// [`new_core`] (latest policy) over `store`, keeping deletes' markers for
-/// `delete_retention`.
-pub fn core_over(
-    store: ModelStore,
-    delete_retention: Duration,
-    metrics: &Arc<Metrics>,
-) -> TaskCore<ModelStore> {
-    let timing = Timing {
-        delete_retention,
-        ..Timing::NEVER
-    };
-    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
-}
-
-/// [`new_core`] (latest policy) over `store`, forgetting idle keys after
-/// `state_ttl`.
-pub fn core_expiring(
-    store: ModelStore,
-    state_ttl: Duration,
-    metrics: &Arc<Metrics>,
-) -> TaskCore<ModelStore> {
-    let timing = Timing {
-        state_ttl,
-        ..Timing::NEVER
-    };
-    core_with(MergePolicy::Latest, 4, timing, store, 0, metrics, EPOCH)
-}
-
-/// A task core as the simulation configures it (JSON input, version field
-/// `v`, the model's grace period and retry backoff).
-/// A core's clocks that a schedule sets.
+/// A core's clocks and limits that a schedule sets.
 #[derive(Clone, Copy)]
 struct Timing {
     checkpoint_every: Duration,
     give_up_after: Duration,
-    delete_retention: Duration,
-    state_ttl: Duration,
     /// Idle keys the table keeps in memory (`state.cached_keys`).
     cached_keys: usize,
     windows: Windows,
@@ -154,8 +112,6 @@ impl Timing {
     const NEVER: Timing = Timing {
         checkpoint_every: Duration::from_secs(3600),
         give_up_after: Duration::from_secs(3600),
-        delete_retention: Duration::from_secs(3600),
-        state_ttl: Duration::ZERO,
         cached_keys: usize::MAX,
         windows: Windows {
             delay: 0,
@@ -165,6 +121,8 @@ impl Timing {
     };
 }
 
+/// A task core as the simulation configures it (JSON input, version field
+/// `v`, the model's grace period and retry backoff).
 fn core_with(
     policy: MergePolicy,
     max_active_keys: usize,
@@ -184,8 +142,6 @@ fn core_config(
     Timing {
         checkpoint_every,
         give_up_after,
-        delete_retention,
-        state_ttl,
         cached_keys,
         windows,
     }: Timing,
@@ -205,8 +161,8 @@ fn core_config(
         max_retry_backoff: Duration::from_millis(800),
         give_up_after,
         dead_letter_max_value: 1 << 20,
-        delete_retention,
-        state_ttl,
+        delete_retention: Duration::from_secs(3600),
+        state_ttl: Duration::ZERO,
     }
 }
 
@@ -1190,7 +1146,6 @@ impl<'a> Sim<'a> {
                 give_up_after: Duration::from_millis(schedule.faults.give_up_after),
                 cached_keys: schedule.cached_keys,
                 windows: schedule.windows,
-                ..Timing::NEVER
             },
             ModelStore::new(markers),
             self.broker.changelog_next,
