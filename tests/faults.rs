@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use keyflight::kafka::headers as header;
 
-use crate::support::{
-    await_final_state, committed_and_high, produce, read_all, wait_until, App, Broker, TestEvent,
-};
+use crate::support::{await_final_state, produce, read_all, wait_until, App, Broker, TestEvent};
 
 /// A merge-patch document that grows past the producer's
 /// `message.max.bytes` (1 000 000) from patches that each fit: its push is
@@ -83,12 +81,7 @@ async fn a_document_grown_past_the_limit_is_dead_lettered_and_the_partition_move
         "never pushed"
     );
 
-    wait_until(Duration::from_secs(30), Duration::from_millis(300), || {
-        let (committed, high) = committed_and_high(&broker, &app.id, &app.input, 1);
-        (committed == high)
-            .then_some(())
-            .ok_or_else(|| format!("committed {committed:?} of {high:?}"))
-    });
+    app.await_committed(&broker, Duration::from_secs(30), || processor.log());
     let report = app.verify().expect("verify passes");
     assert_eq!(report["refused_pushes"], 1, "{report}");
     assert!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use keyflight::kafka::headers as header;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::support::{committed_and_high, read_all, round, wait_until, App, Broker, Record};
+use crate::support::{read_all, round, wait_until, App, Broker, Record};
 
 /// Produces `rounds` one after another, each round once the broker has
 /// acknowledged the one before: a burst spread over the time the broker
@@ -163,17 +163,6 @@ fn values(tag: &str, keys: std::ops::Range<usize>) -> Vec<Record> {
     .collect()
 }
 
-/// Waits until the processor committed everything produced so far.
-fn processed(broker: &Broker, app: &App, log: impl Fn() -> String) {
-    let (_, high) = committed_and_high(broker, &app.id, &app.input, 1);
-    wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
-        let (committed, _) = committed_and_high(broker, &app.id, &app.input, 1);
-        (committed >= high)
-            .then_some(())
-            .ok_or_else(|| format!("committed {committed:?} of {high:?}\n{}", log()))
-    });
-}
-
 /// `skip_unchanged = true`: 10 keys get a value, then the same 10 values
 /// again and 5 of them a new one: 15 pushes, not 25. A second instance
 /// then restores the changelog on a fresh state directory and gets every
@@ -187,11 +176,11 @@ async fn skip_unchanged_drops_identical_re_sends_and_survives_a_restart() {
     let mut a = app.start(&app.state_dir("a"));
     a.await_log("partition restored", 1, Duration::from_secs(60));
     crate::support::produce_records(&broker, &app.input, &values("a", 0..10)).await;
-    processed(&broker, &app, || a.log());
+    app.await_committed(&broker, Duration::from_secs(60), || a.log());
     let mut again = values("a", 0..10);
     again.extend(values("b", 0..5));
     crate::support::produce_records(&broker, &app.input, &again).await;
-    processed(&broker, &app, || a.log());
+    app.await_committed(&broker, Duration::from_secs(60), || a.log());
     assert_eq!(
         read_all(&broker, &app.pushed).len(),
         15,
@@ -206,7 +195,7 @@ async fn skip_unchanged_drops_identical_re_sends_and_survives_a_restart() {
     let mut current = values("b", 0..5);
     current.extend(values("a", 5..10));
     crate::support::produce_records(&broker, &app.input, &current).await;
-    processed(&broker, &app, || b.log());
+    app.await_committed(&broker, Duration::from_secs(60), || b.log());
     assert_eq!(
         read_all(&broker, &app.pushed).len(),
         15,

@@ -379,6 +379,18 @@ impl App {
         }
     }
 
+    /// Waits until the group has committed the (one-partition) input up to
+    /// its end as of this call, for `limit`; `log` explains a timeout.
+    pub fn await_committed(&self, broker: &Broker, limit: Duration, log: impl Fn() -> String) {
+        let (_, high) = committed_and_high(broker, &self.id, &self.input, 1);
+        wait_until(limit, Duration::from_millis(200), || {
+            let (committed, _) = committed_and_high(broker, &self.id, &self.input, 1);
+            (committed >= high)
+                .then_some(())
+                .ok_or_else(|| format!("committed {committed:?} of {high:?}\n{}", log()))
+        });
+    }
+
     /// Waits until `verify` passes; returns its report.
     pub fn await_verified(&self, limit: Duration, log: impl Fn() -> String) -> serde_json::Value {
         wait_until(limit, Duration::from_millis(500), || {
