@@ -5,6 +5,7 @@
 //! * [`merge`]: payloads and the merge policies (`latest`, `json-merge-patch`).
 //! * [`offsets`]: offset coverage, i.e. the position safe to commit.
 
+mod keys;
 pub mod merge;
 pub mod offsets;
 pub mod table;
