@@ -8,7 +8,7 @@ use std::time::Duration;
 use keyflight::engine::MergePolicy;
 use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::{Holds, ProduceError, PUSH_REFUSED, REDELIVERED};
-use keyflight::processor::task::{Action, InputRecord, TaskCore, Timer};
+use keyflight::processor::task::{Action, InputRecord, SinkAnswer, TaskCore, Timer};
 
 use crate::task_sim::{configured_core, new_core, ModelStore};
 
@@ -209,6 +209,73 @@ fn a_push_failing_with_retriable_errors_backs_off_longer_and_is_given_up_after_t
         (2_000..2_000 + 800 + 10).contains(&failing_for),
         "given up at the bound, not later: {failing_for} ms"
     );
+}
+
+/// A sink that is busy (an HTTP 429) names how long to wait: the retry
+/// waits at least that, more than the backoff alone, but never past
+/// `give_up_after`, so a huge Retry-After cannot hold a key for days.
+#[test]
+fn a_throttled_push_is_retried_no_sooner_than_asked_within_the_give_up_bound() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = configured_core(ModelStore::new(Default::default()), &metrics, |c| {
+        c.give_up_after = Duration::from_secs(60)
+    });
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
+    let mut retry_after = |core: &mut TaskCore<ModelStore>, flight, wait| {
+        let throttled = ProduceError::Throttled {
+            message: "HTTP 429".into(),
+            retry_after: wait,
+        };
+        core.push_done(NOW, flight, Err(throttled), Duration::ZERO);
+        core.end_turn(NOW);
+        match actions(core).pop() {
+            Some(Action::Push { flight, delay }) => (flight, delay),
+            other => panic!("a retry: {other:?}"),
+        }
+    };
+    let (flight, delay) = retry_after(&mut core, flight, Duration::from_secs(3));
+    assert_eq!(
+        delay,
+        Duration::from_secs(3),
+        "Retry-After beats the 100 ms backoff"
+    );
+    let (flight, delay) = retry_after(&mut core, flight, Duration::ZERO);
+    assert_eq!(
+        delay,
+        Duration::from_millis(200),
+        "no Retry-After: the backoff"
+    );
+    let (_, delay) = retry_after(&mut core, flight, Duration::from_secs(86_400));
+    assert_eq!(delay, Duration::from_secs(60), "capped at give_up_after");
+}
+
+/// A push the sink answers with a refusal for good (an HTTP 4xx) is
+/// dead-lettered at once, and its dead letter carries the answer.
+#[test]
+fn a_push_the_sink_rejects_is_dead_lettered_with_its_answer() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let flight = pushed(&mut core, vec![event(0, "k", 1)]);
+    let answer = SinkAnswer {
+        status: 422,
+        excerpt: "unknown user".into(),
+    };
+    core.push_done(
+        NOW,
+        flight,
+        Err(ProduceError::Rejected(answer.clone())),
+        Duration::ZERO,
+    );
+    let Some(Action::DeadLetter { letter, delay }) = core.poll_action() else {
+        panic!("dead-lettered, not retried");
+    };
+    assert_eq!(delay, Duration::ZERO);
+    assert_eq!(letter.reason, PUSH_REFUSED);
+    assert_eq!(letter.answer, Some(answer));
+    assert_eq!(letter.detail, "refused with HTTP 422: unknown user");
+    core.dead_letter_done(NOW, letter.id, Ok(()));
+    core.end_turn(NOW);
+    assert_eq!(commits(&mut core, NOW), vec![1]);
 }
 
 /// A dead letter the topic refuses as too large is written again at once

@@ -34,7 +34,7 @@ use keyflight::codec::{Codec, InputFormat};
 use keyflight::engine::{MergePolicy, TableConfig, Windows};
 use keyflight::metrics::Metrics;
 use keyflight::processor::task::core::Scanned;
-use keyflight::processor::task::core::{ProduceError, PUSH_REFUSED};
+use keyflight::processor::task::core::{ProduceError, SinkAnswer, PUSH_REFUSED};
 use keyflight::processor::task::{
     Action, CoreConfig, DeadLetter, Flight, InputRecord, TaskCore, Timer,
 };
@@ -952,10 +952,24 @@ impl<'a> Sim<'a> {
                     self.owners[i].pushes_pending -= 1;
                     let now = self.clock();
                     self.turn(i, move |core| {
-                        let outcome = match (ok, refused) {
-                            (true, _) => Ok(()),
-                            (false, true) => Err(ProduceError::Refused("injected refusal".into())),
-                            (false, false) => Err(ProduceError::Retriable("injected".into())),
+                        // Every failure class a sink reports, chosen by the
+                        // (seeded) latency: the Kafka sink's and the HTTP sink's.
+                        let outcome = match (ok, refused, latency % 2 == 0) {
+                            (true, _, _) => Ok(()),
+                            (false, true, false) => {
+                                Err(ProduceError::Refused("injected refusal".into()))
+                            }
+                            (false, true, true) => Err(ProduceError::Rejected(SinkAnswer {
+                                status: 422,
+                                excerpt: "injected".into(),
+                            })),
+                            (false, false, false) => {
+                                Err(ProduceError::Retriable("injected".into()))
+                            }
+                            (false, false, true) => Err(ProduceError::Throttled {
+                                message: "injected 429".into(),
+                                retry_after: Duration::from_millis(latency),
+                            }),
                         };
                         core.push_done(now, *flight, outcome, Duration::from_millis(latency));
                     });

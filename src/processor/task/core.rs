@@ -93,6 +93,23 @@ pub enum ProduceError {
     TooLarge(String),
     /// Refused for good: an invalid record, no authorisation, ...
     Refused(String),
+    /// Busy: worth another attempt, not before `retry_after` (an HTTP 429's
+    /// `Retry-After`).
+    Throttled {
+        message: String,
+        retry_after: Duration,
+    },
+    /// The sink answered that it will never take this push (an HTTP 4xx):
+    /// its dead letter carries the answer.
+    Rejected(SinkAnswer),
+}
+
+/// A sink's answer refusing a push, as its dead letter records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkAnswer {
+    pub status: u16,
+    /// The start of the answer's body, as text.
+    pub excerpt: String,
 }
 
 impl std::fmt::Display for ProduceError {
@@ -100,6 +117,10 @@ impl std::fmt::Display for ProduceError {
         match self {
             ProduceError::Retriable(e) | ProduceError::TooLarge(e) | ProduceError::Refused(e) => {
                 f.write_str(e)
+            }
+            ProduceError::Throttled { message, .. } => f.write_str(message),
+            ProduceError::Rejected(answer) => {
+                write!(f, "refused with HTTP {}: {}", answer.status, answer.excerpt)
             }
         }
     }
@@ -163,6 +184,8 @@ pub struct DeadLetter {
     pub version: Option<u64>,
     /// Write the value cut to this many bytes: the topic refused it whole.
     pub cut_to: Option<usize>,
+    /// The sink's answer when it refused the push (its headers say so).
+    pub answer: Option<SinkAnswer>,
     /// What the dead letter holds until it lands.
     pub holds: Holds,
     /// Failed attempts so far (for the backoff).
@@ -632,30 +655,42 @@ impl<S: MarkerStore> TaskCore<S> {
             flight.failing_since
         };
         let failing_for = Duration::from_nanos(now.saturating_sub(failing_since));
-        let detail = match error {
-            ProduceError::Retriable(_) if failing_for < self.config.give_up_after => {
-                let failures = flight.failures + 1;
-                return match self.table.fail(flight.push, now) {
-                    Ok(retry) => {
-                        self.start_retry(retry, self.backoff(failures), failures, failing_since)
-                    }
-                    Err(e) => debug!("failure of an unknown push: {e}"),
-                };
-            }
-            ProduceError::Retriable(e) => format!(
-                "gave up after {} failed attempts over {}: {e}",
+        // The sink may ask for a longer wait than the backoff (Retry-After).
+        let at_least = match &error {
+            ProduceError::Throttled { retry_after, .. } => Some(*retry_after),
+            ProduceError::Retriable(_) => Some(Duration::ZERO),
+            _ => None,
+        };
+        if let Some(at_least) = at_least.filter(|_| failing_for < self.config.give_up_after) {
+            let failures = flight.failures + 1;
+            // A Retry-After beyond the give-up bound is not waited out whole.
+            let delay = self
+                .backoff(failures)
+                .max(at_least.min(self.config.give_up_after));
+            return match self.table.fail(flight.push, now) {
+                Ok(retry) => self.start_retry(retry, delay, failures, failing_since),
+                Err(e) => debug!("failure of an unknown push: {e}"),
+            };
+        }
+        let detail = match &error {
+            ProduceError::Retriable(_) | ProduceError::Throttled { .. } => format!(
+                "gave up after {} failed attempts over {}: {error}",
                 flight.failures + 1,
                 humantime::format_duration(Duration::from_secs(failing_for.as_secs()))
             ),
-            ProduceError::TooLarge(e) | ProduceError::Refused(e) => e,
+            _ => error.to_string(),
         };
-        self.refuse(flight, detail);
+        let answer = match error {
+            ProduceError::Rejected(answer) => Some(answer),
+            _ => None,
+        };
+        self.refuse(flight, detail, answer);
     }
 
     /// A push the broker will not take: its value goes to the dead-letter
     /// topic, and the key stays in flight (its events uncommitted, later
     /// ones merging) until it landed ([`TaskCore::refused_push_landed`]).
-    fn refuse(&mut self, flight: Flight, detail: String) {
+    fn refuse(&mut self, flight: Flight, detail: String, answer: Option<SinkAnswer>) {
         self.pushes_in_flight += 1; // until its dead letter lands
         let record = InputRecord {
             offset: -1,
@@ -666,8 +701,8 @@ impl<S: MarkerStore> TaskCore<S> {
         let version = Some(flight.push.version);
         self.send_dead_letter(
             record,
-            PUSH_REFUSED,
-            detail,
+            (PUSH_REFUSED, detail),
+            answer,
             version,
             Holds::Push(Box::new(flight)),
         );
@@ -934,14 +969,14 @@ impl<S: MarkerStore> TaskCore<S> {
             Holds::Commits => self.commits_held += 1,
             Holds::Push(_) => {}
         }
-        self.send_dead_letter(record, reason, detail, None, holds);
+        self.send_dead_letter(record, (reason, detail), None, None, holds);
     }
 
     fn send_dead_letter(
         &mut self,
         record: InputRecord,
-        reason: &'static str,
-        detail: String,
+        (reason, detail): (&'static str, String),
+        answer: Option<SinkAnswer>,
         version: Option<u64>,
         holds: Holds,
     ) {
@@ -958,6 +993,7 @@ impl<S: MarkerStore> TaskCore<S> {
             detail,
             version,
             cut_to: None,
+            answer,
             holds,
             failures: 0,
         };

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use rdkafka::Message;
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::core::{Action, CoreConfig, DeadLetter, Flight, TaskCore, Timer};
+pub use self::core::{
+    Action, CoreConfig, DeadLetter, Flight, ProduceError, SinkAnswer, TaskCore, Timer,
+};
 pub use shell::spawn;
 
 /// The poll thread's end of a task's pipe.
