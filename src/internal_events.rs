@@ -356,3 +356,38 @@ impl MemberEvent for LagSampled {
             .set(self.lag);
     }
 }
+
+/// The HTTP sink sent a request.
+pub struct HttpCallStarted;
+
+impl MemberEvent for HttpCallStarted {
+    fn emit(self, m: &Metrics) {
+        m.http_in_flight.inc();
+    }
+}
+
+/// The HTTP sink's request ended: answered with `status`, or not at all.
+pub struct HttpCallEnded {
+    pub status: Option<u16>,
+    pub elapsed: Duration,
+    /// The push is tried again (the key's marker stays open meanwhile).
+    pub retried: bool,
+}
+
+impl MemberEvent for HttpCallEnded {
+    fn emit(self, m: &Metrics) {
+        m.http_in_flight.dec();
+        let class = match self.status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            Some(_) | None => "error",
+        };
+        m.http_requests.with_label_values(&[class]).inc();
+        m.http_request_duration.observe(self.elapsed.as_secs_f64());
+        if self.retried {
+            m.http_retries.inc();
+        }
+    }
+}

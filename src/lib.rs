@@ -140,5 +140,7 @@ pub mod kafka;
 pub mod loadgen;
 pub mod metrics;
 pub mod processor;
+pub mod receive;
+pub mod sink;
 pub mod state;
 pub(crate) mod verify;

@@ -7,6 +7,7 @@ mod config_cmd;
 mod demo;
 mod dev;
 mod load;
+mod receive;
 mod replay;
 mod run;
 mod state_cmd;
@@ -112,6 +113,9 @@ pub enum Command {
     /// Print a topic's records, one readable line each
     #[command(long_about = tail::TAIL_ABOUT, after_help = tail::TAIL_EXAMPLES)]
     Tail(tail::TailArgs),
+    /// A webhook receiver for the HTTP sink, with injected failures and delays
+    #[command(long_about = receive::RECEIVE_ABOUT, after_help = receive::RECEIVE_EXAMPLES)]
+    Receive(receive::ReceiveArgs),
 }
 
 /// A failure of a command, with the exit status it maps to.
@@ -186,6 +190,7 @@ fn run(mut cli: Cli) -> Result<(), CliError> {
         Command::Demo(args) => demo::run(settings, args),
         Command::Load(args) => load::run(&settings, args),
         Command::Tail(args) => tail::run(&settings, args),
+        Command::Receive(args) => receive::run(args),
     }
 }
 

@@ -112,6 +112,7 @@ pub fn run_announcing(
     match result {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(member::RunError::Limits(e)))) => Err(CliError::Limits(e)),
+        Ok(Ok(Err(member::RunError::Sink(e)))) => Err(CliError::Unsupported(e)),
         Ok(Ok(Err(e))) => Err(CliError::Runtime(e.to_string())),
         Ok(Err(_)) | Err(_) => Err(CliError::Runtime("the consumer thread panicked".into())),
     }

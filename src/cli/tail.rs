@@ -29,7 +29,8 @@ Examples:
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// The topic to print [default: topics.pushed, `events.pushed`]
+    /// The topic to print [default: the pushes' topic: topics.pushed,
+    /// `events.pushed`, or sink.http.audit_topic under the HTTP sink]
     #[arg(long, value_name = "TOPIC")]
     pub topic: Option<String>,
 
@@ -50,7 +51,12 @@ pub fn run(settings: &Settings, args: TailArgs) -> Result<(), CliError> {
     let topic = args
         .topic
         .clone()
-        .unwrap_or_else(|| settings.topics.pushed.clone());
+        .or_else(|| settings.pushes_topic().map(str::to_string))
+        .ok_or_else(|| {
+            CliError::Failed(
+                "sink.kind = \"http\" without sink.http.audit_topic writes pushes to no topic; name one with --topic".into(),
+            )
+        })?;
     let consumer = reader::consumer(settings, "tail")
         .map_err(|e| CliError::Runtime(format!("cannot create the Kafka consumer: {e}")))?;
     let partitions =

@@ -23,6 +23,11 @@ version than its latest event), `differing` (same version, other value) or
 null key, an undecodable or oversized value) must be in the dead-letter topic,
 found by its keyflight-source-partition/-offset headers.
 
+Under the HTTP sink (sink.kind = \"http\") the pushes are read from
+sink.http.audit_topic, or, with --http-log, from a `keyflight receive --log`
+file: every call answered 2xx counts as a push, in arrival order, and a call
+that arrived while another call of its key was open is a problem too.
+
 Exit status 0 only when every key matches and every refused record is
 dead-lettered; 1 otherwise, or when a topic cannot be read. Run it after the
 processor has caught up (consumer lag 0), with the same configuration.";
@@ -32,7 +37,8 @@ Examples:
   keyflight --config prod.toml verify
   keyflight --config prod.toml verify --json > report.json
   keyflight verify --since 2026-11-27T08:00:00Z   # events and pushes since then
-  keyflight verify --since 30m                    # ... or in the last 30 minutes";
+  keyflight verify --since 30m                    # ... or in the last 30 minutes
+  keyflight --config http.toml verify --http-log calls.jsonl  # an HTTP sink's receiver";
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -50,10 +56,33 @@ pub struct VerifyArgs {
     /// How many problem keys to list per kind in the human report
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub show: usize,
+
+    /// Read the pushes from this `keyflight receive --log` file (the HTTP
+    /// sink's receiver) instead of a topic
+    #[arg(long, value_name = "FILE")]
+    pub http_log: Option<std::path::PathBuf>,
+}
+
+/// Where `verify` reads the pushes from.
+enum Pushes<'a> {
+    Topic(&'a str),
+    HttpLog(&'a std::path::Path),
 }
 
 pub fn run(settings: &Settings, args: VerifyArgs) -> Result<(), CliError> {
-    let report = verify(settings, args.since)?;
+    let pushes = match (&args.http_log, settings.pushes_topic()) {
+        (Some(log), _) => Pushes::HttpLog(log),
+        (None, Some(topic)) => Pushes::Topic(topic),
+        (None, None) => {
+            return Err(CliError::Failed(
+                "sink.kind = \"http\" without sink.http.audit_topic writes pushes to no topic: pass --http-log FILE (a `keyflight receive --log` file) or set sink.http.audit_topic".into(),
+            ))
+        }
+    };
+    let (report, overlaps) = verify_from(settings, args.since, pushes)?;
+    if overlaps > 0 {
+        eprintln!("{overlaps} calls arrived while another call of their key was open (see `overlapped` in the log)");
+    }
     if args.json {
         let json = serde_json::json!({ "passed": report.passed(), "report": report });
         println!("{json}");
@@ -61,8 +90,12 @@ pub fn run(settings: &Settings, args: VerifyArgs) -> Result<(), CliError> {
         print_problems(&report, args.show);
         println!("{}", report.summary());
     }
-    if report.passed() {
+    if report.passed() && overlaps == 0 {
         Ok(())
+    } else if report.passed() {
+        Err(CliError::Failed(format!(
+            "verification failed: {overlaps} calls overlapped another call of their key"
+        )))
     } else {
         Err(CliError::Failed(format!(
             "verification failed: {} missing, {} stale, {} differing, {} unexpected, {} dead letters missing",
@@ -77,13 +110,34 @@ pub fn run(settings: &Settings, args: VerifyArgs) -> Result<(), CliError> {
 
 /// Reads the three topics and returns the report.
 pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliError> {
+    let topic = settings.pushes_topic().unwrap_or(&settings.topics.pushed);
+    verify_from(settings, since, Pushes::Topic(topic)).map(|(report, _)| report)
+}
+
+/// Reads the input and dead-letter topics and the pushes; returns the
+/// report and how many HTTP calls overlapped another of their key.
+fn verify_from(
+    settings: &Settings,
+    since: Option<i64>,
+    pushes: Pushes<'_>,
+) -> Result<(Report, usize), CliError> {
     let read_error = |e: ReadError| CliError::Runtime(e.to_string());
     let consumer = reader::consumer(settings, "verify")
         .map_err(|e| CliError::Runtime(format!("cannot create the Kafka consumer: {e}")))?;
     let start = since.map_or(Start::Beginning, Start::Time);
     let topics = &settings.topics;
     let input = reader::ranges(&consumer, &topics.input, start).map_err(read_error)?;
-    let pushed = reader::ranges(&consumer, &topics.pushed, start).map_err(read_error)?;
+    let (pushed_topic, calls) = match pushes {
+        Pushes::Topic(topic) => (topic, Vec::new()),
+        Pushes::HttpLog(path) => (
+            "",
+            crate::receive::read_log(path).map_err(CliError::Runtime)?,
+        ),
+    };
+    let pushed = match pushed_topic {
+        "" => Vec::new(),
+        topic => reader::ranges(&consumer, topic, start).map_err(read_error)?,
+    };
     let dead = match reader::ranges(&consumer, &topics.dead_letter, start) {
         Ok(ranges) => ranges,
         Err(ReadError::Missing(_)) => Vec::new(), // nothing was dead-lettered
@@ -119,8 +173,9 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
         bar.inc(1);
     })
     .map_err(read_error)?;
-    bar.set_message(topics.pushed.clone());
-    reader::read(&consumer, &topics.pushed, &pushed, |m| {
+    let overlaps = http_calls(&mut verifier, calls, since);
+    bar.set_message(pushed_topic.to_string());
+    reader::read(&consumer, pushed_topic, &pushed, |m| {
         let version = header(m, headers::VERSION).and_then(|v| v.parse().ok());
         let timestamp = m.timestamp().to_millis().unwrap_or_default();
         verifier.push(
@@ -151,7 +206,37 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     })
     .map_err(read_error)?;
     bar.finish_and_clear();
-    Ok(verifier.report())
+    Ok((verifier.report(), overlaps))
+}
+
+/// An HTTP receiver's calls as pushes: those answered 2xx, in arrival
+/// order (`seq` stands for the offset); returns the overlapping calls.
+fn http_calls(
+    verifier: &mut Verifier,
+    calls: Vec<crate::receive::CallRecord>,
+    since: Option<i64>,
+) -> usize {
+    let mut overlaps = 0;
+    for call in calls {
+        let at_ms = (call.start_ns / 1_000_000) as i64;
+        if since.is_some_and(|since| at_ms < since) {
+            continue;
+        }
+        overlaps += usize::from(call.overlapped);
+        if !(200..300).contains(&call.status) {
+            continue;
+        }
+        let body = call.body_bytes();
+        verifier.push(
+            0,
+            call.seq as i64,
+            at_ms,
+            call.key.as_deref().map(str::as_bytes),
+            body.as_deref(),
+            call.version,
+        );
+    }
+    overlaps
 }
 
 /// The value of header `name`, as text.

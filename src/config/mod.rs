@@ -69,7 +69,84 @@ pub struct Settings {
     pub deletes: Deletes,
     pub state: StateSettings,
     pub compensation: Compensation,
+    pub sink: SinkSettings,
     pub kafka: KafkaSettings,
+}
+
+/// Where pushes go: the pushed topic (default), or an HTTP endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkSettings {
+    /// `kafka`: produce each push to `topics.pushed`. `http`: one request
+    /// per push to `sink.http.url`, with the same per-key guarantees.
+    pub kind: SinkKind,
+    pub http: HttpSinkSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkKind {
+    #[default]
+    Kafka,
+    Http,
+}
+
+/// The HTTP sink: one request per push, at most one in flight per key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSinkSettings {
+    /// `http://` or `https://` URL; `{key}` is replaced by the push's key,
+    /// percent-encoded.
+    pub url: String,
+    /// `POST` or `PUT` for a value; a delete is always a `DELETE`.
+    pub method: HttpMethod,
+    /// Extra request headers: a value, or `{ env = "NAME" }` to read it
+    /// from the environment at start (for secrets).
+    pub headers: BTreeMap<String, HeaderValueSetting>,
+    /// How long one request may take before it counts as failed (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Requests in flight at once, across keys and partitions.
+    pub max_in_flight: usize,
+    /// PEM file of CA certificates trusted besides the built-in roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Also produce every acknowledged push to this topic (as the Kafka
+    /// sink would), so that `verify` and `tail` read it; empty: off.
+    pub audit_topic: String,
+}
+
+impl Default for HttpSinkSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            method: HttpMethod::Post,
+            headers: BTreeMap::new(),
+            timeout: Duration::from_secs(10),
+            max_in_flight: 64,
+            ca_file: None,
+            audit_topic: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HttpMethod {
+    #[serde(rename = "POST", alias = "post")]
+    Post,
+    #[serde(rename = "PUT", alias = "put")]
+    Put,
+}
+
+/// A header's value as configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValueSetting {
+    /// Read from this environment variable when the sink starts.
+    Env {
+        env: String,
+    },
+    Text(String),
 }
 
 /// How much state of keys nobody writes to is kept, in memory and for good.
@@ -350,6 +427,7 @@ impl Default for Settings {
             deletes: Deletes::default(),
             state: StateSettings::default(),
             compensation: Compensation::default(),
+            sink: SinkSettings::default(),
             kafka: KafkaSettings::default(),
         }
     }
@@ -419,6 +497,18 @@ impl Settings {
         }
     }
 
+    /// The topic that records every acknowledged push (what `verify` and
+    /// `tail` read): `topics.pushed` for the Kafka sink, the audit topic
+    /// for the HTTP sink, if it has one.
+    pub fn pushes_topic(&self) -> Option<&str> {
+        match self.sink.kind {
+            SinkKind::Kafka => Some(&self.topics.pushed),
+            SinkKind::Http => {
+                Some(self.sink.http.audit_topic.as_str()).filter(|topic| !topic.is_empty())
+            }
+        }
+    }
+
     /// The settings with secret librdkafka values replaced, safe to print or log.
     pub fn redacted(&self) -> Settings {
         let mut copy = self.clone();
@@ -436,6 +526,13 @@ impl Settings {
                     value
                 };
                 table.insert(key, KafkaValue::Str(shown));
+            }
+        }
+        // Header values written out may be credentials; those read from
+        // the environment show only the variable's name.
+        for value in copy.sink.http.headers.values_mut() {
+            if let HeaderValueSetting::Text(text) = value {
+                *text = "<redacted>".into();
             }
         }
         copy
@@ -521,6 +618,89 @@ mod tests {
             err.to_string().contains("keyflight sets this itself"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_http_sink_needs_a_usable_url_and_headers_keyflight_does_not_set() {
+        let http = |extra: &str| load_str(&format!("[sink]\nkind = \"http\"\n{extra}"));
+        let s = http("[sink.http]\nurl = \"https://h.example/u/{key}\"\nmethod = \"PUT\"\n[sink.http.headers]\nX-Tenant = \"acme\"\nAuthorization = { env = \"TOKEN\" }\n").unwrap();
+        assert_eq!(s.sink.kind, SinkKind::Http);
+        assert_eq!(s.sink.http.method, HttpMethod::Put);
+        assert_eq!(s.sink.http.max_in_flight, 64);
+        assert_eq!(
+            s.sink.http.headers["Authorization"],
+            HeaderValueSetting::Env {
+                env: "TOKEN".into()
+            }
+        );
+        // No audit topic: no topic records the pushes.
+        assert_eq!(s.pushes_topic(), None);
+        for (extra, key, says) in [
+            ("", "sink.http.url", "must be set"),
+            (
+                "[sink.http]\nurl = \"ftp://h/{key}\"\n",
+                "sink.http.url",
+                "scheme `ftp`",
+            ),
+            (
+                "[sink.http]\nurl = \"not a url\"\n",
+                "sink.http.url",
+                "not a URL",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\nmax_in_flight = 0\n",
+                "sink.http.max_in_flight",
+                "at least 1",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\ntimeout = \"0s\"\n",
+                "sink.http.timeout",
+                "greater than 0",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\n[sink.http.headers]\nIdempotency-Key = \"x\"\n",
+                "sink.http.headers.Idempotency-Key",
+                "sets `Idempotency-Key` itself",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\n[sink.http.headers]\n\"Bad Name\" = \"x\"\n",
+                "sink.http.headers.Bad Name",
+                "not a header name",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "sink.http.ca_file",
+                "cannot read",
+            ),
+            (
+                "[sink.http]\nurl = \"http://h\"\naudit_topic = \"a b\"\n",
+                "sink.http.audit_topic",
+                "contains ' '",
+            ),
+        ] {
+            let err = http(extra).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+        }
+        let err = load_str("processing_guarantee = \"exactly-once\"\n[sink]\nkind = \"http\"\n[sink.http]\nurl = \"http://h\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("sink.kind") && err.to_string().contains("transaction"),
+            "{err}"
+        );
+        let s = http("[sink.http]\nurl = \"http://h\"\naudit_topic = \"pushes.audit\"\n").unwrap();
+        assert_eq!(s.pushes_topic(), Some("pushes.audit"));
+        assert_eq!(Settings::default().pushes_topic(), Some("events.pushed"));
+    }
+
+    #[test]
+    fn written_out_header_values_are_redacted_and_variables_named() {
+        let s = load_str(
+            "[sink.http.headers]\nX-Api-Key = \"hunter2\"\nAuthorization = { env = \"TOKEN\" }\n",
+        )
+        .unwrap();
+        let shown = toml::to_string(&s.redacted()).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("X-Api-Key = \"<redacted>\""), "{shown}");
+        assert!(shown.contains("env = \"TOKEN\""), "{shown}");
     }
 
     #[test]

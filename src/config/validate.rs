@@ -134,6 +134,15 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         (s.singleflight.max_held_bytes == 0).then(|| "must be at least 1".into()),
     );
     check("compensation.interval", positive(s.compensation.interval));
+    if s.sink.kind == SinkKind::Http {
+        validate_http_sink(&s.sink.http, &mut check);
+        check(
+            "sink.kind",
+            (s.processing_guarantee == ProcessingGuarantee::ExactlyOnce).then(|| {
+                "an HTTP call cannot be part of a Kafka transaction; use processing_guarantee \"at-least-once\" (requests carry Idempotency-Key for the receiver to drop repeats)".into()
+            }),
+        );
+    }
     let mut consumer = flatten(&s.kafka.common);
     consumer.extend(flatten(&s.kafka.consumer));
     let uncommitted = consumer
@@ -167,6 +176,64 @@ pub(super) fn validate(s: &Settings, figment: &Figment) -> Result<(), ConfigErro
         Ok(())
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// The HTTP sink's URL, method-independent limits and headers.
+fn validate_http_sink(http: &HttpSinkSettings, check: &mut impl FnMut(&str, Option<String>)) {
+    let url = if http.url.is_empty() {
+        Err("must be set when sink.kind = \"http\" (for example \"https://hooks.example.com/users/{key}\")".to_string())
+    } else {
+        reqwest::Url::parse(&http.url.replace("{key}", "k"))
+            .map_err(|e| format!("`{}` is not a URL ({e})", http.url))
+            .and_then(|url| match url.scheme() {
+                "http" | "https" => Ok(()),
+                other => Err(format!(
+                    "scheme `{other}` is not supported; use http or https"
+                )),
+            })
+    };
+    check("sink.http.url", url.err());
+    check("sink.http.timeout", positive(http.timeout));
+    check(
+        "sink.http.max_in_flight",
+        (http.max_in_flight == 0).then(|| "must be at least 1".into()),
+    );
+    if let Some(file) = &http.ca_file {
+        check(
+            "sink.http.ca_file",
+            std::fs::metadata(file)
+                .err()
+                .map(|e| format!("cannot read `{}`: {e}", file.display())),
+        );
+    }
+    if !http.audit_topic.is_empty() {
+        check(
+            "sink.http.audit_topic",
+            topic_name_problem(&http.audit_topic),
+        );
+    }
+    for (name, value) in &http.headers {
+        let key = format!("sink.http.headers.{name}");
+        let problem = if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            Some(format!("`{name}` is not a header name"))
+        } else if crate::sink::http::RESERVED_HEADERS
+            .iter()
+            .any(|reserved| reserved.eq_ignore_ascii_case(name))
+        {
+            Some(format!("keyflight sets `{name}` itself on every request"))
+        } else {
+            match value {
+                HeaderValueSetting::Env { env } if env.is_empty() => {
+                    Some("`env` must name an environment variable".into())
+                }
+                HeaderValueSetting::Env { .. } => None,
+                HeaderValueSetting::Text(text) => reqwest::header::HeaderValue::from_str(text)
+                    .err()
+                    .map(|_| "not a valid header value (visible ASCII, no line breaks)".into()),
+            }
+        };
+        check(&key, problem);
     }
 }
 

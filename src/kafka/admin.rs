@@ -91,12 +91,18 @@ pub fn plan(
         (None, wanted) => wanted.unwrap_or(DEFAULT_PARTITIONS),
     };
     let changelog = settings.changelog_topic();
+    // The HTTP sink without an audit topic writes no pushed topic.
+    let pushed = settings
+        .pushes_topic()
+        .map(|t| (t.to_string(), TopicRole::Pushed));
     let topics = [
-        (input.clone(), TopicRole::Input),
-        (settings.topics.pushed.clone(), TopicRole::Pushed),
-        (settings.topics.dead_letter.clone(), TopicRole::DeadLetter),
-        (changelog, TopicRole::Changelog),
-    ];
+        Some((input.clone(), TopicRole::Input)),
+        pushed,
+        Some((settings.topics.dead_letter.clone(), TopicRole::DeadLetter)),
+        Some((changelog, TopicRole::Changelog)),
+    ]
+    .into_iter()
+    .flatten();
     let mut plans = Vec::new();
     for (name, role) in topics {
         let Some(found) = existing.get(&name) else {

@@ -21,9 +21,10 @@ impl Embedded {
         partitions: i32,
     ) -> Result<Embedded, rdkafka::error::KafkaError> {
         let cluster = MockCluster::new(1)?;
+        let pushed = settings.pushes_topic().unwrap_or(&settings.topics.pushed);
         for topic in [
             settings.topics.input.clone(),
-            settings.topics.pushed.clone(),
+            pushed.to_string(),
             settings.topics.dead_letter.clone(),
             settings.changelog_topic(),
         ] {

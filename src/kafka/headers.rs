@@ -23,3 +23,7 @@ pub const SOURCE_OFFSET: &str = "keyflight-source-offset";
 /// On a dead letter whose value the dead-letter topic refused whole: the
 /// value's size in bytes before it was cut to what the topic takes.
 pub const VALUE_CUT_FROM: &str = "keyflight-value-cut-from";
+/// On a push the HTTP sink's endpoint refused: the status it answered.
+pub const HTTP_STATUS: &str = "keyflight-http-status";
+/// On a push the HTTP sink's endpoint refused: the start of its answer.
+pub const HTTP_BODY: &str = "keyflight-http-body";

@@ -88,7 +88,7 @@ impl Limits {
         let options = AdminOptions::new().request_timeout(Some(timeout));
         let changelog = settings.changelog_topic();
         let topics = [
-            settings.topics.pushed.as_str(),
+            settings.pushes_topic().unwrap_or(&settings.topics.pushed),
             changelog.as_str(),
             settings.topics.dead_letter.as_str(),
         ];
@@ -127,7 +127,13 @@ impl Limits {
                 ));
             }
         };
-        fits(&settings.topics.pushed, "topics.pushed", self.pushed);
+        match settings.pushes_topic() {
+            Some(topic) if topic == settings.topics.pushed => {
+                fits(topic, "topics.pushed", self.pushed)
+            }
+            Some(topic) => fits(topic, "sink.http.audit_topic", self.pushed),
+            None => {}
+        }
         fits(&changelog, "topics.changelog", self.changelog);
         if problems.is_empty() {
             Ok(())

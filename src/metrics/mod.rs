@@ -50,6 +50,10 @@ pub struct Metrics {
     pub(crate) partition_pauses: IntCounterVec,
     pub(crate) transactions: IntCounterVec,
     pub(crate) partition_paused: IntGaugeVec,
+    pub(crate) http_requests: IntCounterVec,
+    pub(crate) http_request_duration: Histogram,
+    pub(crate) http_retries: IntCounter,
+    pub(crate) http_in_flight: IntGauge,
     pub(crate) assigned_partitions: IntGauge,
     pub(crate) ready: IntGauge,
     pub health: Health,
@@ -114,6 +118,33 @@ impl Metrics {
                     "Duration of the partition's last restore from the changelog.",
                 ),
                 p,
+            )
+            .expect("valid metric"),
+        );
+        let http_request_duration = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "keyflight_http_request_duration_seconds",
+                    "Time from an HTTP sink request's start to its answer (or failure).",
+                )
+                .buckets(exponential_buckets(0.000_5, 2.0, 16).expect("valid buckets")),
+            )
+            .expect("valid metric"),
+        );
+        let http_retries = register(
+            &registry,
+            IntCounter::new(
+                "keyflight_http_retries_total",
+                "HTTP sink requests that failed in a way worth another attempt (5xx, 408, 429, timeout, no connection).",
+            )
+            .expect("valid metric"),
+        );
+        let http_in_flight = register(
+            &registry,
+            IntGauge::new(
+                "keyflight_http_requests_in_flight",
+                "HTTP sink requests sent and not yet answered.",
             )
             .expect("valid metric"),
         );
@@ -273,6 +304,15 @@ impl Metrics {
                 "1 while the input partition is paused for backpressure, else 0.",
                 p,
             ),
+            http_requests: counter(
+                &registry,
+                "keyflight_http_requests_total",
+                "HTTP sink requests answered, by status class (2xx, 3xx, 4xx, 5xx), or `error` for no answer (timeout, connection).",
+                &["class"],
+            ),
+            http_request_duration,
+            http_retries,
+            http_in_flight,
             assigned_partitions,
             ready,
             health: Health::default(),

@@ -34,6 +34,7 @@ use crate::kafka::ffi::{self, FetchQueue};
 use crate::kafka::limits::Limits;
 use crate::kafka::{client_config, Role};
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -51,6 +52,10 @@ pub enum RunError {
     Partition(String),
     #[error(transparent)]
     Limits(#[from] crate::kafka::limits::LimitsError),
+    /// The sink's configuration cannot work (a header's variable unset, an
+    /// unreadable CA file).
+    #[error("{0}")]
+    Sink(String),
 }
 
 /// The consumer's context: rebalance callbacks start and stop partition tasks.
@@ -250,6 +255,7 @@ pub fn run(
             role: "producer",
             source,
         })?;
+    let sink = Sink::from_settings(&settings, metrics.clone()).map_err(RunError::Sink)?;
     let (commits, commit_requests) = std::sync::mpsc::channel();
     let (committed_in_transactions, transaction_commits) = std::sync::mpsc::channel();
     let (failures, failed) = std::sync::mpsc::channel();
@@ -257,6 +263,7 @@ pub fn run(
         codec: Arc::new(settings.codec()),
         changelog: settings.changelog_topic(),
         producer,
+        sink,
         commits,
         committed_in_transactions,
         failures,

@@ -15,9 +15,11 @@
 mod app;
 mod broker;
 mod load;
+mod tls;
 mod topics;
 
 pub use app::*;
 pub use broker::*;
 pub use load::*;
+pub use tls::*;
 pub use topics::*;

@@ -31,6 +31,7 @@ use crate::internal_events::{CompensationScanned, PartitionRestored, Transaction
 use crate::kafka::{headers, send_waiting, transactions};
 use crate::metrics::Metrics;
 use crate::processor::restore;
+use crate::sink::{HttpSink, Sink};
 use crate::state::Store;
 
 use super::core::{
@@ -42,6 +43,8 @@ use super::{Backlog, Close, InputRecord, TaskInput};
 pub struct TaskResources {
     pub settings: Settings,
     pub producer: FutureProducer,
+    /// Where pushes go (the producer writes everything else).
+    pub sink: Sink,
     pub codec: Arc<Codec>,
     pub changelog: String,
     /// Commit requests to the poll thread: (partition, offset).
@@ -622,6 +625,16 @@ impl Shell {
 
     /// Produces a push (after `delay`, for retries).
     fn push(&mut self, flight: Flight, delay: Duration) {
+        if let Sink::Http { client, audit } = &self.resources.sink {
+            let call = http_push(
+                client.clone(),
+                audit.clone(),
+                self.producer.clone(),
+                flight,
+                delay,
+            );
+            return self.pushes.push(Box::pin(call));
+        }
         let topic = &self.resources.settings.topics.pushed;
         let in_flight: PushInFlight = if delay.is_zero() {
             let produced = Instant::now();
@@ -688,6 +701,18 @@ impl Shell {
                     value: Some(version),
                 });
             }
+            let status = letter.answer.as_ref().map(|a| a.status.to_string());
+            if let (Some(status), Some(answer)) = (&status, &letter.answer) {
+                headers = headers
+                    .insert(Header {
+                        key: headers::HTTP_STATUS,
+                        value: Some(status),
+                    })
+                    .insert(Header {
+                        key: headers::HTTP_BODY,
+                        value: Some(&answer.excerpt),
+                    });
+            }
             let mut value = letter.record.payload.as_deref();
             let original_size = value.map_or(0, <[u8]>::len).to_string();
             if let (Some(cut_to), Some(whole)) = (letter.cut_to, value) {
@@ -713,6 +738,37 @@ impl Shell {
             (letter.id, outcome)
         }));
     }
+}
+
+/// Calls the HTTP sink with a push (after `delay`, for retries); with an
+/// audit topic, an answered push counts once the topic has it too (if it
+/// does not, the call is repeated: the endpoint sees the same
+/// Idempotency-Key again).
+async fn http_push(
+    client: Arc<HttpSink>,
+    audit: Option<String>,
+    producer: FutureProducer,
+    flight: Flight,
+    delay: Duration,
+) -> (Flight, Result<(), ProduceError>, Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let started = Instant::now();
+    let mut outcome = client.call(&flight.push, flight.value.clone()).await;
+    if let (Ok(()), Some(topic)) = (&outcome, &audit) {
+        let record = push_record(topic, &flight.push, flight.value.as_deref());
+        outcome = match produce_now(&producer, record) {
+            Ok(delivery) => acknowledged(delivery.await).map(drop),
+            Err(refused) => Err(refused),
+        }
+        .map_err(|e| {
+            ProduceError::Retriable(format!(
+                "the audit topic {topic} did not take the answered push: {e}"
+            ))
+        });
+    }
+    (flight, outcome, started.elapsed())
 }
 
 /// The outcome of the oldest changelog write: its offset, or why it failed.
