@@ -240,3 +240,37 @@ fn demo_runs_to_a_passing_verify() {
         "the scenario stragglers are dropped as stale:\n{stdout}"
     );
 }
+
+/// `demo --sink http`: the pushes go to an embedded receiver that fails a
+/// fifth of the calls; the retries land, no two calls of a key overlap,
+/// and verify over the receiver's log passes.
+#[test]
+fn demo_with_the_http_sink_retries_failed_calls_to_a_passing_verify() {
+    let out = keyflight()
+        .args([
+            "demo",
+            "--events",
+            "3000",
+            "--keys",
+            "200",
+            "--sink",
+            "http",
+            "--fail-rate",
+            "0.2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = crate::support::succeeded(&out);
+    for needle in [
+        "verify: PASS",
+        "sink: HTTP calls to http://127.0.0.1:",
+        "0 overlaps",
+    ] {
+        assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
+    }
+    let receiver = stdout
+        .lines()
+        .find(|l| l.contains("receiver: received"))
+        .unwrap_or_else(|| panic!("no receiver line in:\n{stdout}"));
+    assert!(receiver.contains("503: "), "failed calls: {receiver}");
+}

@@ -10,12 +10,13 @@ use super::dev::TempState;
 use super::load::{SCENARIO_KEYS, SCENARIO_PAUSE_MS};
 use super::verify::header;
 use super::{runtime, CliError};
-use crate::config::Settings;
+use crate::config::{Settings, SinkKind};
 use crate::kafka::embedded::Embedded;
 use crate::kafka::load::{self, LoadProducer};
 use crate::kafka::{headers, reader};
 use crate::loadgen::{self, Generator, LoadSpec};
 use crate::processor::member;
+use crate::receive::{self, Faults, ReceiveOptions, Receiver, Stats};
 
 pub const DEMO_ABOUT: &str = "\
 See keyflight do its job with nothing installed: an embedded broker (in
@@ -23,7 +24,11 @@ memory), the processor, a load run that includes the article's cases (a
 burst while a push is in flight, a late event, more events behind it, an
 old straggler), then `verify` over the result. Ends with a short report:
 events in, pushes out, the collapse ratio, stale events dropped,
-compensation pushes, and the verify result. Exit status 0 when verify passes.";
+compensation pushes, and the verify result. Exit status 0 when verify passes.
+
+With --sink http the pushes go to an embedded `keyflight receive` instead of
+a topic: one HTTP call per push, a share of them failed on purpose (503) so
+the retries show, and `verify --http-log` over the receiver's calls.";
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -38,6 +43,27 @@ pub struct DemoArgs {
     /// Partitions of every topic
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=64))]
     pub partitions: i32,
+
+    /// Where the pushes go: `kafka` (the pushed topic) or `http` (an
+    /// embedded webhook receiver that fails some calls)
+    #[arg(long, value_enum, default_value_t = DemoSink::Kafka)]
+    pub sink: DemoSink,
+
+    /// Under --sink http: the share of calls the receiver answers 503
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub fail_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoSink {
+    Kafka,
+    Http,
+}
+
+/// The embedded receiver of `--sink http` (it logs to [`receiver_log`]).
+struct EmbeddedReceiver {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<Stats, String>>,
 }
 
 /// How long the processor may take to catch up before the demo gives up.
@@ -57,6 +83,23 @@ pub fn run(mut settings: Settings, args: DemoArgs) -> Result<(), CliError> {
     );
 
     let runtime = runtime()?;
+    let receiver = match args.sink {
+        DemoSink::Kafka => None,
+        DemoSink::Http => {
+            let receiver = start_receiver(&runtime, &state.0, args.fail_rate)?;
+            settings.sink.kind = SinkKind::Http;
+            settings.sink.http.url = format!("{}/push/{{key}}", receiver.0);
+            // Failed calls are retried soon, so the demo ends soon.
+            settings.push.retry_backoff = Duration::from_millis(20);
+            settings.push.max_retry_backoff = Duration::from_millis(500);
+            println!(
+                "  sink: HTTP calls to {} (keyflight receive, {:.0} % of calls answered 503)",
+                settings.sink.http.url,
+                args.fail_rate * 100.0
+            );
+            Some(receiver.1)
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (settings, handle, stop) = (settings.clone(), runtime.handle().clone(), stop.clone());
@@ -134,8 +177,18 @@ pub fn run(mut settings: Settings, args: DemoArgs) -> Result<(), CliError> {
         Err(_) => return Err(CliError::Runtime("the processor panicked".into())),
     }
 
-    let report = super::verify::verify(&settings, None)?;
-    let pushes = pushed_counts(&settings)?;
+    let (report, pushes) = match receiver {
+        None => (
+            super::verify::verify(&settings, None)?,
+            pushed_counts(&settings)?,
+        ),
+        Some(receiver) => {
+            let stats = runtime.block_on(receiver.stop())?;
+            println!("  receiver: {}", stats.summary());
+            let report = super::verify::verify_http_log(&settings, &receiver_log(&state.0))?;
+            (report, called_counts(&receiver_log(&state.0))?)
+        }
+    };
     drop(embedded);
     let dead = report.dead_letters_found;
     let stale = report.events.saturating_sub(pushes.merged);
@@ -167,6 +220,65 @@ pub fn run(mut settings: Settings, args: DemoArgs) -> Result<(), CliError> {
     } else {
         Err(CliError::Failed("verify failed".into()))
     }
+}
+
+/// Starts `keyflight receive` in this process on a free loopback port;
+/// returns its URL.
+fn start_receiver(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    fail_rate: f64,
+) -> Result<(String, EmbeddedReceiver), CliError> {
+    let options = ReceiveOptions {
+        faults: Faults {
+            fail_rate,
+            ..Faults::default()
+        },
+        seed: 1,
+        log: Some(receiver_log(dir)),
+        ..ReceiveOptions::default()
+    };
+    let receiver = Receiver::new(options).map_err(CliError::Failed)?;
+    let bound = runtime
+        .block_on(receive::bind("127.0.0.1:0", None))
+        .map_err(CliError::Runtime)?;
+    let url = bound.url();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let served = runtime.spawn(bound.serve(receiver, async {
+        let _ = stopped.await;
+    }));
+    Ok((url, EmbeddedReceiver { stop, served }))
+}
+
+fn receiver_log(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("calls.jsonl")
+}
+
+impl EmbeddedReceiver {
+    async fn stop(self) -> Result<Stats, CliError> {
+        let _ = self.stop.send(());
+        match self.served.await {
+            Ok(served) => served.map_err(CliError::Runtime),
+            Err(e) => Err(CliError::Runtime(format!("the receiver failed: {e}"))),
+        }
+    }
+}
+
+/// The pushes a receiver answered 2xx, as [`pushed_counts`] counts them.
+fn called_counts(log: &std::path::Path) -> Result<PushCounts, CliError> {
+    let calls = receive::read_log(log).map_err(CliError::Runtime)?;
+    let answered = calls.iter().filter(|c| (200..300).contains(&c.status));
+    let mut counts = PushCounts {
+        total: 0,
+        compensation: 0,
+        merged: 0,
+    };
+    for call in answered {
+        counts.total += 1;
+        counts.compensation += u64::from(call.compensation == Some(true));
+        counts.merged += call.merged.unwrap_or(0);
+    }
+    Ok(counts)
 }
 
 struct PushCounts {

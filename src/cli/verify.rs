@@ -114,6 +114,17 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
     verify_from(settings, since, Pushes::Topic(topic)).map(|(report, _)| report)
 }
 
+/// [`verify`] with the pushes read from a receiver's log; a call that
+/// overlapped another of its key fails it.
+pub fn verify_http_log(settings: &Settings, log: &std::path::Path) -> Result<Report, CliError> {
+    match verify_from(settings, None, Pushes::HttpLog(log))? {
+        (_, overlaps) if overlaps > 0 => Err(CliError::Failed(format!(
+            "{overlaps} calls overlapped another call of their key"
+        ))),
+        (report, _) => Ok(report),
+    }
+}
+
 /// Reads the input and dead-letter topics and the pushes; returns the
 /// report and how many HTTP calls overlapped another of their key.
 fn verify_from(
