@@ -50,6 +50,12 @@
 //!   "exactly-once"`, [`kafka::transactions`] gives each partition task a
 //!   transactional producer; the shell then commits one transaction per
 //!   commit interval (pushes, markers, dead letters and the input position).
+//! * [`sink`]: where a push goes. The Kafka sink is the pushed topic; the
+//!   HTTP sink ([`sink::http`]) sends one request per push and classifies
+//!   the answer into what the core already handles (acknowledged,
+//!   retriable, throttled for a `Retry-After`, refused for good), so both
+//!   sinks keep the same guarantees. [`receive`] is `keyflight receive`, a
+//!   webhook receiver to point it at, that logs calls and fails on request.
 //! * [`compensation`]: which open markers the periodic scan re-pushes (the
 //!   task core pushes them through the same table, never concurrently with
 //!   a normal push of the key).
