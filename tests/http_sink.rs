@@ -336,8 +336,9 @@ async fn a_kill_with_calls_in_flight_is_repaired_by_compensation_after_the_resta
 }
 
 /// A 422 for one key: its push is dead-lettered (`push-refused`) with the
-/// status and the answer's start in headers, the other keys are pushed, and
-/// verify accepts the refused key through its dead letter.
+/// status and the answer's start in headers, the other keys are pushed (a
+/// deleted one as a DELETE without a body), and verify accepts the refused
+/// key through its dead letter.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_4xx_dead_letters_the_push_with_the_status_and_answer() {
     let broker = Broker::start();
@@ -349,7 +350,10 @@ async fn a_4xx_dead_letters_the_push_with_the_status_and_answer() {
         &http_sink(&format!("http://{}/k/{{key}}", receiver.addr), ""),
     );
     let mut processor = app.start(&app.state_dir("a"));
-    produce_records(&broker, &app.input, &round(5, 1)).await;
+    // key-001 is deleted after its event: a DELETE without a body.
+    let mut records = round(5, 1);
+    records.push((Some(b"key-001".to_vec()), None));
+    produce_records(&broker, &app.input, &records).await;
     let letters = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
         let letters = read_all(&broker, &app.dlq);
         (!letters.is_empty())
@@ -372,6 +376,21 @@ async fn a_4xx_dead_letters_the_push_with_the_status_and_answer() {
     let report = await_http_verified(&app, &receiver, || processor.log());
     assert_eq!(report["matched"], 4, "{report}");
     assert_eq!(report["refused_pushes"], 1, "{report}");
+    let calls = receiver.calls();
+    let last = calls
+        .iter()
+        .filter(|c| c.key.as_deref() == Some("key-001"))
+        .max_by_key(|c| c.seq)
+        .unwrap();
+    assert_eq!(
+        (
+            last.method.as_str(),
+            last.body.as_deref(),
+            last.content_type.as_deref()
+        ),
+        ("DELETE", None, None),
+        "{last:?}"
+    );
     processor.stop(Duration::from_secs(30));
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use keyflight::codec::InputFormat;
 use keyflight::config::{KafkaValue, Settings};
 use keyflight::kafka::load::{self, LoadProducer};
-use keyflight::loadgen::{Generator, LoadSpec};
+use keyflight::loadgen::{Generator, LoadEvent, LoadSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
@@ -104,6 +104,16 @@ pub(crate) struct App {
 
 impl App {
     pub(crate) fn create(env: &Env, name: &str) -> Result<App> {
+        App::create_with(env, name, |_| {})
+    }
+
+    /// [`App::create`], with `configure` changing the settings before
+    /// they are written (the HTTP sink, for instance).
+    pub(crate) fn create_with(
+        env: &Env,
+        name: &str,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Result<App> {
         let (cluster, partitions, work) = (env.cluster, env.partitions, env.work);
         let fetch_wait_ms = env.fetch_wait_ms;
         let mut settings = Settings {
@@ -134,6 +144,7 @@ impl App {
         settings.topics.pushed = format!("{name}.pushed");
         settings.topics.dead_letter = format!("{name}.dlq");
         let copied = format!("{name}.copied");
+        configure(&mut settings);
         let changelog = settings.changelog_topic();
         cluster.create(
             &[
@@ -205,17 +216,20 @@ pub(crate) fn path_str(path: &Path) -> Result<&str> {
 
 /// Produces a generated stream to the app's input; returns events/s.
 pub(crate) fn produce(app: &App, spec: LoadSpec, rate: Option<f64>) -> Result<f64> {
+    let generator = Generator::new(spec).map_err(|e| e.to_string())?;
+    produce_events(app, generator, rate)
+}
+
+/// Produces `events` to the app's input; returns events/s.
+pub(crate) fn produce_events(
+    app: &App,
+    events: impl Iterator<Item = LoadEvent>,
+    rate: Option<f64>,
+) -> Result<f64> {
     let mut producer =
         LoadProducer::new(&app.settings, &app.settings.topics.input, InputFormat::Json)
             .map_err(|e| e.to_string())?;
-    let generator = Generator::new(spec).map_err(|e| e.to_string())?;
-    let summary = load::run(
-        &mut producer,
-        generator,
-        rate,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .map_err(|e| e.to_string())?;
+    let summary = load::run(&mut producer, events, rate, &AtomicBool::new(false), |_| {})
+        .map_err(|e| e.to_string())?;
     Ok(summary.rate())
 }

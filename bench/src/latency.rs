@@ -99,11 +99,18 @@ pub(crate) fn latency(
 /// p50 and p99 (ms, bucket bounds) of keyflight's normal pushes' produce →
 /// acknowledgement time.
 pub(crate) fn push_ack_ms(metrics: &Scrape) -> Option<(f64, f64)> {
+    histogram_ms(
+        metrics,
+        "keyflight_push_latency_seconds_bucket",
+        &["kind=\"normal\""],
+    )
+}
+
+/// p50 and p99 (ms, bucket bounds) of a histogram in seconds, given its
+/// `_bucket` series and the labels to select.
+pub(crate) fn histogram_ms(metrics: &Scrape, buckets: &str, having: &[&str]) -> Option<(f64, f64)> {
     let buckets: Vec<(f64, f64)> = metrics
-        .series(
-            "keyflight_push_latency_seconds_bucket",
-            &["kind=\"normal\""],
-        )
+        .series(buckets, having)
         .filter_map(|(labels, count)| {
             let bound = labels.split(',').find_map(|l| l.strip_prefix("le="))?;
             let bound = bound.trim_matches('"');
