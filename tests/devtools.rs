@@ -4,25 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{read_all, read_all_at, wait_until, App, Broker};
+use crate::support::{keyflight, read_all, read_all_at, wait_until, App, Broker};
 use keyflight::codec::{Codec, InputFormat};
 use keyflight::engine::MergePolicy;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-
-fn keyflight() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
-    command.env_remove("RUST_LOG");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYFLIGHT_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
 
 /// `keyflight dev` prints a bootstrap address; a plain rdkafka client
 /// produces to the input topic there and reads the pushes back; the printed

@@ -6,13 +6,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdout, ExitStatus, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keyflight::receive::{read_log, CallRecord, Stats, STATS_PATH};
 
-use crate::support::certificates;
+use crate::support::{certificates, keyflight};
 
 /// A `keyflight receive` child process; killed on drop if still running.
 struct Running {
@@ -27,17 +27,6 @@ struct Stopped {
     status: ExitStatus,
     stdout: String,
     stderr: String,
-}
-
-fn keyflight() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
-    command.env_remove("RUST_LOG");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYFLIGHT_") {
-            command.env_remove(name);
-        }
-    }
-    command
 }
 
 /// Starts `keyflight receive --listen 127.0.0.1:0 ARGS` and reads its

@@ -221,7 +221,7 @@ fn a_throttled_push_is_retried_no_sooner_than_asked_within_the_give_up_bound() {
         c.give_up_after = Duration::from_secs(60)
     });
     let flight = pushed(&mut core, vec![event(0, "k", 1)]);
-    let mut retry_after = |core: &mut TaskCore<ModelStore>, flight, wait| {
+    let retry_after = |core: &mut TaskCore<ModelStore>, flight, wait| {
         let throttled = ProduceError::Throttled {
             message: "HTTP 429".into(),
             retry_after: wait,

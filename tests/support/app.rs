@@ -185,6 +185,19 @@ fn base_config(id: &str, bootstrap: &str, extra: &str) -> String {
     )
 }
 
+/// The keyflight binary, with none of the `KEYFLIGHT_*` settings or the
+/// `RUST_LOG` of the environment the tests run in.
+pub fn keyflight() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
+    command.env_remove("RUST_LOG");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYFLIGHT_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// The stdout of a command that must have exited 0; its output otherwise.
 pub fn succeeded(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
