@@ -15,6 +15,16 @@
 #                                         singleflight.min_interval) against none
 #   KEYS=1000000 BROKERS="mock mock-cache-100000000" ENGINE=0 scripts/bench.sh
 #                                         idle keys cached (state.cached_keys)
+#   BROKERS="mock-http" ENGINE=0 scripts/bench.sh
+#                                         the HTTP sink against a bare HTTP client
+#                                         loop (PUSHES pushes, 200 000 by default),
+#                                         and its collapse behind a 20 ms receiver
+#                                         (EVENTS over KEYS) beside the Kafka sink's
+#   BROKERS="mock-http mock-http-256" ENGINE=0 scripts/bench.sh
+#                                         ... and with 256 requests in flight
+#                                         (sink.http.max_in_flight after mock-http-)
+#   HTTP_ARGS="--rounds 5" scripts/bench.sh   more options for the http runs
+#                                         (keyflight-bench http --help lists them)
 #   ENGINE=0 scripts/bench.sh             skip the criterion benchmark
 #   BENCH_ARGS="--latency-rate 100000" scripts/bench.sh   more driver options
 #
@@ -47,6 +57,10 @@ args=(run --events "$events" --keys "$keys" --markers "$markers" --partitions "$
 # (keyflight-bench run --help lists them).
 read -ra extra <<< "${BENCH_ARGS:-}"
 args+=("${extra[@]}")
+# The HTTP sink's runs (mock-http, mock-http-<in flight>).
+http_args=(http --pushes "${PUSHES:-200000}" --events "$events" --keys "$keys" --partitions "$partitions" --verify)
+read -ra http_extra <<< "${HTTP_ARGS:-}"
+http_args+=("${http_extra[@]}")
 
 # Tansu 0.6 keeps record headers in an SQLite table without an index, and
 # reads a fetched record's headers with a query over that table: every
@@ -119,7 +133,15 @@ for broker in $brokers; do
             KEYFLIGHT_STATE__CACHED_KEYS="${broker#mock-cache-}" \
                 "$bench" "${args[@]}" --label "$broker" --json "$out/$broker.json"
             ;;
-        *) echo "unknown broker $broker (tansu, mock, mock-eos-<interval>, mock-delay-<d>, mock-interval-<d>, mock-cache-<n>)" >&2; exit 2 ;;
+        mock-http)
+            say "keyflight's HTTP sink vs a bare HTTP client loop on the mock cluster"
+            "$bench" "${http_args[@]}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        mock-http-*)
+            say "keyflight's HTTP sink vs a bare HTTP client loop, ${broker#mock-http-} in flight, on the mock cluster"
+            "$bench" "${http_args[@]}" --in-flight "${broker#mock-http-}" --label "$broker" --json "$out/$broker.json"
+            ;;
+        *) echo "unknown broker $broker (tansu, mock, mock-eos-<interval>, mock-delay-<d>, mock-interval-<d>, mock-cache-<n>, mock-http, mock-http-<in flight>)" >&2; exit 2 ;;
     esac
 done
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keyflight::codec::InputFormat;
 use keyflight::config::{KafkaValue, Settings};
-use keyflight::kafka::load::{self, LoadProducer};
+use keyflight::kafka::load::{self, LoadProducer, LoadSummary};
 use keyflight::loadgen::{Generator, LoadEvent, LoadSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -217,19 +217,18 @@ pub(crate) fn path_str(path: &Path) -> Result<&str> {
 /// Produces a generated stream to the app's input; returns events/s.
 pub(crate) fn produce(app: &App, spec: LoadSpec, rate: Option<f64>) -> Result<f64> {
     let generator = Generator::new(spec).map_err(|e| e.to_string())?;
-    produce_events(app, generator, rate)
+    Ok(produce_events(app, generator, rate)?.rate())
 }
 
-/// Produces `events` to the app's input; returns events/s.
+/// Produces `events` to the app's input: how many, over how many keys, how fast.
 pub(crate) fn produce_events(
     app: &App,
     events: impl Iterator<Item = LoadEvent>,
     rate: Option<f64>,
-) -> Result<f64> {
+) -> Result<LoadSummary> {
     let mut producer =
         LoadProducer::new(&app.settings, &app.settings.topics.input, InputFormat::Json)
             .map_err(|e| e.to_string())?;
-    let summary = load::run(&mut producer, events, rate, &AtomicBool::new(false), |_| {})
-        .map_err(|e| e.to_string())?;
-    Ok(summary.rate())
+    load::run(&mut producer, events, rate, &AtomicBool::new(false), |_| {})
+        .map_err(|e| e.to_string())
 }

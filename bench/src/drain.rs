@@ -20,12 +20,15 @@ pub(crate) fn scrape(addr: &str) -> Result<Scrape> {
 
 /// keyflight consumed `events`, has nothing in flight, and committed it all.
 pub(crate) fn drained(addr: &str, events: u64) -> bool {
-    scrape(addr).is_ok_and(|m| {
-        m.sum("keyflight_events_consumed_total", &[]) >= events as f64
-            && m.sum("keyflight_keys_in_flight", &[]) == 0.0
-            && m.sum("keyflight_keys_waiting", &[]) == 0.0
-            && m.sum("keyflight_consumer_lag_records", &[]) == 0.0
-    })
+    scrape(addr).is_ok_and(|m| is_drained(&m, events))
+}
+
+/// [`drained`], by metrics already scraped.
+pub(crate) fn is_drained(m: &Scrape, events: u64) -> bool {
+    m.sum("keyflight_events_consumed_total", &[]) >= events as f64
+        && m.sum("keyflight_keys_in_flight", &[]) == 0.0
+        && m.sum("keyflight_keys_waiting", &[]) == 0.0
+        && m.sum("keyflight_consumer_lag_records", &[]) == 0.0
 }
 
 pub(crate) fn drain_limit(events: u64) -> Duration {

@@ -19,13 +19,20 @@
 //!    scan of all markers, in this process;
 //! 6. restores M markers from a changelog in a fresh `keyflight run`:
 //!    seconds, records/s, and the process's peak RSS with M keys in state.
+//!
+//! `http` measures the HTTP sink instead: keyflight against a bare HTTP
+//! client loop (`post`, its own process) posting to `keyflight receive`,
+//! and the collapse behind a slow receiver (see the `http` module).
 
 mod copy;
 mod stats;
 
 mod cluster;
 mod drain;
+mod http;
+mod http_report;
 mod latency;
+mod post;
 mod process;
 mod report;
 mod restore;
@@ -44,6 +51,7 @@ use stats::Latency;
 /// The same allocator as `keyflight`, so the copy is compared like for like.
 use cluster::*;
 use drain::*;
+use http_report::*;
 use latency::*;
 use process::*;
 use report::*;
@@ -67,6 +75,13 @@ pub(crate) enum Cmd {
     Run(RunArgs),
     /// The bare copy itself (started by `run` as a child process)
     Copy(CopyArgs),
+    /// The HTTP sink against a bare HTTP client loop, and its collapse
+    /// behind a slow receiver; prints a report. A later option overrides an
+    /// earlier one (scripts/bench.sh's HTTP_ARGS come last)
+    #[command(args_override_self = true)]
+    Http(http::HttpArgs),
+    /// The bare HTTP client loop itself (started by `http` as a child process)
+    Post(post::PostArgs),
 }
 
 #[derive(Args)]
@@ -176,6 +191,8 @@ fn main() -> std::process::ExitCode {
                     .map_err(|e| e.to_string())
             }),
         Cmd::Run(args) => run(args),
+        Cmd::Http(args) => http::run(args),
+        Cmd::Post(args) => post::run(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
