@@ -278,6 +278,54 @@ fn a_push_the_sink_rejects_is_dead_lettered_with_its_answer() {
     assert_eq!(commits(&mut core, NOW), vec![1]);
 }
 
+/// With one push slot (the HTTP sink's `max_in_flight`), a second key's
+/// push waits unstarted: no markT1, no action. Events it gets meanwhile
+/// merge into it, so when the slot frees it leaves with the newest value;
+/// the first key's acknowledgement reaches the changelog meanwhile, and
+/// the waiting key's events stay uncommitted until its push is answered.
+#[test]
+fn a_push_beyond_the_slots_waits_unstarted_and_leaves_with_its_keys_newest_value() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = configured_core(ModelStore::new(Default::default()), &metrics, |c| {
+        c.max_pushes_in_flight = 1
+    });
+    let a = pushed(&mut core, vec![event(0, "a", 1), event(1, "b", 1)]);
+    assert_eq!(a.push.key, "a");
+    assert!(feed(&mut core, vec![event(2, "b", 2), event(3, "a", 2)], NOW).is_empty());
+    assert_eq!(core.in_flight().0, 1, "one push on its way");
+    core.push_done(NOW, a, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    let b = match actions(&mut core).as_slice() {
+        [Action::Push { flight, .. }] => flight.clone(),
+        other => panic!("the waiting push of b starts, a's next waits: {other:?}"),
+    };
+    assert_eq!(
+        (&b.push.key[..], b.push.version, b.push.merged),
+        (&b"b"[..], 2, 2)
+    );
+    assert_eq!(b.value.as_deref(), Some(&br#"{"v":2}"#[..]));
+    // a's v1 is acknowledged in the changelog although its next push waits.
+    core.tick(NOW, Timer::ChangelogFlush);
+    let a_marker = core.marker(&"a".into()).unwrap().expect("a's marker");
+    assert!(
+        !a_marker.is_open(),
+        "a's markT2 is held for the changelog: {a_marker:?}"
+    );
+    assert_eq!(
+        commits(&mut core, NOW),
+        vec![1],
+        "b's and a's v2 hold the rest"
+    );
+    core.push_done(NOW, b, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    match actions(&mut core).as_slice() {
+        [Action::Push { flight, .. }] => {
+            assert_eq!((flight.push.version, flight.push.merged), (2, 1))
+        }
+        other => panic!("a's v2 leaves once b's slot frees: {other:?}"),
+    }
+}
+
 /// A dead letter the topic refuses as too large is written again at once
 /// with its value cut to what the topic takes, then without its value;
 /// past that it is given up and releases its offset: nothing is retried

@@ -106,6 +106,8 @@ struct Timing {
     /// Idle keys the table keeps in memory (`state.cached_keys`).
     cached_keys: usize,
     windows: Windows,
+    /// Pushes on their way at once (the HTTP sink's `max_in_flight`).
+    push_slots: usize,
 }
 
 impl Timing {
@@ -118,6 +120,7 @@ impl Timing {
             max_delay: 0,
             min_interval: 0,
         },
+        push_slots: usize::MAX,
     };
 }
 
@@ -144,6 +147,7 @@ fn core_config(
         give_up_after,
         cached_keys,
         windows,
+        push_slots,
     }: Timing,
 ) -> CoreConfig {
     CoreConfig {
@@ -163,6 +167,7 @@ fn core_config(
         dead_letter_max_value: 1 << 20,
         delete_retention: Duration::from_secs(3600),
         state_ttl: Duration::ZERO,
+        max_pushes_in_flight: push_slots,
     }
 }
 
@@ -484,6 +489,8 @@ pub struct Schedule {
     pub cached_keys: usize,
     /// Push shaping (ns).
     pub windows: Windows,
+    /// Pushes on their way at once per core (`usize::MAX`: the Kafka sink).
+    pub push_slots: usize,
     pub faults: Faults,
 }
 
@@ -633,6 +640,11 @@ pub fn random_schedule(rng: &mut ChaCha8Rng, classes: FaultClasses) -> Schedule 
                 max_delay: delay * rng.random_range(1..4),
                 min_interval: rng.random_range(0..60) * MS,
             }
+        },
+        push_slots: if rng.random_bool(0.5) {
+            usize::MAX
+        } else {
+            rng.random_range(1..=2)
         },
         faults,
     }
@@ -1160,6 +1172,7 @@ impl<'a> Sim<'a> {
                 give_up_after: Duration::from_millis(schedule.faults.give_up_after),
                 cached_keys: schedule.cached_keys,
                 windows: schedule.windows,
+                push_slots: schedule.push_slots,
             },
             ModelStore::new(markers),
             self.broker.changelog_next,

@@ -81,6 +81,11 @@ pub struct CoreConfig {
     /// How long an idle key's closed marker is kept after its last
     /// acknowledged push (`state.ttl`; zero: for good).
     pub state_ttl: Duration,
+    /// Pushes on their way at once (the HTTP sink's `max_in_flight`;
+    /// `usize::MAX`: no limit). A push beyond it waits unstarted, without
+    /// its markT1, and takes in the events its key gets meanwhile: it
+    /// leaves with the key's newest value, not the one it had when queued.
+    pub max_pushes_in_flight: usize,
 }
 
 /// Why a produce failed, as far as the core's decision goes (the shell
@@ -280,6 +285,10 @@ pub struct TaskCore<S> {
     starting: Vec<Push>,
     /// Pushes handed to the shell whose outcome is not known yet.
     pushes_in_flight: usize,
+    /// Pushes started by the table beyond `max_pushes_in_flight`, oldest
+    /// first; their keys are in flight for the table (so their events stay
+    /// uncommitted and merge), not yet for the sink.
+    parked: VecDeque<Push>,
     dead_letters: HashMap<u64, DeadLetter>,
     /// Dead letters whose last attempt failed: while there are any, the
     /// task takes no more records (the partition pauses), so a dead-letter
@@ -339,6 +348,7 @@ impl<S: MarkerStore> TaskCore<S> {
             inbox: Vec::new().into_iter(),
             starting: Vec::new(),
             pushes_in_flight: 0,
+            parked: VecDeque::new(),
             dead_letters: HashMap::new(),
             dead_letters_failing: HashSet::new(),
             next_dead_letter: 0,
@@ -414,6 +424,9 @@ impl<S: MarkerStore> TaskCore<S> {
             bytes += record.bytes();
             self.process(record, now);
         }
+        // Pushes that waited for a slot go first: a key whose push was just
+        // answered queues its next one behind them.
+        self.start_parked(now);
         // A skipped push (skip_unchanged) can start the key's next one.
         while !self.starting.is_empty() {
             let mut starting = std::mem::take(&mut self.starting);
@@ -426,6 +439,20 @@ impl<S: MarkerStore> TaskCore<S> {
             }
         }
         (records, bytes)
+    }
+
+    /// Starts parked pushes while there is room, each with what its key
+    /// merged while it waited.
+    fn start_parked(&mut self, now: u64) {
+        while self.phase == Phase::Running
+            && self.pushes_in_flight < self.config.max_pushes_in_flight
+        {
+            let Some(push) = self.parked.pop_front() else {
+                break;
+            };
+            let push = self.table.catch_up(push);
+            self.start_now(push, Duration::ZERO, now);
+        }
     }
 
     fn process(&mut self, record: InputRecord, now: u64) {
@@ -539,6 +566,16 @@ impl<S: MarkerStore> TaskCore<S> {
         );
     }
 
+    /// Starts a push, or parks it while every slot is taken or others wait
+    /// for one already (first come, first served, so that a busy key
+    /// cannot starve the others).
+    fn start_push(&mut self, push: Push, delay: Duration, now: u64) {
+        if self.pushes_in_flight >= self.config.max_pushes_in_flight || !self.parked.is_empty() {
+            return self.parked.push_back(push);
+        }
+        self.start_now(push, delay, now)
+    }
+
     /// markT1, then the push (after `delay`, for retries). The marker is
     /// written from the push alone (its `acked_tn` is the t2 the marker
     /// keeps), without reading the key's previous one; after an
@@ -548,7 +585,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// Under `skip_unchanged`, a push whose value equals the key's last
     /// acknowledged value is not produced: it is done with at once, as if
     /// acknowledged (its events covered, the marker closed at its version).
-    fn start_push(&mut self, push: Push, delay: Duration, now: u64) {
+    fn start_now(&mut self, push: Push, delay: Duration, now: u64) {
         if self.config.table.digests
             && !push.compensation
             && self.phase == Phase::Running
@@ -748,8 +785,16 @@ impl<S: MarkerStore> TaskCore<S> {
         };
         match next {
             // markT2 and the next push's markT1 in one write: {t1: next, t2:
-            // this}, at the end of the turn (see `starting`).
-            Some(next) => self.starting.push(next),
+            // this}, at the end of the turn (see `starting`). The markT2
+            // written here is what the changelog gets if the next push is
+            // parked instead (the two writes of a key in one turn are one
+            // changelog record).
+            Some(next) => {
+                if self.config.max_pushes_in_flight != usize::MAX {
+                    self.write_marker(&push.key, Some(&marker.acknowledged(push.tn)));
+                }
+                self.starting.push(next)
+            }
             None => {
                 // A delete's marker stays too (its version keeps a late older
                 // event stale) until the sweep (`deletes.retention`).
@@ -1296,6 +1341,7 @@ impl<S: MarkerStore> TaskCore<S> {
         self.phase = Phase::Closed;
         self.inbox = Vec::new().into_iter();
         self.starting.clear();
+        self.parked.clear();
         self.unlogged.clear();
         self.actions.clear();
         self.pushes_in_flight = 0;

@@ -309,6 +309,12 @@ async fn run(
             .load(std::sync::atomic::Ordering::Relaxed),
         delete_retention: settings.deletes.retention,
         state_ttl: settings.state.ttl,
+        // Beyond the sink's slots a push would wait with its value fixed;
+        // unstarted it takes in what its key gets meanwhile.
+        max_pushes_in_flight: match resources.sink {
+            Sink::Kafka => usize::MAX,
+            Sink::Http { .. } => settings.sink.http.max_in_flight,
+        },
     };
     let core = TaskCore::new(
         config,
