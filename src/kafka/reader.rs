@@ -69,14 +69,19 @@ pub fn consumer(
     // Restore runs one reader per assigned partition at once, so
     // librdkafka's default prefetch (64 MiB or 100 000 records each, and a
     // queued record costs a few hundred bytes beyond its own) would be
-    // paid per partition. Unless [kafka.consumer] says otherwise, 4 MiB or
-    // 10 000 records each.
-    for (property, value) in [(PREFETCH, "4096"), (PREFETCH_RECORDS, "10000")] {
+    // paid per partition: 4 MiB or 10 000 records each.
+    limit_prefetch(&mut config, 4096, 10_000);
+    config.create()
+}
+
+/// Bounds how much librdkafka fetches ahead of the reader (kilobytes, or
+/// records), unless `[kafka.consumer]` sets it.
+pub fn limit_prefetch(config: &mut rdkafka::ClientConfig, kbytes: u32, records: u32) {
+    for (property, value) in [(PREFETCH, kbytes), (PREFETCH_RECORDS, records)] {
         if config.get(property).is_none() {
-            config.set(property, value);
+            config.set(property, value.to_string());
         }
     }
-    config.create()
 }
 
 /// The partition count of `topic`, or [`ReadError::Missing`].

@@ -231,8 +231,17 @@ fn group_config(settings: &Settings) -> rdkafka::ClientConfig {
     if !settings.group.instance_id.is_empty() {
         config.set("group.instance.id", &settings.group.instance_id);
     }
+    // Records waiting in librdkafka's queues are memory the processor
+    // cannot use yet: its tasks hold up to `max_held_bytes` each already.
+    crate::kafka::reader::limit_prefetch(&mut config, PREFETCH_KBYTES, PREFETCH_RECORDS);
     config
 }
+
+/// The processor's prefetch, unless `[kafka.consumer]` sets it (librdkafka's
+/// defaults are 64 MiB and 100 000 records): what keeps a drain as fast
+/// (fewer records starve the fetches) at a fraction of the memory.
+const PREFETCH_KBYTES: u32 = 16 * 1024;
+const PREFETCH_RECORDS: u32 = 10_000;
 
 /// Runs the processor until `stop` is set, then shuts down cleanly.
 pub fn run(
