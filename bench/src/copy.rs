@@ -43,8 +43,10 @@ pub fn run(settings: &Settings, input: &str, output: &str) -> Result<(), KafkaEr
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    let consumer: BaseConsumer<Announce> =
-        client_config(settings, Role::Consumer).create_with_context(Announce)?;
+    // The processor's prefetch too: the same librdkafka settings.
+    let mut config = client_config(settings, Role::Consumer);
+    keyflight::processor::member::limit_prefetch(&mut config);
+    let consumer: BaseConsumer<Announce> = config.create_with_context(Announce)?;
     let producer: ThreadedProducer<Deliveries> =
         client_config(settings, Role::Producer).create_with_context(Deliveries::default())?;
     // The output topic's metadata before the first record. A producer that

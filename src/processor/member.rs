@@ -233,15 +233,16 @@ fn group_config(settings: &Settings) -> rdkafka::ClientConfig {
     }
     // Records waiting in librdkafka's queues are memory the processor
     // cannot use yet: its tasks hold up to `max_held_bytes` each already.
-    crate::kafka::reader::limit_prefetch(&mut config, PREFETCH_KBYTES, PREFETCH_RECORDS);
+    limit_prefetch(&mut config);
     config
 }
 
-/// The processor's prefetch, unless `[kafka.consumer]` sets it (librdkafka's
-/// defaults are 64 MiB and 100 000 records): what keeps a drain as fast
-/// (fewer records starve the fetches) at a fraction of the memory.
-const PREFETCH_KBYTES: u32 = 16 * 1024;
-const PREFETCH_RECORDS: u32 = 10_000;
+/// The processor's prefetch, unless `[kafka.consumer]` sets it: 16 MiB or
+/// 5 000 records a partition (librdkafka's defaults are 64 MiB and 100 000).
+/// Fewer records cost drain rate, more cost memory (BENCHMARKS.md).
+pub fn limit_prefetch(config: &mut rdkafka::ClientConfig) {
+    crate::kafka::reader::limit_prefetch(config, 16 * 1024, 5_000);
+}
 
 /// Runs the processor until `stop` is set, then shuts down cleanly.
 pub fn run(
