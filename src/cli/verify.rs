@@ -90,12 +90,8 @@ pub fn run(settings: &Settings, args: VerifyArgs) -> Result<(), CliError> {
         print_problems(&report, args.show);
         println!("{}", report.summary());
     }
-    if report.passed() && overlaps == 0 {
-        Ok(())
-    } else if report.passed() {
-        Err(CliError::Failed(format!(
-            "verification failed: {overlaps} calls overlapped another call of their key"
-        )))
+    if report.passed() {
+        overlap_failure(overlaps).map_or(Ok(()), Err)
     } else {
         Err(CliError::Failed(format!(
             "verification failed: {} missing, {} stale, {} differing, {} unexpected, {} dead letters missing",
@@ -117,12 +113,18 @@ pub fn verify(settings: &Settings, since: Option<i64>) -> Result<Report, CliErro
 /// [`verify`] with the pushes read from a receiver's log; a call that
 /// overlapped another of its key fails it.
 pub fn verify_http_log(settings: &Settings, log: &std::path::Path) -> Result<Report, CliError> {
-    match verify_from(settings, None, Pushes::HttpLog(log))? {
-        (_, overlaps) if overlaps > 0 => Err(CliError::Failed(format!(
-            "{overlaps} calls overlapped another call of their key"
-        ))),
-        (report, _) => Ok(report),
-    }
+    let (report, overlaps) = verify_from(settings, None, Pushes::HttpLog(log))?;
+    overlap_failure(overlaps).map_or(Ok(report), Err)
+}
+
+/// Calls that overlapped another call of their key fail a verify that
+/// reads a receiver's log, whatever its report says.
+fn overlap_failure(overlaps: usize) -> Option<CliError> {
+    (overlaps > 0).then(|| {
+        CliError::Failed(format!(
+            "verification failed: {overlaps} calls overlapped another call of their key"
+        ))
+    })
 }
 
 /// Reads the input and dead-letter topics and the pushes; returns the
@@ -138,16 +140,16 @@ fn verify_from(
     let start = since.map_or(Start::Beginning, Start::Time);
     let topics = &settings.topics;
     let input = reader::ranges(&consumer, &topics.input, start).map_err(read_error)?;
-    let (pushed_topic, calls) = match pushes {
-        Pushes::Topic(topic) => (topic, Vec::new()),
+    // The pushes: a topic's ranges, or a receiver's calls.
+    let (pushed, calls) = match pushes {
+        Pushes::Topic(topic) => {
+            let ranges = reader::ranges(&consumer, topic, start).map_err(read_error)?;
+            (Some((topic, ranges)), Vec::new())
+        }
         Pushes::HttpLog(path) => (
-            "",
+            None,
             crate::receive::read_log(path).map_err(CliError::Runtime)?,
         ),
-    };
-    let pushed = match pushed_topic {
-        "" => Vec::new(),
-        topic => reader::ranges(&consumer, topic, start).map_err(read_error)?,
     };
     let dead = match reader::ranges(&consumer, &topics.dead_letter, start) {
         Ok(ranges) => ranges,
@@ -155,7 +157,11 @@ fn verify_from(
         Err(e) => return Err(read_error(e)),
     };
     let bar = progress_bar(
-        reader::size(&input) + reader::size(&pushed) + reader::size(&dead),
+        reader::size(&input)
+            + pushed
+                .as_ref()
+                .map_or(0, |(_, ranges)| reader::size(ranges))
+            + reader::size(&dead),
         "reading",
     );
     let policy = settings.singleflight.merge_policy;
@@ -185,21 +191,23 @@ fn verify_from(
     })
     .map_err(read_error)?;
     let overlaps = http_calls(&mut verifier, calls, since);
-    bar.set_message(pushed_topic.to_string());
-    reader::read(&consumer, pushed_topic, &pushed, |m| {
-        let version = header(m, headers::VERSION).and_then(|v| v.parse().ok());
-        let timestamp = m.timestamp().to_millis().unwrap_or_default();
-        verifier.push(
-            m.partition(),
-            m.offset(),
-            timestamp,
-            m.key(),
-            m.payload(),
-            version,
-        );
-        bar.inc(1);
-    })
-    .map_err(read_error)?;
+    if let Some((topic, ranges)) = &pushed {
+        bar.set_message(topic.to_string());
+        reader::read(&consumer, topic, ranges, |m| {
+            let version = header(m, headers::VERSION).and_then(|v| v.parse().ok());
+            let timestamp = m.timestamp().to_millis().unwrap_or_default();
+            verifier.push(
+                m.partition(),
+                m.offset(),
+                timestamp,
+                m.key(),
+                m.payload(),
+                version,
+            );
+            bar.inc(1);
+        })
+        .map_err(read_error)?;
+    }
     bar.set_message(topics.dead_letter.clone());
     reader::read(&consumer, &topics.dead_letter, &dead, |m| {
         let partition = header(m, headers::SOURCE_PARTITION).and_then(|v| v.parse().ok());

@@ -764,15 +764,13 @@ async fn http_push(
     let mut outcome = client.call(&flight.push, flight.value.clone()).await;
     if let (Ok(()), Some(topic)) = (&outcome, &audit) {
         let record = push_record(topic, &flight.push, flight.value.as_deref());
-        outcome = match produce_now(&producer, record) {
-            Ok(delivery) => acknowledged(delivery.await).map(drop),
-            Err(refused) => Err(refused),
-        }
-        .map_err(|e| {
-            ProduceError::Retriable(format!(
-                "the audit topic {topic} did not take the answered push: {e}"
-            ))
-        });
+        outcome = delivered(produce_now(&producer, record))
+            .await
+            .map_err(|e| {
+                ProduceError::Retriable(format!(
+                    "the audit topic {topic} did not take the answered push: {e}"
+                ))
+            });
     }
     (flight, outcome, started.elapsed())
 }
@@ -795,11 +793,13 @@ async fn delivery(
     sent: Result<DeliveryFuture, ProduceError>,
     produced: Instant,
 ) -> (Flight, Result<(), ProduceError>, Duration) {
-    let outcome = match sent {
-        Ok(delivery) => acknowledged(delivery.await).map(drop),
-        Err(refused) => Err(refused),
-    };
+    let outcome = delivered(sent).await;
     (flight, outcome, produced.elapsed())
+}
+
+/// Whether a record handed to the producer was delivered.
+async fn delivered(sent: Result<DeliveryFuture, ProduceError>) -> Result<(), ProduceError> {
+    acknowledged(sent?.await).map(drop)
 }
 
 /// A delivery's offset, or its error.
