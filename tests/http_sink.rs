@@ -5,22 +5,22 @@
 //! push with the answer; TLS with a private CA.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use keyflight::receive::{read_log, CallRecord};
 
 use crate::support::{
-    certificates, produce_records, read_all, round, rounds, scrape, succeeded, wait_until, App,
-    Broker, FAST_GROUP,
+    certificates, produce_records, read_all, round, rounds, scrape, start_receiver, succeeded,
+    wait_until, App, Broker, Running, FAST_GROUP,
 };
 
-/// `keyflight receive` as a child process, logging calls as JSON lines.
+/// `keyflight receive` logging calls as JSON lines.
 struct Receiver {
-    child: Child,
+    /// Killed on drop.
+    _running: Running,
     /// `host:port` it listens on.
     addr: String,
     log: PathBuf,
@@ -29,38 +29,20 @@ struct Receiver {
 impl Receiver {
     /// Starts a receiver on a free port with `args`; returns once it listens.
     fn start(dir: &Path, args: &[&str]) -> Receiver {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         let log = dir.join(format!(
             "calls-{}.jsonl",
-            std::process::id() ^ rand_suffix()
+            NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keyflight"));
-        command
-            .args(["receive", "--listen", "127.0.0.1:0", "--log"])
-            .arg(&log)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // SAFETY: prctl in the child before exec, as Broker::start does.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+        let mut all = vec!["--log", log.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let running = start_receiver(&all);
+        let addr = running.url.rsplit("://").next().unwrap().to_string();
+        Receiver {
+            _running: running,
+            addr,
+            log,
         }
-        let mut child = command.spawn().expect("keyflight receive starts");
-        let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let addr = first
-            .trim()
-            .rsplit("://")
-            .next()
-            .filter(|_| first.starts_with("listening on "))
-            .unwrap_or_else(|| panic!("no listening line: {first:?}"))
-            .to_string();
-        Receiver { child, addr, log }
     }
 
     /// Every call answered so far.
@@ -70,19 +52,6 @@ impl Receiver {
         }
         read_log(&self.log).unwrap()
     }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rand_suffix() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed) << 20
 }
 
 /// The sink settings of an app pushing to `url`, then `extra`.

@@ -3,132 +3,14 @@
 //! summary at SIGTERM. Synchronisation is by events: the listening line on
 //! stdout and polling `/_receive/stats`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdout, ExitStatus, Output, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Output;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyflight::receive::{read_log, CallRecord, Stats, STATS_PATH};
+use keyflight::receive::{read_log, CallRecord};
 
-use crate::support::{certificates, keyflight};
-
-/// A `keyflight receive` child process; killed on drop if still running.
-struct Running {
-    child: Child,
-    url: String,
-    stdout: BufReader<ChildStdout>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-/// What a stopped receiver printed after its listening line.
-struct Stopped {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Starts `keyflight receive --listen 127.0.0.1:0 ARGS` and reads its
-/// address from the first stdout line.
-fn start(args: &[&str]) -> Running {
-    let mut command = keyflight();
-    command
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; the receiver dies with the test.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().expect("keyflight receive starts");
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let Some(url) = line.trim_end().strip_prefix("listening on ") else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "first stdout line {line:?}, stderr:\n{}",
-            stderr.join().unwrap()
-        );
-    };
-    Running {
-        url: url.to_string(),
-        child,
-        stdout,
-        stderr: Some(stderr),
-    }
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    async fn stats(&self, client: &reqwest::Client) -> Stats {
-        let response = client.get(self.url(STATS_PATH)).send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
-    }
-
-    /// Polls the stats until `done` holds (10 s at most).
-    async fn wait_for(&self, client: &reqwest::Client, done: impl Fn(&Stats) -> bool) -> Stats {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let stats = self.stats(client).await;
-            if done(&stats) {
-                return stats;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stats never got there: {stats:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// SIGTERM, then everything it printed until it exited.
-    fn stop(&mut self) -> Stopped {
-        // SAFETY: signalling our own child by its pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let mut stdout = String::new();
-        self.stdout.read_to_string(&mut stdout).unwrap();
-        let status = self.child.wait().unwrap();
-        let stderr = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        Stopped {
-            status,
-            stdout,
-            stderr,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use crate::support::{certificates, keyflight, start_receiver};
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -151,7 +33,7 @@ fn sorted_log(path: &str) -> Vec<CallRecord> {
 async fn calls_are_logged_as_json_lines_with_every_field() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_path(&dir);
-    let mut receiver = start(&["--log", &log]);
+    let mut receiver = start_receiver(&["--log", &log]);
     let client = reqwest::Client::new();
     let before = now_ns();
 
@@ -283,7 +165,7 @@ async fn calls_are_logged_as_json_lines_with_every_field() {
 
 #[tokio::test]
 async fn refused_keys_get_422_failures_503_throttling_429_with_retry_after() {
-    let mut receiver = start(&["--refuse-key", "k1", "--fail-rate", "1.0", "--seed", "7"]);
+    let mut receiver = start_receiver(&["--refuse-key", "k1", "--fail-rate", "1.0", "--seed", "7"]);
     let client = reqwest::Client::new();
     let call = |key: Option<&str>| {
         let mut request = client.post(receiver.url(&format!("/{}", key.unwrap_or("none"))));
@@ -327,7 +209,7 @@ async fn refused_keys_get_422_failures_503_throttling_429_with_retry_after() {
     // Throttling wins over failure, refusal over both.
     let dir = tempfile::tempdir().unwrap();
     let log = log_path(&dir);
-    let mut receiver = start(&[
+    let mut receiver = start_receiver(&[
         "--throttle-rate",
         "1",
         "--retry-after",
@@ -371,7 +253,7 @@ async fn refused_keys_get_422_failures_503_throttling_429_with_retry_after() {
 async fn a_seed_replays_the_same_faults() {
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let mut receiver = start(&["--fail-rate", "0.5", "--seed", "42"]);
+        let mut receiver = start_receiver(&["--fail-rate", "0.5", "--seed", "42"]);
         let client = reqwest::Client::new();
         let mut statuses = Vec::new();
         for i in 0..20 {
@@ -398,7 +280,7 @@ async fn a_seed_replays_the_same_faults() {
 async fn two_open_calls_for_one_key_are_an_overlap_for_two_keys_not() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_path(&dir);
-    let mut receiver = start(&["--delay", "300ms", "--log", &log]);
+    let mut receiver = start_receiver(&["--delay", "300ms", "--log", &log]);
     let client = reqwest::Client::new();
     let push = |key: &str| {
         client
@@ -460,7 +342,7 @@ async fn two_open_calls_for_one_key_are_an_overlap_for_two_keys_not() {
 async fn a_client_that_gives_up_is_logged_as_499() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_path(&dir);
-    let mut receiver = start(&["--delay", "10s", "--log", &log]);
+    let mut receiver = start_receiver(&["--delay", "10s", "--log", &log]);
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(200))
         .build()
@@ -490,7 +372,7 @@ async fn a_client_that_gives_up_is_logged_as_499() {
 async fn an_unreadable_body_answers_400_and_is_logged() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_path(&dir);
-    let mut receiver = start(&["--log", &log]);
+    let mut receiver = start_receiver(&["--log", &log]);
     let address = receiver.url.strip_prefix("http://").unwrap().to_string();
     let answer = tokio::task::spawn_blocking(move || {
         // A chunked body whose chunk size is not hex.
@@ -536,7 +418,7 @@ async fn an_unreadable_body_answers_400_and_is_logged() {
 async fn tls_serves_https_to_clients_trusting_the_ca_only() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ca) = certificates(dir.path());
-    let mut receiver = start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let mut receiver = start_receiver(&["--tls-cert", &cert, "--tls-key", &key]);
     assert!(
         receiver.url.starts_with("https://127.0.0.1:"),
         "{}",

@@ -155,13 +155,7 @@ impl App {
             .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        // SAFETY: see Broker::start.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_tests(&mut command);
         Processor {
             child: Some(command.spawn().expect("keyflight run starts")),
             log_path,
@@ -183,6 +177,18 @@ fn base_config(id: &str, bootstrap: &str, extra: &str) -> String {
         "application_id = \"{id}\"\nbrokers = \"{bootstrap}\"\ncommit_interval = \"500ms\"\nshutdown_timeout = \"10s\"\n\
          log_level = \"info,librdkafka=warn\"\nmetrics_addr = \"127.0.0.1:0\"\n{extra}\n"
     )
+}
+
+/// Asks the kernel to kill the child `command` starts when the test
+/// process dies, also without dropping its guard (a crash, SIGKILL).
+pub fn dies_with_tests(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 /// The keyflight binary, with none of the `KEYFLIGHT_*` settings or the

@@ -1,7 +1,6 @@
 //! The broker: one Tansu per test, and direct topic administration.
 
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +10,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::dies_with_tests;
 
 pub static TOPIC_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -45,14 +46,7 @@ impl Broker {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("broker log file"))
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; this only asks the kernel to
-        // kill the broker if the test process dies without dropping the guard.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_tests(&mut command);
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the broker {}: {e}", bin.display()));

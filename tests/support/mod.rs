@@ -15,11 +15,13 @@
 mod app;
 mod broker;
 mod load;
+mod receiver;
 mod tls;
 mod topics;
 
 pub use app::*;
 pub use broker::*;
 pub use load::*;
+pub use receiver::*;
 pub use tls::*;
 pub use topics::*;
