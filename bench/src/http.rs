@@ -44,7 +44,7 @@ use crate::post::{self, now_ns, PostResult};
 use crate::{
     drain_limit, histogram_ms, is_drained, machine_cpu_ticks, path_str, print_http_report,
     process_cpu_seconds, produce_events, push_ack_ms, read_consumer, records_with, say, scrape,
-    sibling, stats, versions, window, App, Child, Cluster, Env, Result, WorkDir,
+    sibling, stats, versions, window, App, Child, Cluster, Env, Fetch, Result, WorkDir,
 };
 
 #[derive(Args)]
@@ -104,12 +104,8 @@ pub(crate) struct HttpArgs {
     /// Also run `keyflight verify` over every keyflight drain
     #[arg(long)]
     pub(crate) verify: bool,
-    /// librdkafka's fetch.wait.max.ms (see `run --help`)
-    #[arg(long, default_value_t = 10)]
-    pub(crate) fetch_wait_ms: u32,
-    /// librdkafka's fetch.queue.backoff.ms (see `run --help`)
-    #[arg(long, default_value_t = 10)]
-    pub(crate) fetch_queue_backoff_ms: u32,
+    #[command(flatten)]
+    pub(crate) fetch: Fetch,
     /// Write the report as JSON here too
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -121,8 +117,7 @@ pub(crate) fn run(args: HttpArgs) -> Result<()> {
     let env = Env {
         cluster: &cluster,
         partitions: args.partitions,
-        fetch_wait_ms: args.fetch_wait_ms,
-        fetch_queue_backoff_ms: args.fetch_queue_backoff_ms,
+        fetch: args.fetch,
         work: work.path(),
     };
     let mut report = HttpReport {

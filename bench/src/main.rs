@@ -138,18 +138,8 @@ pub(crate) struct RunArgs {
     /// Also run `keyflight verify` over the throughput phase
     #[arg(long)]
     pub(crate) verify: bool,
-    /// librdkafka's fetch.wait.max.ms for both systems: how long a broker
-    /// may hold a fetch that has too little data (its 500 ms default would
-    /// dominate the latencies on Tansu and the mock cluster)
-    #[arg(long, default_value_t = 10)]
-    pub(crate) fetch_wait_ms: u32,
-    /// librdkafka's fetch.queue.backoff.ms for both systems: how long a
-    /// consumer whose local queue is over its thresholds waits before the
-    /// next fetch. Its 1000 ms default held the copy to about 130 000
-    /// events/s on the mock cluster (bursts with 750 ms gaps), a quarter of
-    /// what it copies with 10 ms
-    #[arg(long, default_value_t = 10)]
-    pub(crate) fetch_queue_backoff_ms: u32,
+    #[command(flatten)]
+    pub(crate) fetch: Fetch,
     /// Write the report as JSON here too
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -220,8 +210,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     let env = Env {
         cluster: &cluster,
         partitions: p,
-        fetch_wait_ms: args.fetch_wait_ms,
-        fetch_queue_backoff_ms: args.fetch_queue_backoff_ms,
+        fetch: args.fetch,
         work: work.path(),
     };
     let spec = |events| LoadSpec {
