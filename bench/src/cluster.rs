@@ -106,7 +106,11 @@ pub(crate) struct Fetch {
     /// next fetch. Its 1000 ms default held the copy to about 130 000
     /// events/s on the mock cluster (bursts with 750 ms gaps), a quarter of
     /// what it copies with 10 ms
-    #[arg(long = "fetch-queue-backoff-ms", value_name = "MS", default_value_t = 10)]
+    #[arg(
+        long = "fetch-queue-backoff-ms",
+        value_name = "MS",
+        default_value_t = 10
+    )]
     pub(crate) queue_backoff_ms: u32,
 }
 

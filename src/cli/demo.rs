@@ -267,25 +267,27 @@ impl EmbeddedReceiver {
 /// The pushes a receiver answered 2xx, as [`pushed_counts`] counts them.
 fn called_counts(log: &std::path::Path) -> Result<PushCounts, CliError> {
     let calls = receive::read_log(log).map_err(CliError::Runtime)?;
-    let answered = calls.iter().filter(|c| (200..300).contains(&c.status));
-    let mut counts = PushCounts {
-        total: 0,
-        compensation: 0,
-        merged: 0,
-    };
-    for call in answered {
-        counts.total += 1;
-        counts.compensation += u64::from(call.compensation == Some(true));
-        counts.merged += call.merged.unwrap_or(0);
+    let mut counts = PushCounts::default();
+    for call in calls.iter().filter(|c| (200..300).contains(&c.status)) {
+        counts.add(call.compensation == Some(true), call.merged.unwrap_or(0));
     }
     Ok(counts)
 }
 
+#[derive(Default)]
 struct PushCounts {
     total: u64,
     compensation: u64,
-    /// Events covered by the pushes (the keyflight-merged headers).
+    /// Events covered by the pushes (their keyflight-merged headers).
     merged: u64,
+}
+
+impl PushCounts {
+    fn add(&mut self, compensation: bool, merged: u64) {
+        self.total += 1;
+        self.compensation += u64::from(compensation);
+        self.merged += merged;
+    }
 }
 
 fn pushed_counts(settings: &Settings) -> Result<PushCounts, CliError> {
@@ -294,19 +296,14 @@ fn pushed_counts(settings: &Settings) -> Result<PushCounts, CliError> {
         .map_err(|e| CliError::Runtime(format!("cannot create the Kafka consumer: {e}")))?;
     let topic = &settings.topics.pushed;
     let ranges = reader::ranges(&consumer, topic, reader::Start::Beginning).map_err(runtime)?;
-    let mut counts = PushCounts {
-        total: 0,
-        compensation: 0,
-        merged: 0,
-    };
+    let mut counts = PushCounts::default();
     reader::read(&consumer, topic, &ranges, |message| {
-        counts.total += 1;
-        if header(message, headers::COMPENSATION).as_deref() == Some("true") {
-            counts.compensation += 1;
-        }
-        counts.merged += header(message, headers::MERGED)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        counts.add(
+            header(message, headers::COMPENSATION).as_deref() == Some("true"),
+            header(message, headers::MERGED)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0),
+        );
     })
     .map_err(runtime)?;
     Ok(counts)
