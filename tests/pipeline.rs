@@ -44,7 +44,7 @@ fn stored_markers(app: &App, state_dir: &std::path::Path) -> BTreeMap<(i32, Stri
             );
         }
         // Reopening consumed the checkpoint; put it back for the next start.
-        store.checkpoint(0).unwrap();
+        store.checkpoint(0, None).unwrap();
     }
     all
 }

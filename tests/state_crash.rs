@@ -23,7 +23,9 @@ fn killed_store_writer() {
         return; // run as a child of the test below only
     };
     let (store, _) = Store::open(dir.as_ref()).expect("the store opens");
-    store.checkpoint(0).expect("the checkpoint is written");
+    store
+        .checkpoint(0, None)
+        .expect("the checkpoint is written");
     for i in 0..OPEN_MARKERS {
         let value = Bytes::from(format!("{{\"v\":{i},\"doc\":\"some document\"}}"));
         let marker = Marker::started(0, 1_000 + i, i, Some(value));

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use keyflight::engine::MergePolicy;
 use keyflight::metrics::Metrics;
-use keyflight::processor::task::core::{Holds, ProduceError, PUSH_REFUSED, REDELIVERED};
+use keyflight::processor::task::core::{
+    Holds, OtherRecord, ProduceError, PUSH_REFUSED, REDELIVERED,
+};
 use keyflight::processor::task::{Action, InputRecord, SinkAnswer, TaskCore, Timer};
 
 use crate::task_sim::{configured_core, new_core, ModelStore};
@@ -811,4 +813,146 @@ fn an_idle_keys_marker_expires_after_the_ttl_and_busy_keys_stay() {
     assert!(metrics
         .render()
         .contains(r#"keyflight_markers_expired_total{partition="0"} 1"#));
+}
+
+// ---------------------------------------------------------------------------
+// Claims: other writers in the task's changelog partition.
+
+/// A core that claimed its partition at changelog offset 9 and pushed `k`,
+/// whose marker went to the changelog and landed at `landed`: the actions
+/// that followed the acknowledgement.
+fn claimed_and_written(core: &mut TaskCore<ModelStore>, landed: i64) -> Vec<Action> {
+    core.claimed(9);
+    let flight = pushed(core, vec![event(0, "k", 1)]);
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    assert!(matches!(
+        actions(core).as_slice(),
+        [Action::WriteChangelog { .. }]
+    ));
+    core.changelog_done(NOW, Ok(landed));
+    actions(core)
+}
+
+/// The task's own writes land one after another from its claim on; a
+/// write that lands further on shows another writer's records in between,
+/// which the task reads. A newer claim among them means another instance
+/// took the partition over without this one hearing of it: the task drops
+/// the partition (no push, marker, commit or checkpoint follows) and fails,
+/// so the process restarts rather than act on a partition it lost.
+#[test]
+fn a_newer_claim_between_the_tasks_writes_drops_the_partition_and_fails_the_task() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let after = claimed_and_written(&mut core, 10);
+    assert!(
+        !after
+            .iter()
+            .any(|a| matches!(a, Action::ReadChangelog { .. })),
+        "its own write right after its claim: nothing to read ({after:?})"
+    );
+    let flight = pushed(&mut core, vec![event(1, "k", 2)]);
+    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
+    core.end_turn(NOW);
+    core.tick(NOW, Timer::ChangelogFlush);
+    assert!(matches!(
+        actions(&mut core).as_slice(),
+        [Action::WriteChangelog { .. }]
+    ));
+    core.changelog_done(NOW, Ok(13));
+    let read = actions(&mut core);
+    assert!(
+        matches!(
+            read.as_slice(),
+            [Action::ReadChangelog { from: 11, to: 13 }]
+        ),
+        "offsets 11 and 12 are another writer's: {read:?}"
+    );
+
+    core.changelog_read(vec![
+        OtherRecord {
+            offset: 11,
+            key: "j".into(),
+            claim: false,
+            owner: Some(3),
+        },
+        OtherRecord {
+            offset: 12,
+            key: "keyflight-claim/1-2".into(),
+            claim: true,
+            owner: None,
+        },
+    ]);
+    match actions(&mut core).as_slice() {
+        [Action::Closed(None), Action::Fail(reason)] => assert!(
+            reason.contains("another instance claimed it (changelog offset 12)"),
+            "{reason}"
+        ),
+        other => panic!("dropped as lost, then failed: {other:?}"),
+    }
+    assert!(core.is_closed());
+    for timer in [Timer::Commit, Timer::ChangelogFlush, Timer::Compensation] {
+        core.tick(NOW, timer);
+    }
+    assert!(actions(&mut core).is_empty(), "nothing after");
+}
+
+/// Records of an earlier owner between the task's writes (a frozen or lost
+/// instance's late writes, which do not count): each key's marker is
+/// written again, so that the late record is not the key's last once the
+/// changelog compacts; a key without a marker gets a tombstone. Until they
+/// are read, the task writes no checkpoint.
+#[test]
+fn an_earlier_owners_late_writes_are_written_over_and_hold_checkpoints_until_read() {
+    let metrics = Arc::new(Metrics::new());
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let read = claimed_and_written(&mut core, 12);
+    assert!(
+        matches!(
+            read.as_slice(),
+            [Action::ReadChangelog { from: 10, to: 12 }]
+        ),
+        "{read:?}"
+    );
+    let late = |offset, key: &str| OtherRecord {
+        offset,
+        key: key.to_string().into(),
+        claim: false,
+        owner: Some(4),
+    };
+    core.changelog_read(vec![late(10, "k"), late(11, "j")]);
+    core.tick(NOW, Timer::ChangelogFlush);
+    let mut rewritten: Vec<(String, Option<u64>)> = actions(&mut core)
+        .into_iter()
+        .map(|action| match action {
+            Action::WriteChangelog { key, value, .. } => (
+                String::from_utf8_lossy(&key).into_owned(),
+                value.map(|v| {
+                    keyflight::state::MarkerCodec::new()
+                        .decode(&v)
+                        .unwrap()
+                        .version
+                }),
+            ),
+            other => panic!("only rewrites: {other:?}"),
+        })
+        .collect();
+    rewritten.sort();
+    assert_eq!(
+        rewritten,
+        [("j".to_string(), None), ("k".to_string(), Some(1))],
+        "k's own marker again, a tombstone for j"
+    );
+
+    // A read that has not come back holds the checkpoint at the close.
+    let mut core = new_core(MergePolicy::Latest, &metrics);
+    let read = claimed_and_written(&mut core, 12);
+    assert!(matches!(read.as_slice(), [Action::ReadChangelog { .. }]));
+    core.close();
+    let closing = actions(&mut core);
+    assert!(
+        matches!(closing.as_slice(), [Action::Closed(Some(1))]),
+        "committed, not checkpointed: {closing:?}"
+    );
 }

@@ -221,6 +221,41 @@ fn a_straggler_older_than_a_delete_stays_stale_after_a_handover() {
     assert_no_violation(classes, 5_000);
 }
 
+/// An owner that froze, or lost its partition without knowing, can have
+/// markers land after the next owner claimed the partition. They do not
+/// count: a restore skips them and its owner writes their keys again, a
+/// running owner that finds them between its own writes writes over them,
+/// a lost owner that finds the newer claim stops, and a checkpoint never
+/// vouches for them. So no compensation steps a key back behind a push the
+/// commit its owner started from covers, and no restore, checkpoint or
+/// commit invariant breaks. What such an owner *pushed* late can still land
+/// last (the known defects below), so the final state is not checked here.
+#[test]
+fn late_markers_of_a_frozen_or_lost_owner_do_not_count() {
+    let metrics = Arc::new(Metrics::new());
+    let freeze = FaultClasses {
+        freeze: true,
+        ..FaultClasses::HANDLED
+    };
+    let lost = FaultClasses {
+        lost: true,
+        ..FaultClasses::HANDLED
+    };
+    for classes in [freeze, lost] {
+        for seed in 0..10_000u64 {
+            let problems: Vec<String> = check_seed(seed, classes, &metrics)
+                .into_iter()
+                .filter(|p| !p.contains("the last push is"))
+                .collect();
+            assert!(
+                problems.is_empty(),
+                "seed {seed} ({classes:?}):\n{}",
+                problems.join("\n")
+            );
+        }
+    }
+}
+
 /// Defects the task simulation sees in today's code, each fixed by a
 /// companion issue; until then these tests prove that the harness finds
 /// them (as `simulation::random_schedules_catch_the_reference_model_stale`
@@ -245,9 +280,9 @@ mod known_defects {
     }
 
     /// An owner whose session expired goes on pushing until it hears of
-    /// the rebalance, and then closes gracefully: its pushes and markers
-    /// land after the new owner's (the "one owner per partition" issue:
-    /// lost is not revoked).
+    /// the rebalance or finds the new owner's claim between its changelog
+    /// writes: what it pushed meanwhile can land after the new owner's
+    /// pushes (only fencing, exactly-once mode, keeps those out).
     #[test]
     fn an_owner_that_lost_the_partition_unknowingly_can_leave_a_stale_last_push() {
         let classes = FaultClasses {
@@ -255,23 +290,6 @@ mod known_defects {
             ..FaultClasses::HANDLED
         };
         assert_still_seen(classes, "the last push is");
-    }
-
-    /// A marker that a frozen owner wrote late can land after the next
-    /// owner's and win the changelog's compaction; a later owner's
-    /// compensation then re-pushes the key behind a push that the commit it
-    /// started from covers (26 of 20 000 freeze and 15 of 20 000 lost
-    /// schedules). Closing an open marker whose newest event lies below
-    /// that commit is not a fix: a commit also covers events dropped as
-    /// stale against an open marker, which only its compensation pushes
-    /// (6 of 100 000 handled schedules then lost a key's last push).
-    #[test]
-    fn a_stale_marker_that_wins_compaction_can_make_compensation_step_a_key_back() {
-        let classes = FaultClasses {
-            freeze: true,
-            ..FaultClasses::HANDLED
-        };
-        assert_still_seen(classes, "a compensation re-pushes");
     }
 
     /// A close whose wait for pushes in flight runs out abandons them, but

@@ -27,7 +27,7 @@ pub(crate) fn scan(markers: u64, open: u64, work: &Path) -> Result<Scan> {
             .put(format!("user-{i:07}").as_bytes(), &marker)
             .map_err(|e| e.to_string())?;
     }
-    store.checkpoint(0).map_err(|e| e.to_string())?;
+    store.checkpoint(0, None).map_err(|e| e.to_string())?;
     let rounds = 20;
     let started = Instant::now();
     let mut found = 0;

@@ -242,7 +242,9 @@ fn rebuild(settings: &Settings, args: &RebuildArgs) -> Result<(), CliError> {
         )
         .map_err(|e| CliError::Runtime(e.to_string()))?;
         bar.finish_and_clear();
-        store.checkpoint(restored.next_offset).map_err(state)?;
+        store
+            .checkpoint(restored.next_offset, restored.claim)
+            .map_err(state)?;
         let markers = store.markers().map_err(state)?;
         let open = markers.iter().filter(|(_, m)| m.is_open()).count();
         println!(

@@ -10,6 +10,11 @@
 //! key does not stand in for it, and the key's next event is pushed as new.
 //! The restore goes on, so such a record never stops a partition (nor, on
 //! every restart, the process).
+//!
+//! Claims decide which marker records count ([`crate::state::claim`]): a
+//! record that an owner wrote after another owner claimed the partition is
+//! skipped, and its key reported as *shadowed* for the new owner to write
+//! again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,6 +26,8 @@ use crate::config::Settings;
 use crate::internal_events::ChangelogRecordUnreadable;
 use crate::kafka::reader::{self, Range, ReadError, Stopped};
 use crate::metrics::PartitionMetrics;
+use crate::processor::task::core::OtherRecord;
+use crate::state::claim::{self, Claims};
 use crate::state::{MarkerCodec, Opened, StateError, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +48,21 @@ pub enum RestoreError {
 }
 
 /// What a restore read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Restored {
     /// Records read, the unreadable ones among them.
     pub records: u64,
     /// Records no released marker schema reads: skipped, their keys'
     /// state removed.
     pub unreadable: u64,
+    /// Marker records written by an owner after another claimed the
+    /// partition: skipped.
+    pub superseded: u64,
+    /// The keys whose last record was superseded, for the new owner to
+    /// write again (see [`crate::state::claim`]).
+    pub shadowed: Vec<bytes::Bytes>,
+    /// The newest claim read (what a checkpoint records).
+    pub claim: Option<i64>,
     /// The changelog offset the store is now complete up to (exclusive).
     pub next_offset: i64,
 }
@@ -94,6 +109,7 @@ pub fn restore(
             (Some(consumer), known)
         }
     };
+    let mut claims = Claims::from(store.checkpoint_claim());
     let start = match opened {
         // A checkpoint outside the changelog's offsets belongs to another
         // log (the topic was recreated or truncated) or to records that
@@ -109,16 +125,20 @@ pub fn restore(
                 "the store's checkpoint is outside the changelog's offsets: restoring in full"
             );
             store.clear()?;
+            claims = Claims::from(None);
             low
         }
         Opened::FromCheckpoint(next) => next,
-        Opened::Empty => low,
+        Opened::Empty => {
+            claims = Claims::from(None);
+            low
+        }
     };
     if start >= high {
         return Ok(Restored {
-            records: 0,
-            unreadable: 0,
+            claim: claims.current(),
             next_offset: high.max(start),
+            ..Restored::default()
         });
     }
     let consumer = match consumer {
@@ -132,13 +152,24 @@ pub fn restore(
     };
     let total = (high - start) as u64;
     let codec = MarkerCodec::new();
-    let (mut records, mut unreadable) = (0, 0);
+    let (mut records, mut unreadable, mut superseded) = (0, 0, 0);
     reader::try_read(&consumer, topic, &[range], |message| {
         // A partition that left stops restoring at its next record.
         if cancelled.load(Ordering::Relaxed) {
             return Err(RestoreError::Cancelled { partition });
         }
+        records += 1;
+        progress(records, total);
         let key = message.key().unwrap_or_default();
+        let (claimed, owner) = claim_headers(message);
+        if claimed {
+            claims.claim(message.offset());
+            return Ok(());
+        }
+        if !claims.counts(key, owner) {
+            superseded += 1;
+            return Ok(());
+        }
         match message.payload().map(|bytes| codec.decode(bytes)) {
             None => store.delete(key)?, // a tombstone
             Some(Ok(marker)) => store.put(key, &marker)?,
@@ -153,19 +184,100 @@ pub fn restore(
                 store.delete(key)?;
             }
         }
-        records += 1;
-        progress(records, total);
         Ok(())
     })
     .map_err(|stopped| match stopped {
         Stopped::Read(source) => RestoreError::Read { partition, source },
         Stopped::By(e) => e,
     })?;
+    if claims.store_suspect() {
+        tracing::warn!(
+            topic,
+            partition,
+            "the instance that checkpointed this store went on writing it after another had claimed the partition: restoring in full"
+        );
+        store.clear()?;
+        return restore(
+            settings,
+            topic,
+            partition,
+            store,
+            Opened::Empty,
+            Some((low, high)),
+            metrics,
+            cancelled,
+            progress,
+        );
+    }
+    if superseded > 0 {
+        tracing::warn!(
+            topic,
+            partition,
+            superseded,
+            "skipped changelog records that an owner wrote after another had claimed the partition (a frozen or lost instance's late writes)"
+        );
+    }
     Ok(Restored {
         records,
         unreadable,
+        superseded,
+        claim: claims.current(),
+        shadowed: claims.into_shadowed(),
         next_offset: high,
     })
+}
+
+/// Reads the records of changelog partition `partition` from `from` to
+/// `to` (exclusive) that a task found between its own writes: who wrote
+/// them (see [`crate::processor::task::TaskCore::changelog_read`]).
+/// Blocking.
+pub fn read_others(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+) -> Result<Vec<OtherRecord>, String> {
+    let consumer = reader::consumer(settings, "changelog-check").map_err(|e| e.to_string())?;
+    let range = Range {
+        partition,
+        start: from,
+        end: to,
+    };
+    let mut records = Vec::new();
+    reader::try_read(&consumer, topic, &[range], |message| {
+        let (claim, owner) = claim_headers(message);
+        records.push(OtherRecord {
+            offset: message.offset(),
+            key: bytes::Bytes::copy_from_slice(message.key().unwrap_or_default()),
+            claim,
+            owner,
+        });
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .map_err(|stopped| match stopped {
+        Stopped::Read(e) => e.to_string(),
+        Stopped::By(never) => match never {},
+    })?;
+    Ok(records)
+}
+
+/// Whether a changelog record is a claim, and the owner a marker record
+/// names.
+fn claim_headers(message: &impl Message) -> (bool, Option<i64>) {
+    use rdkafka::message::Headers;
+    let Some(headers) = message.headers() else {
+        return (false, None);
+    };
+    let (mut claimed, mut owner) = (false, None);
+    for header in headers.iter() {
+        match header.key {
+            claim::CLAIM_HEADER => claimed = true,
+            claim::OWNER_HEADER => owner = header.value.and_then(claim::parse_owner),
+            _ => {}
+        }
+    }
+    (claimed, owner)
 }
 
 #[cfg(test)]
@@ -282,7 +394,8 @@ mod tests {
                 Restored {
                     records: 3,
                     unreadable: 0,
-                    next_offset: 3
+                    next_offset: 3,
+                    ..Restored::default()
                 }
             );
         });
@@ -310,7 +423,7 @@ mod tests {
         // The old store: a key the new changelog does not have, and a
         // checkpoint at offset 12 of a log that is gone.
         store.put(b"z", &marker(9)).unwrap();
-        store.checkpoint(12).unwrap();
+        store.checkpoint(12, None).unwrap();
         let producer: BaseProducer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
             .create()
@@ -343,7 +456,8 @@ mod tests {
             Restored {
                 records: 3,
                 unreadable: 0,
-                next_offset: 3
+                next_offset: 3,
+                ..Restored::default()
             }
         );
         let keys = keys_of(&store);
@@ -444,7 +558,8 @@ mod tests {
             Restored {
                 records: 4,
                 unreadable: 2,
-                next_offset: 4
+                next_offset: 4,
+                ..Restored::default()
             }
         );
         assert_eq!(*warned.lock().unwrap(), [2, 3], "logged with their offsets");
@@ -469,11 +584,12 @@ mod tests {
             Restored {
                 records: 0,
                 unreadable: 0,
-                next_offset: 7
+                next_offset: 7,
+                ..Restored::default()
             }
         );
         // A checkpoint at the end of the changelog: nothing left to read.
-        store.checkpoint(12).unwrap();
+        store.checkpoint(12, None).unwrap();
         drop(store);
         let (store, opened) = Store::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::FromCheckpoint(12));

@@ -28,6 +28,7 @@
 //! from an empty store and restores the whole changelog, as Kafka Streams
 //! does; later, the next open replays the changelog from the last checkpoint.
 
+pub mod claim;
 pub mod marker;
 
 use std::collections::{HashMap, HashSet};
@@ -173,6 +174,9 @@ pub struct Store {
     codec: MarkerCodec,
     no_wal: WriteOptions,
     memory: Mutex<Memory>,
+    /// The newest changelog claim when the checkpoint it opened from was
+    /// written (see [`claim`]).
+    checkpoint_claim: Option<i64>,
 }
 
 /// What the store keeps in memory (behind one lock: a store belongs to one
@@ -199,6 +203,14 @@ pub enum Opened {
     /// No checkpoint (first start or unclean stop): the store was wiped;
     /// restore the whole changelog.
     Empty,
+}
+
+/// A checkpoint file's next offset and claim: one number a line, the
+/// claim's line absent in checkpoints written before claims existed.
+fn parse_checkpoint(text: &str) -> (Option<i64>, Option<i64>) {
+    let mut lines = text.lines().map(|line| line.trim().parse::<i64>().ok());
+    let next = lines.next().flatten();
+    (next, next.and(lines.next().flatten()))
 }
 
 impl Store {
@@ -234,9 +246,9 @@ impl Store {
         };
         std::fs::create_dir_all(path).map_err(io)?;
         let checkpoint_path = path.join(CHECKPOINT);
-        let checkpoint = match std::fs::read_to_string(&checkpoint_path) {
-            Ok(text) => text.trim().parse::<i64>().ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        let (checkpoint, checkpoint_claim) = match std::fs::read_to_string(&checkpoint_path) {
+            Ok(text) => parse_checkpoint(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
             Err(e) => return Err(io(e)),
         };
         let db_path = path.join("db");
@@ -273,6 +285,7 @@ impl Store {
             codec: MarkerCodec::new(),
             no_wal,
             memory: Mutex::default(),
+            checkpoint_claim: checkpoint.and(checkpoint_claim),
         };
         // Drop the index's tombstones once, then read what is open.
         let open = store.cf(OPEN);
@@ -289,9 +302,8 @@ impl Store {
     /// Opens an existing store without changing it (for `state inspect`,
     /// also while a processor holds it); returns its checkpoint, if clean.
     pub fn open_read_only(path: &Path) -> Result<(Store, Option<i64>), StateError> {
-        let checkpoint = std::fs::read_to_string(path.join(CHECKPOINT))
-            .ok()
-            .and_then(|text| text.trim().parse::<i64>().ok());
+        let (checkpoint, checkpoint_claim) = std::fs::read_to_string(path.join(CHECKPOINT))
+            .map_or((None, None), |text| parse_checkpoint(&text));
         let db_path = path.join("db");
         let db = DB::open_cf_for_read_only(&Options::default(), &db_path, [MARKERS, OPEN], false)
             .map_err(|source| StateError::Rocks {
@@ -304,6 +316,7 @@ impl Store {
             codec: MarkerCodec::new(),
             no_wal: WriteOptions::default(),
             memory: Mutex::default(),
+            checkpoint_claim,
         };
         store.load_open_index()?;
         Ok((store, checkpoint))
@@ -589,9 +602,16 @@ impl Store {
             .collect()
     }
 
+    /// The newest changelog claim when the checkpoint the store opened from
+    /// was written (`None`: no checkpoint, or one without a claim).
+    pub fn checkpoint_claim(&self) -> Option<i64> {
+        self.checkpoint_claim
+    }
+
     /// Flushes the memtables and records that the store is complete up to
-    /// changelog offset `next_offset` (exclusive). Written atomically.
-    pub fn checkpoint(&self, next_offset: i64) -> Result<(), StateError> {
+    /// changelog offset `next_offset` (exclusive), where `claim` is the
+    /// newest changelog claim (see [`claim`]). Written atomically.
+    pub fn checkpoint(&self, next_offset: i64, claim: Option<i64>) -> Result<(), StateError> {
         self.apply(&mut self.memory())?;
         self.db
             .flush_cfs_opt(
@@ -604,7 +624,11 @@ impl Store {
             source,
         };
         let tmp = self.path.join(format!("{CHECKPOINT}.tmp"));
-        std::fs::write(&tmp, format!("{next_offset}\n")).map_err(io)?;
+        let text = match claim {
+            Some(claim) => format!("{next_offset}\n{claim}\n"),
+            None => format!("{next_offset}\n"),
+        };
+        std::fs::write(&tmp, text).map_err(io)?;
         std::fs::rename(&tmp, self.path.join(CHECKPOINT)).map_err(io)
     }
 
@@ -741,7 +765,7 @@ mod tests {
             store.put(b"b", &deleted(20)).unwrap();
             store.put(b"c", &marker(30, 0, b"C")).unwrap();
             assert_eq!(store.deleted_before(15), [Bytes::from_static(b"a")]);
-            store.checkpoint(0).unwrap();
+            store.checkpoint(0, None).unwrap();
         }
         let (store, opened) = Store::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::FromCheckpoint(0));
@@ -753,7 +777,7 @@ mod tests {
         );
         store.put(b"a", &marker(40, 40, b"A")).unwrap();
         store.delete(b"b").unwrap();
-        store.checkpoint(0).unwrap();
+        store.checkpoint(0, None).unwrap();
         drop(store);
         let (store, _) = Store::open(dir.path()).unwrap();
         assert!(store.deleted_before(u64::MAX).is_empty());
@@ -766,11 +790,12 @@ mod tests {
         {
             let (store, _) = Store::open(dir.path()).unwrap();
             store.put(b"k", &marker(5, 0, b"V")).unwrap();
-            store.checkpoint(42).unwrap();
+            store.checkpoint(42, Some(7)).unwrap();
         }
         {
             let (store, opened) = Store::open(dir.path()).unwrap();
             assert_eq!(opened, Opened::FromCheckpoint(42));
+            assert_eq!(store.checkpoint_claim(), Some(7), "with its claim");
             assert_eq!(store.get(b"k").unwrap(), Some(marker(5, 0, b"V")));
             store.put(b"k", &marker(6, 0, b"W")).unwrap();
             // Dropped without a checkpoint: an unclean stop.
@@ -831,7 +856,7 @@ mod tests {
         store.put(b"gone", &marker(8, 0, b"G")).unwrap();
         store.delete(b"gone").unwrap();
         assert_eq!(store.get(b"gone").unwrap(), None);
-        store.checkpoint(1).unwrap();
+        store.checkpoint(1, None).unwrap();
         assert!(on_disk(&store, OPEN).is_empty());
         assert_eq!(on_disk(&store, MARKERS).len(), PENDING_LIMIT);
         assert_eq!(store.get(b"open").unwrap(), Some(marker(7, 7, b"O")));

@@ -33,11 +33,12 @@ use bytes::Bytes;
 use keyflight::codec::{Codec, InputFormat};
 use keyflight::engine::{MergePolicy, TableConfig, Windows};
 use keyflight::metrics::Metrics;
-use keyflight::processor::task::core::Scanned;
+use keyflight::processor::task::core::{OtherRecord, Scanned};
 use keyflight::processor::task::core::{ProduceError, SinkAnswer, PUSH_REFUSED};
 use keyflight::processor::task::{
     Action, CoreConfig, DeadLetter, Flight, InputRecord, TaskCore, Timer,
 };
+use keyflight::state::claim::Claims;
 use keyflight::state::{Marker, MarkerCodec, MarkerStore, StateError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,6 +61,8 @@ pub struct Disk {
     checkpoint: Option<i64>,
     /// The owner whose store wrote the checkpoint.
     written_by: u32,
+    /// The newest claim when the checkpoint was written.
+    claim: Option<i64>,
 }
 
 /// The store of one owner: its markers in memory, and the writes since
@@ -277,6 +280,9 @@ struct ChangelogRecord {
     key: Bytes,
     marker: Option<Marker>,
     version: u64,
+    /// The claim of the owner that wrote it (a claim record: its own).
+    owner: i64,
+    claim: bool,
 }
 
 /// A push as it landed in `events.pushed`.
@@ -338,17 +344,70 @@ struct Broker {
 }
 
 impl Broker {
-    fn append_changelog(&mut self, key: Bytes, marker: Option<Marker>, version: u64) -> i64 {
+    fn append_changelog(
+        &mut self,
+        key: Bytes,
+        marker: Option<Marker>,
+        version: u64,
+        owner: i64,
+    ) -> i64 {
         let record = ChangelogRecord {
             offset: self.changelog_next,
             key,
             marker,
             version,
+            owner,
+            claim: false,
         };
         self.changelog_next += 1;
         self.changelog.push(record.clone());
         self.changelog_history.push(record);
         self.changelog_next - 1
+    }
+
+    /// A new owner's claim (its own key, so compaction keeps it): its
+    /// offset, the owner's id.
+    fn append_claim(&mut self) -> i64 {
+        let offset = self.changelog_next;
+        let record = ChangelogRecord {
+            offset,
+            key: Bytes::from(format!("claim/{offset}")),
+            marker: None,
+            version: 0,
+            owner: offset,
+            claim: true,
+        };
+        self.changelog_next += 1;
+        self.changelog.push(record.clone());
+        self.changelog_history.push(record);
+        offset
+    }
+
+    /// A restore with keyflight's rule for which records count: from a
+    /// checkpoint `(next, claim)` over `image`, or from the start.
+    fn restore(
+        &self,
+        image: BTreeMap<Bytes, Marker>,
+        checkpoint: Option<(i64, Option<i64>)>,
+    ) -> (BTreeMap<Bytes, Marker>, i64, Claims) {
+        let (mut markers, from, mut claims) = match checkpoint {
+            Some((next, claim)) => (image, next, Claims::from(claim)),
+            None => (BTreeMap::new(), 0, Claims::from(None)),
+        };
+        for r in self.changelog.iter().filter(|r| r.offset >= from) {
+            if r.claim {
+                claims.claim(r.offset);
+                continue;
+            }
+            if !claims.counts(&r.key, Some(r.owner)) {
+                continue;
+            }
+            match &r.marker {
+                Some(m) => markers.insert(r.key.clone(), m.clone()),
+                None => markers.remove(&r.key),
+            };
+        }
+        (markers, from, claims)
     }
 
     /// Log compaction: the last record of each key stays (tombstones too),
@@ -361,28 +420,41 @@ impl Broker {
         self.changelog.retain(|r| last[&r.key] == r.offset);
     }
 
-    /// The changelog's view: the fold of its records, key → marker.
-    fn view(&self) -> BTreeMap<Bytes, Marker> {
-        let mut view = BTreeMap::new();
-        for r in &self.changelog {
-            match &r.marker {
-                Some(m) => view.insert(r.key.clone(), m.clone()),
-                None => view.remove(&r.key),
-            };
-        }
-        view
-    }
-
-    /// The newest version the changelog history holds for a key below
-    /// offset `before`, and whether that last record is an open marker.
+    /// The newest version the changelog history holds for a key in records
+    /// that count, and whether the last of them is an open marker.
     fn logged(&self, key: &[u8]) -> Option<(u64, bool)> {
         let mut newest: Option<(u64, bool)> = None;
-        for r in self.changelog_history.iter().filter(|r| r.key == key) {
+        let mut newest_claim = -1;
+        for r in &self.changelog_history {
+            if r.claim {
+                newest_claim = r.offset;
+            }
+            if r.key != key || r.owner < newest_claim {
+                continue;
+            }
             let open = r.marker.as_ref().is_some_and(Marker::is_open);
             newest = Some((newest.map_or(r.version, |(v, _)| v.max(r.version)), open));
         }
         newest
     }
+}
+
+/// Each key's last record that counts. A record written by an owner after
+/// a newer claim landed does not count: the owner had lost the partition
+/// by then.
+fn counting<'a>(
+    records: impl IntoIterator<Item = &'a ChangelogRecord>,
+) -> BTreeMap<Bytes, &'a ChangelogRecord> {
+    let mut last = BTreeMap::new();
+    let mut newest_claim = -1;
+    for r in records {
+        if r.claim {
+            newest_claim = r.offset;
+        } else if r.owner >= newest_claim {
+            last.insert(r.key.clone(), r);
+        }
+    }
+    last
 }
 
 // ---------------------------------------------------------------------------
@@ -696,6 +768,12 @@ enum Happening {
     ChangelogDone {
         owner: u32,
     },
+    /// `owner`'s read of other writers' changelog records completes.
+    ChangelogRead {
+        owner: u32,
+        from: i64,
+        to: i64,
+    },
     DeadLetterDone {
         owner: u32,
         id: u64,
@@ -737,11 +815,15 @@ struct QueuedWrite {
     key: Bytes,
     value: Option<Vec<u8>>,
     ok: bool,
+    /// The writer's claim.
+    owner: i64,
 }
 
 struct Owner {
     id: u32,
     host: usize,
+    /// The offset of its claim in the changelog.
+    claim: i64,
     core: TaskCore<ModelStore>,
     /// The next input offset this owner reads.
     position: usize,
@@ -796,6 +878,9 @@ pub struct Sim<'a> {
     faults_on: bool,
     pub violations: Vec<String>,
     pub log: Vec<String>,
+    /// Restores that lacked a key's marker because compaction removed it in
+    /// favour of a late write (see `Sim::check_restore`).
+    pub compacted_away: usize,
 }
 
 /// Runs one schedule; returns the violations found.
@@ -829,6 +914,7 @@ impl<'a> Sim<'a> {
             crashes,
             faults_on: true,
             violations: Vec::new(),
+            compacted_away: 0,
             log: Vec::new(),
         }
     }
@@ -1005,6 +1091,33 @@ impl<'a> Sim<'a> {
                 let now = self.clock();
                 self.turn(i, move |core| core.changelog_done(now, outcome));
             }
+            Happening::ChangelogRead { owner, from, to } => {
+                let Some(i) = self.owner_index(owner) else {
+                    return;
+                };
+                // What the (compacted) changelog holds there by now.
+                let records: Vec<OtherRecord> = self
+                    .broker
+                    .changelog
+                    .iter()
+                    .filter(|r| (from..to).contains(&r.offset))
+                    .map(|r| OtherRecord {
+                        offset: r.offset,
+                        key: r.key.clone(),
+                        claim: r.claim,
+                        owner: Some(r.owner),
+                    })
+                    .collect();
+                self.log.push(format!(
+                    "t={}: owner {owner} reads other writers' changelog records {from}..{to}: {:?}",
+                    self.now,
+                    records
+                        .iter()
+                        .map(|r| (r.offset, r.claim, r.owner))
+                        .collect::<Vec<_>>()
+                ));
+                self.turn(i, move |core| core.changelog_read(records));
+            }
             Happening::DeadLetterDone {
                 owner,
                 id,
@@ -1102,6 +1215,45 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// After a restore, the store holds each key's last record that counts
+    /// in the changelog's whole history. Where compaction removed that record in
+    /// favour of a late write of an earlier owner, which does not count, no
+    /// restore from the changelog can know it: the store may then lack it
+    /// (counted in `compacted_away`, the known cost of at-least-once).
+    fn check_restore(&mut self, host: usize, from: i64, markers: &BTreeMap<Bytes, Marker>) {
+        let genuine = counting(&self.broker.changelog_history);
+        let compacted = counting(&self.broker.changelog);
+        let keys: std::collections::BTreeSet<&Bytes> =
+            genuine.keys().chain(markers.keys()).collect();
+        let (mut removed_keys, mut differs) = (Vec::new(), None);
+        for key in keys {
+            let want = genuine.get(key).map(|r| (r.offset, &r.marker));
+            let have = markers.get(key);
+            if want.and_then(|(_, m)| m.as_ref()) == have {
+                continue;
+            }
+            let removed = want
+                .is_some_and(|(offset, _)| compacted.get(key).map(|r| r.offset) != Some(offset));
+            if removed {
+                removed_keys.push(format!("{key:?}: {want:?}, restored {have:?}"));
+            } else {
+                differs.get_or_insert(format!("{key:?}: changelog {want:?}, store {have:?}"));
+            }
+        }
+        for removed in removed_keys {
+            self.compacted_away += 1;
+            self.log.push(format!(
+                "t={}: compaction removed a marker in favour of a late write, so the restore on host {host} lacks it: {removed}",
+                self.now
+            ));
+        }
+        if let Some(differs) = differs {
+            self.violation(format!(
+                "after a restore on host {host} (from offset {from}), the store differs from the changelog's view: {differs}"
+            ));
+        }
+    }
+
     /// Actions carried out so far.
     pub fn actions(&self) -> usize {
         self.actions
@@ -1116,6 +1268,7 @@ impl<'a> Sim<'a> {
         let owner = match happening {
             Happening::PushDone { owner, .. }
             | Happening::ChangelogDone { owner }
+            | Happening::ChangelogRead { owner, .. }
             | Happening::DeadLetterDone { owner, .. }
             | Happening::Tick { owner, .. }
             | Happening::CommitFailed { owner, .. }
@@ -1135,36 +1288,27 @@ impl<'a> Sim<'a> {
     /// or empty: opening removes the checkpoint file), restores the
     /// changelog from there, and reads the input from the committed offset.
     fn start_owner(&mut self, host: usize) {
+        // It claims the partition first and restores through its claim,
+        // with keyflight's rule for which records count.
+        let claim = self.broker.append_claim();
         let disk = &mut self.disks[host];
-        let (mut markers, from) = match disk.checkpoint.take() {
-            Some(next) => (disk.image.clone(), next),
-            None => (BTreeMap::new(), 0),
-        };
-        for r in self.broker.changelog.iter().filter(|r| r.offset >= from) {
-            match &r.marker {
-                Some(m) => markers.insert(r.key.clone(), m.clone()),
-                None => markers.remove(&r.key),
-            };
+        let checkpoint = disk.checkpoint.take().map(|next| (next, disk.claim));
+        let (mut markers, mut from, mut claims) =
+            self.broker.restore(disk.image.clone(), checkpoint);
+        if claims.store_suspect() {
+            // The checkpoint's writer went on after another claim: in full.
+            (markers, from, claims) = self.broker.restore(BTreeMap::new(), None);
         }
-        let view = self.broker.view();
-        if markers != view {
-            let differs = view
-                .iter()
-                .find(|(k, m)| markers.get(*k) != Some(*m))
-                .map(|(k, m)| format!("{k:?}: changelog {m:?}, store {:?}", markers.get(k)))
-                .or_else(|| {
-                    markers
-                        .iter()
-                        .find(|(k, _)| !view.contains_key(*k))
-                        .map(|(k, m)| format!("{k:?}: changelog none, store {m:?}"))
-                });
-            self.violation(format!(
-                "after a restore on host {host} (from offset {from}), the store differs from the changelog's view: {}",
-                differs.unwrap_or_default()
+        self.check_restore(host, from, &markers);
+        let shadowed = claims.into_shadowed();
+        if !shadowed.is_empty() {
+            self.log.push(format!(
+                "t={}: the restore on host {host} skipped late records; writes {shadowed:?} again",
+                self.now
             ));
         }
         let schedule = self.schedule;
-        let core = core_with(
+        let mut core = core_with(
             schedule.policy,
             schedule.max_active_keys,
             Timing {
@@ -1179,6 +1323,8 @@ impl<'a> Sim<'a> {
             &self.metrics,
             self.clock(),
         );
+        core.claimed(claim);
+        core.rewrite_shadowed(shadowed);
         let id = self.next_owner;
         self.next_owner += 1;
         self.log.push(format!(
@@ -1188,6 +1334,7 @@ impl<'a> Sim<'a> {
         self.owners.push(Owner {
             id,
             host,
+            claim,
             core,
             position: self.broker.committed as usize,
             writes: Default::default(),
@@ -1344,7 +1491,13 @@ impl<'a> Sim<'a> {
                     let owner = &mut self.owners[i];
                     owner.writes_done_at = owner.writes_done_at.max(self.now + latency);
                     let done = owner.writes_done_at;
-                    owner.writes.push_back(QueuedWrite { key, value, ok });
+                    let claim = owner.claim;
+                    owner.writes.push_back(QueuedWrite {
+                        key,
+                        value,
+                        ok,
+                        owner: claim,
+                    });
                     self.at(done, Happening::ChangelogDone { owner: id });
                 }
                 Action::DeadLetter { letter, delay } => {
@@ -1364,7 +1517,11 @@ impl<'a> Sim<'a> {
                     );
                 }
                 Action::Commit(position) => {
-                    self.check_commit(position);
+                    // The group refuses a commit of a member that lost the
+                    // partition: only a member's commits must hold.
+                    if self.owners[i].member {
+                        self.check_commit(position);
+                    }
                     if self.fails(self.schedule.faults.commit_failure) {
                         let latency = self.latency();
                         self.at(
@@ -1389,17 +1546,35 @@ impl<'a> Sim<'a> {
                         image: store.markers.borrow().clone(),
                         checkpoint: Some(next),
                         written_by: owner.id,
+                        claim: Some(owner.claim),
                     };
+                }
+                Action::ReadChangelog { from, to } => {
+                    let latency = self.latency();
+                    self.at(
+                        self.now + latency,
+                        Happening::ChangelogRead {
+                            owner: id,
+                            from,
+                            to,
+                        },
+                    );
+                }
+                // An owner that finds another's claim after its own stops
+                // (its process exits, as after a crash).
+                Action::Fail(reason) if reason.contains("another instance claimed it") => {
+                    self.log
+                        .push(format!("t={}: owner {id} stops: {reason}", self.now));
+                    self.crash(i);
+                    return false;
                 }
                 // The model's changelog refuses nothing for good.
                 Action::Fail(reason) => self.violation(format!("the task failed: {reason}")),
                 Action::Closed(position) => {
                     let member = self.owners[i].member;
-                    if let Some(position) = position {
+                    if let Some(position) = position.filter(|_| member) {
                         self.check_commit(position);
-                        if member {
-                            self.broker.committed = position;
-                        }
+                        self.broker.committed = position;
                     }
                     self.owners[i].member = false;
                     self.log
@@ -1442,7 +1617,8 @@ impl<'a> Sim<'a> {
                 (None, version)
             }
         };
-        self.broker.append_changelog(write.key, marker, version)
+        self.broker
+            .append_changelog(write.key, marker, version, write.owner)
     }
 
     /// The owner dies before its next action: what it had handed to the
@@ -1477,6 +1653,7 @@ impl<'a> Sim<'a> {
                 Some(Happening::PushDone { owner: o, .. })
                 | Some(Happening::DeadLetterDone { owner: o, .. })
                 | Some(Happening::ChangelogDone { owner: o })
+                | Some(Happening::ChangelogRead { owner: o, .. })
                 | Some(Happening::Tick { owner: o, .. })
                 | Some(Happening::CommitFailed { owner: o, .. })
                 | Some(Happening::CloseDeadline { owner: o }) => *o == owner.id,
@@ -1577,17 +1754,17 @@ impl<'a> Sim<'a> {
                 self.broker.changelog_next
             ));
         }
-        // A key's newest record below `next`: its marker, or a tombstone of
-        // that version.
-        let mut below: BTreeMap<Bytes, (Option<Marker>, u64)> = BTreeMap::new();
-        for r in self
-            .broker
-            .changelog_history
-            .iter()
-            .filter(|r| r.offset < next)
-        {
-            below.insert(r.key.clone(), (r.marker.clone(), r.version));
-        }
+        // A key's newest record below `next` that counts: its marker, or a
+        // tombstone of that version.
+        let below: BTreeMap<Bytes, (Option<Marker>, u64)> = counting(
+            self.broker
+                .changelog_history
+                .iter()
+                .filter(|r| r.offset < next),
+        )
+        .into_iter()
+        .map(|(key, r)| (key, (r.marker.clone(), r.version)))
+        .collect();
         let order = |m: &Marker| (m.version, m.t1, m.t2);
         let store = self.owners[i].core.store().markers.borrow().clone();
         for (key, (logged, version)) in below {

@@ -232,12 +232,38 @@ pub enum Action {
     Commit(i64),
     /// Checkpoint the store: it is complete up to this changelog offset.
     Checkpoint(i64),
+    /// Read the task's changelog partition from `from` to `to`
+    /// (exclusive): records another writer put between the task's own,
+    /// for [`TaskCore::changelog_read`].
+    ReadChangelog { from: i64, to: i64 },
     /// Closing is over: commit this final position, if any, and drop the task.
     Closed(Option<i64>),
     /// The partition cannot go on (its changelog refuses its markers for
     /// good): stop the process with this reason rather than hold the
     /// partition without ever committing again.
     Fail(String),
+}
+
+/// The task's claim of its partition in the changelog.
+#[derive(Debug)]
+struct Claimed {
+    /// The claim's offset: the task's owner id.
+    offset: i64,
+    /// Where the task's next acknowledged write lands if nobody else writes.
+    expected: i64,
+    /// Reads of another writer's records asked for and not answered.
+    unread: u32,
+}
+
+/// A changelog record another writer put between the task's own.
+#[derive(Debug, Clone)]
+pub struct OtherRecord {
+    pub offset: i64,
+    pub key: Bytes,
+    /// A claim record.
+    pub claim: bool,
+    /// The owner a marker record names.
+    pub owner: Option<i64>,
 }
 
 /// A changelog write awaiting its acknowledgement.
@@ -320,6 +346,9 @@ pub struct TaskCore<S> {
     changelog_seq: u64,
     /// One past the newest acknowledged changelog offset (for checkpoints).
     changelog_next: i64,
+    /// The task's claim of the partition in the changelog (see
+    /// [`TaskCore::claimed`]).
+    claim: Option<Claimed>,
     commit_gate: CommitGate,
     committed: Option<i64>,
     /// When the store was last checkpointed (ns).
@@ -361,6 +390,7 @@ impl<S: MarkerStore> TaskCore<S> {
             newest_write: HashMap::default(),
             changelog_seq: 0,
             changelog_next,
+            claim: None,
             commit_gate: CommitGate::default(),
             committed: None,
             checkpointed_at: now,
@@ -807,6 +837,97 @@ impl<S: MarkerStore> TaskCore<S> {
         }
     }
 
+    /// The task claimed the partition at changelog offset `claim`, and
+    /// restored through it, so its store is complete up to `claim + 1`
+    /// (see [`crate::state::claim`]). From here on the partition's
+    /// changelog should get the task's writes only: the producer
+    /// acknowledges them in order, so an acknowledged offset past the next
+    /// one expected shows records of another writer in between, which the
+    /// task asks to read ([`Action::ReadChangelog`]).
+    pub fn claimed(&mut self, claim: i64) {
+        self.claim = Some(Claimed {
+            offset: claim,
+            expected: self.changelog_next.max(claim + 1),
+            unread: 0,
+        });
+    }
+
+    /// Another writer's changelog records, read after
+    /// [`Action::ReadChangelog`]:
+    /// * a claim, or a record of a newer owner: another instance took the
+    ///   partition over without this one hearing of it. The task drops it
+    ///   as lost and fails, so the process restarts and rejoins rather than
+    ///   act on a partition it does not own;
+    /// * records of an earlier owner (late writes of a frozen or lost
+    ///   instance, which do not count): each key's marker is written again,
+    ///   so that once the changelog compacts, the late write is not its last
+    ///   record.
+    pub fn changelog_read(&mut self, records: Vec<OtherRecord>) {
+        let Some(claim) = &mut self.claim else {
+            return;
+        };
+        claim.unread = claim.unread.saturating_sub(1);
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let mine = claim.offset;
+        let newer = records
+            .iter()
+            .find(|r| r.claim || r.owner.is_some_and(|owner| owner > mine));
+        if let Some(newer) = newer {
+            let reason = format!(
+                "partition {}: another instance claimed it (changelog offset {}) after this one did (offset {mine}): it was lost without notice; dropped without pushes, markers, commit or checkpoint",
+                self.config.partition, newer.offset
+            );
+            self.lose();
+            self.actions.push_back(Action::Fail(reason));
+            return;
+        }
+        for record in records {
+            if record.owner.is_some_and(|owner| owner < mine) {
+                match self.marker(&record.key) {
+                    Ok(marker) => self.write_marker(&record.key, marker.as_ref()),
+                    Err(e) => warn!(
+                        partition = self.config.partition,
+                        "cannot read a marker back to write it over a late write: {e}"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// A checkpoint at the changelog's acknowledged end, unless records of
+    /// another writer behind it are not read yet (they may be another
+    /// owner's, whose writes this store lacks).
+    fn checkpoint(&mut self) {
+        if self.claim.as_ref().is_some_and(|c| c.unread > 0) {
+            warn!(
+                partition = self.config.partition,
+                "another writer's changelog records are not read yet: no checkpoint now"
+            );
+            return;
+        }
+        self.actions
+            .push_back(Action::Checkpoint(self.changelog_next));
+    }
+
+    /// Writes the restored markers of keys whose last changelog record was
+    /// superseded (an earlier owner's late write, see
+    /// [`crate::state::claim`]) again, so that the late record is not the
+    /// key's last when the changelog compacts. A key without a marker gets
+    /// a tombstone.
+    pub fn rewrite_shadowed(&mut self, keys: Vec<Bytes>) {
+        for key in keys {
+            match self.store.get(&key) {
+                Ok(marker) => self.write_marker(&key, marker.as_ref()),
+                Err(e) => warn!(
+                    partition = self.config.partition,
+                    "cannot read a shadowed key's marker back to write it again: {e}"
+                ),
+            }
+        }
+    }
+
     /// Writes a key's marker (`None`: removes it): held for the changelog
     /// (see [`TaskCore::hand_markers_to_changelog`]), and in the store once
     /// the changelog acknowledged it.
@@ -909,6 +1030,16 @@ impl<S: MarkerStore> TaskCore<S> {
                 self.metrics.emit(ChangelogWritten(1));
                 self.store_acknowledged(&key, marker.as_ref());
                 self.changelog_next = self.changelog_next.max(offset + 1);
+                if let Some(claim) = &mut self.claim {
+                    if offset > claim.expected && self.phase != Phase::Closed {
+                        claim.unread += 1;
+                        self.actions.push_back(Action::ReadChangelog {
+                            from: claim.expected,
+                            to: offset,
+                        });
+                    }
+                    claim.expected = claim.expected.max(offset + 1);
+                }
                 if self.phase == Phase::Running {
                     self.release_held_commit(now);
                 }
@@ -1249,8 +1380,7 @@ impl<S: MarkerStore> TaskCore<S> {
         let every = self.config.checkpoint_every.as_nanos() as u64;
         if now.saturating_sub(self.checkpointed_at) >= every {
             self.checkpointed_at = now;
-            self.actions
-                .push_back(Action::Checkpoint(self.changelog_next));
+            self.checkpoint();
         }
     }
 
@@ -1403,8 +1533,7 @@ impl<S: MarkerStore> TaskCore<S> {
         // markers the changelog may never get, so there is none, and the
         // next start here restores in full. Nor is anything committed.
         let position = if ok {
-            self.actions
-                .push_back(Action::Checkpoint(self.changelog_next));
+            self.checkpoint();
             // Nor past a redelivered record whose dead letter was abandoned.
             self.table
                 .commit_position()

@@ -32,10 +32,11 @@ use crate::kafka::{headers, send_waiting, transactions};
 use crate::metrics::Metrics;
 use crate::processor::restore;
 use crate::sink::{HttpSink, Sink};
-use crate::state::Store;
+use crate::state::{claim, Store};
 
 use super::core::{
-    Action, CoreConfig, DeadLetter, Flight, ProduceError, TaskCore, Timer, CHANGELOG_EVERY,
+    Action, CoreConfig, DeadLetter, Flight, OtherRecord, ProduceError, TaskCore, Timer,
+    CHANGELOG_EVERY,
 };
 use super::{Backlog, Close, InputRecord, TaskInput};
 
@@ -183,7 +184,16 @@ struct Shell {
     changelog_writes: VecDeque<Result<DeliveryFuture, ProduceError>>,
     /// Where the final position goes once the core has closed.
     reply: Option<std::sync::mpsc::Sender<Option<i64>>>,
+    /// The offset of the task's claim in the changelog, which its marker
+    /// records carry (`None` under exactly-once).
+    claim: Option<i64>,
+    /// Reads of another writer's changelog records (see
+    /// [`Action::ReadChangelog`]).
+    changelog_reads: FuturesUnordered<ChangelogRead>,
 }
+
+/// A read of another writer's changelog records, on a blocking thread.
+type ChangelogRead = Pin<Box<dyn Future<Output = Result<Vec<OtherRecord>, String>> + Send>>;
 
 /// Under exactly-once, what waits for the open transaction's commit: the
 /// input position it commits, and the checkpoint that may claim its
@@ -241,6 +251,20 @@ async fn run(
     };
     let (store, opened) = Store::open(&dir).map_err(|e| e.to_string())?;
     let started = Instant::now();
+    // Under at-least-once the task claims the partition in the changelog
+    // and restores through its claim: whatever an earlier owner wrote
+    // before it counts, and what one writes after it does not (see
+    // `state::claim`). Exactly-once fences earlier owners instead.
+    let claim = match resources.exactly_once() {
+        true => None,
+        false => tokio::select! {
+            claimed = claim_partition(&resources, partition) => Some(claimed?),
+            closing = &mut close => {
+                answer(closing.ok());
+                return Ok(());
+            }
+        },
+    };
     let cancelled = Arc::new(AtomicBool::new(false));
     let restoring = {
         let (resources, cancelled) = (resources.clone(), cancelled.clone());
@@ -253,7 +277,8 @@ async fn run(
                 .producer
                 .client()
                 .fetch_watermarks(&resources.changelog, partition, restore::WATERMARKS_TIMEOUT)
-                .ok();
+                .ok()
+                .map(|(low, high)| (low, claim.map_or(high, |claim| claim + 1)));
             let result = restore::restore(
                 &resources.settings,
                 &resources.changelog,
@@ -316,7 +341,7 @@ async fn run(
             Sink::Http { .. } => settings.sink.http.max_in_flight,
         },
     };
-    let core = TaskCore::new(
+    let mut core = TaskCore::new(
         config,
         resources.codec.clone(),
         store,
@@ -324,6 +349,10 @@ async fn run(
         metrics,
         now_ns(),
     );
+    if let Some(claim) = claim {
+        core.claimed(claim);
+    }
+    core.rewrite_shadowed(restored.shadowed);
     let mut shell = Shell {
         transaction: resources.exactly_once().then(Transaction::default),
         resources: resources.clone(),
@@ -335,6 +364,8 @@ async fn run(
         dead_letters: FuturesUnordered::new(),
         changelog_writes: VecDeque::new(),
         reply: None,
+        claim,
+        changelog_reads: FuturesUnordered::new(),
     };
     // The scan's duration is the shell's to measure (the core has no clock).
     let scan_metrics = resources.metrics.partition(partition);
@@ -361,6 +392,14 @@ async fn run(
             }
             Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
                 shell.core.dead_letter_done(now_ns(), id, outcome);
+                None
+            }
+            Some(read) = shell.changelog_reads.next(), if !shell.changelog_reads.is_empty() => {
+                match read {
+                    Ok(records) => shell.core.changelog_read(records),
+                    // Unread, they keep the task from checkpointing.
+                    Err(e) => warn!(partition, "cannot read another writer's records in the changelog: {e}"),
+                }
                 None
             }
             Some(position) = pipe.commit_failures.recv() => {
@@ -483,6 +522,12 @@ impl Shell {
                     let mut record = FutureRecord::to(&self.resources.changelog)
                         .key(key.as_ref())
                         .partition(self.partition);
+                    if let Some(claim) = self.claim {
+                        record = record.headers(OwnedHeaders::new().insert(Header {
+                            key: claim::OWNER_HEADER,
+                            value: Some(&claim::owner_header(claim)),
+                        }));
+                    }
                     if let Some(value) = value.as_deref() {
                         record = record.payload(value);
                     }
@@ -490,6 +535,21 @@ impl Shell {
                     self.changelog_writes.push_back(delivery);
                 }
                 Action::DeadLetter { letter, delay } => self.dead_letter(letter, delay),
+                Action::ReadChangelog { from, to } => {
+                    let (resources, partition) = (self.resources.clone(), self.partition);
+                    let read = tokio::task::spawn_blocking(move || {
+                        restore::read_others(
+                            &resources.settings,
+                            &resources.changelog,
+                            partition,
+                            from,
+                            to,
+                        )
+                    });
+                    self.changelog_reads.push(Box::pin(async move {
+                        read.await.map_err(|e| e.to_string())?
+                    }));
+                }
                 Action::Commit(position) => match &mut self.transaction {
                     Some(transaction) => transaction.position = Some(position),
                     None => {
@@ -519,7 +579,7 @@ impl Shell {
     }
 
     fn checkpoint(&self, next_offset: i64) {
-        if let Err(e) = self.core.store().checkpoint(next_offset) {
+        if let Err(e) = self.core.store().checkpoint(next_offset, self.claim) {
             warn!(
                 partition = self.partition,
                 "checkpoint failed (a restart restores in full): {e}"
@@ -775,6 +835,45 @@ async fn http_push(
     (flight, outcome, started.elapsed())
 }
 
+/// Writes a claim of the partition to the changelog until one lands, and
+/// returns its offset: the task's owner id (see [`claim`]).
+async fn claim_partition(resources: &TaskResources, partition: i32) -> Result<i64, String> {
+    let changelog = &resources.changelog;
+    loop {
+        let now = now_ns();
+        let key = claim::claim_key(now);
+        let value = format!(
+            r#"{{"application_id":"{}","pid":{},"at_ns":{now}}}"#,
+            resources.settings.application_id,
+            std::process::id()
+        );
+        let record = FutureRecord::to(changelog)
+            .key(&key[..])
+            .payload(value.as_bytes())
+            .partition(partition)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: claim::CLAIM_HEADER,
+                value: Some("claim"),
+            }));
+        match delivered_at(produce_now(&resources.producer, record)).await {
+            Ok(offset) => return Ok(offset),
+            Err(ProduceError::Retriable(e)) => {
+                warn!(
+                    partition,
+                    "cannot claim the partition in {changelog} yet, retrying: {e}"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(format!("cannot claim the partition in {changelog}: {e}")),
+        }
+    }
+}
+
+/// Where a record handed to the producer was delivered.
+async fn delivered_at(sent: Result<DeliveryFuture, ProduceError>) -> Result<i64, ProduceError> {
+    acknowledged(sent?.await)
+}
+
 /// The outcome of the oldest changelog write: its offset, or why it failed.
 /// Cancel-safe: the write stays at the front until the caller pops it.
 async fn front_acknowledged(
@@ -799,7 +898,7 @@ async fn delivery(
 
 /// Whether a record handed to the producer was delivered.
 async fn delivered(sent: Result<DeliveryFuture, ProduceError>) -> Result<(), ProduceError> {
-    acknowledged(sent?.await).map(drop)
+    delivered_at(sent).await.map(drop)
 }
 
 /// A delivery's offset, or its error.
