@@ -128,6 +128,10 @@
 //! * A lost assignment is dropped at once: no push, marker, commit or
 //!   checkpoint after the member hears of it (`TaskCore::lose`;
 //!   `ownership` on the mock cluster with a member frozen by SIGSTOP).
+//! * A marker an owner wrote after another claimed the partition does not
+//!   count: restores skip it, owners write over it, and an owner that finds
+//!   a newer claim stops ([`state::claim`];
+//!   `task_simulation::late_markers_of_a_frozen_or_lost_owner_do_not_count`).
 //!
 //! What is not guaranteed yet, and seen by the task simulation
 //! (`task_simulation::known_defects`, each to become an invariant test

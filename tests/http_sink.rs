@@ -278,7 +278,7 @@ async fn a_kill_with_calls_in_flight_is_repaired_by_compensation_after_the_resta
     produce_records(&broker, &app.input, &round(10, 1)).await;
     // Every key's markT1 is in the changelog: its call has started.
     wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
-        let marked = read_all(&broker, &app.changelog).len();
+        let marked = crate::support::read_markers(&broker, &app.changelog).len();
         (marked >= 10)
             .then_some(())
             .ok_or_else(|| format!("{marked} markers\n{}", processor.log()))

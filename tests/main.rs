@@ -13,6 +13,7 @@ mod task_sim;
 
 mod bench_smoke;
 mod broker;
+mod claims;
 mod cli;
 mod decoders;
 mod deploy;

@@ -204,7 +204,7 @@ async fn compensation_repairs_failed_pushes_after_a_crash() {
 
     // Every key's markT1 is in the changelog, and pushes are failing.
     app.crash_with_open_markers(&broker, &events).await;
-    assert!(read_all(&broker, &app.changelog)
+    assert!(crate::support::read_markers(&broker, &app.changelog)
         .iter()
         .all(|r| r.value.is_some()));
 

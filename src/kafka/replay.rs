@@ -185,9 +185,15 @@ pub fn forget_markers(
     let mut live: std::collections::HashMap<(i32, Vec<u8>), bool> = Default::default();
     let mut seen = 0;
     reader::read(&consumer, &topic, &ranges, |message| {
+        seen += 1;
+        // Owners' claims stay: they are no marker, and restores order the
+        // records after them by them.
+        let (claim, _) = crate::processor::restore::claim_headers(message);
+        if claim {
+            return progress(seen, total);
+        }
         let key = message.key().unwrap_or_default().to_vec();
         live.insert((message.partition(), key), message.payload().is_some());
-        seen += 1;
         progress(seen, total);
     })?;
     let producer: ThreadedProducer<Deliveries> = client_config(settings, Role::Producer)

@@ -264,7 +264,7 @@ pub fn read_others(
 
 /// Whether a changelog record is a claim, and the owner a marker record
 /// names.
-fn claim_headers(message: &impl Message) -> (bool, Option<i64>) {
+pub(crate) fn claim_headers(message: &impl Message) -> (bool, Option<i64>) {
     use rdkafka::message::Headers;
     let Some(headers) = message.headers() else {
         return (false, None);
@@ -572,6 +572,106 @@ mod tests {
         let keys = keys_of(&store);
         assert_eq!(keys, [&b"a"[..]]);
         assert_eq!(store.open_count().unwrap(), 1, "only a's marker is open");
+    }
+
+    /// A changelog with two claims (offsets 0 and 2) and late records of
+    /// the first owner after the second claim: they do not count, their
+    /// keys are reported when they were the last word, and a store whose
+    /// checkpointing owner wrote such records is restored in full.
+    #[test]
+    fn records_of_an_owner_written_after_a_newer_claim_do_not_count() {
+        use crate::state::Marker;
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+        let (_cluster, settings) = mock_changelog();
+        let marker = |version| Marker {
+            t1: 7,
+            t2: 7,
+            version,
+            value: Some(bytes::Bytes::from_static(b"{}")),
+            offset: None,
+            value_cut: false,
+        };
+        let codec = MarkerCodec::new();
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .create()
+            .unwrap();
+        let claim = |key: &str| (key.to_string(), None, claim::CLAIM_HEADER, "claim".into());
+        let by = |key: &str, version, owner: i64| {
+            (
+                key.to_string(),
+                Some(codec.encode(&marker(version))),
+                claim::OWNER_HEADER,
+                claim::owner_header(owner),
+            )
+        };
+        let records = [
+            claim("keyflight-claim/a"), // 0
+            by("k", 1, 0),
+            claim("keyflight-claim/b"), // 2
+            by("k", 2, 2),
+            by("k", 9, 0), // late: k's last record
+            by("j", 9, 0), // late, then j moves on
+            by("j", 6, 2),
+        ];
+        for (key, value, header, header_value) in &records {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: header,
+                value: Some(header_value.as_str()),
+            });
+            let payload: &[u8] = value.as_deref().unwrap_or(b"{}");
+            producer
+                .send(
+                    BaseRecord::to("changelog")
+                        .key(key.as_str())
+                        .payload(payload)
+                        .headers(headers),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let restore_from = |store: &Store, opened| {
+            restore(
+                &settings,
+                "changelog",
+                0,
+                store,
+                opened,
+                None,
+                &Arc::new(Metrics::new()).partition(0),
+                &AtomicBool::new(false),
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        let restored = restore_from(&store, opened);
+        assert_eq!(
+            (restored.superseded, restored.claim, restored.next_offset),
+            (2, Some(2), 7)
+        );
+        assert_eq!(restored.shadowed, [bytes::Bytes::from_static(b"k")]);
+        assert_eq!(store.get(b"k").unwrap(), Some(marker(2)));
+        assert_eq!(store.get(b"j").unwrap(), Some(marker(6)));
+        assert_eq!(keys_of(&store), [&b"j"[..], b"k"], "no claim in the store");
+
+        // The first owner checkpointed at 2 and then wrote its late records
+        // to its own store too: from that checkpoint, the store is suspect.
+        store.clear().unwrap();
+        store.put(b"k", &marker(9)).unwrap();
+        store.put(b"z", &marker(9)).unwrap();
+        store.checkpoint(2, Some(0)).unwrap();
+        drop(store);
+        let (store, opened) = Store::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::FromCheckpoint(2));
+        let restored = restore_from(&store, opened);
+        assert_eq!(restored.records, 7, "read again in full");
+        assert_eq!(store.get(b"k").unwrap(), Some(marker(2)));
+        assert_eq!(keys_of(&store), [&b"j"[..], b"k"], "z went with the store");
     }
 
     #[test]

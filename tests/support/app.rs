@@ -113,7 +113,7 @@ impl App {
         let mut crashed = self.start(&self.state_dir("a"));
         produce(broker, &self.input, events).await;
         wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
-            let marked: std::collections::BTreeSet<String> = read_all(broker, &self.changelog)
+            let marked: std::collections::BTreeSet<String> = read_markers(broker, &self.changelog)
                 .into_iter()
                 .map(|r| r.key)
                 .collect();

@@ -113,6 +113,17 @@ pub fn read_all_at(bootstrap: &str, topic: &str) -> Vec<Pushed> {
     out
 }
 
+/// The marker records of a changelog topic: [`read_all`] without the
+/// owners' claims (`keyflight::state::claim`).
+pub fn read_markers(broker: &Broker, changelog: &str) -> Vec<Pushed> {
+    let mut records = read_all(broker, changelog);
+    records.retain(|r| {
+        !r.headers
+            .contains_key(keyflight::state::claim::CLAIM_HEADER)
+    });
+    records
+}
+
 /// The last record per key (topics are partitioned by key, so per-partition
 /// order is per-key order).
 pub fn last_per_key(records: &[Pushed]) -> BTreeMap<String, Pushed> {

@@ -184,9 +184,10 @@ struct Shell {
     changelog_writes: VecDeque<Result<DeliveryFuture, ProduceError>>,
     /// Where the final position goes once the core has closed.
     reply: Option<std::sync::mpsc::Sender<Option<i64>>>,
-    /// The offset of the task's claim in the changelog, which its marker
-    /// records carry (`None` under exactly-once).
+    /// The offset of the task's claim in the changelog (`None` under
+    /// exactly-once), and as its marker records carry it.
     claim: Option<i64>,
+    owner_header: Option<String>,
     /// Reads of another writer's changelog records (see
     /// [`Action::ReadChangelog`]).
     changelog_reads: FuturesUnordered<ChangelogRead>,
@@ -365,6 +366,7 @@ async fn run(
         changelog_writes: VecDeque::new(),
         reply: None,
         claim,
+        owner_header: claim.map(claim::owner_header),
         changelog_reads: FuturesUnordered::new(),
     };
     // The scan's duration is the shell's to measure (the core has no clock).
@@ -522,10 +524,10 @@ impl Shell {
                     let mut record = FutureRecord::to(&self.resources.changelog)
                         .key(key.as_ref())
                         .partition(self.partition);
-                    if let Some(claim) = self.claim {
+                    if let Some(owner) = &self.owner_header {
                         record = record.headers(OwnedHeaders::new().insert(Header {
                             key: claim::OWNER_HEADER,
-                            value: Some(&claim::owner_header(claim)),
+                            value: Some(owner),
                         }));
                     }
                     if let Some(value) = value.as_deref() {
@@ -855,23 +857,38 @@ async fn claim_partition(resources: &TaskResources, partition: i32) -> Result<i6
                 key: claim::CLAIM_HEADER,
                 value: Some("claim"),
             }));
-        match delivered_at(produce_now(&resources.producer, record)).await {
-            Ok(offset) => return Ok(offset),
-            Err(ProduceError::Retriable(e)) => {
+        #[allow(clippy::result_large_err)] // rust-rdkafka hands the record back
+        let sent = send_waiting(record, |r| resources.producer.send_result(r));
+        let error = match sent {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(delivered)) => return Ok(delivered.offset),
+                Ok(Err((e, _))) => e,
+                Err(_) => rdkafka::error::KafkaError::Canceled,
+            },
+            Err(e) => e,
+        };
+        // A changelog that does not exist stops the task, as its restore
+        // would; anything else retriable is waited out.
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let missing = matches!(
+            error.rdkafka_error_code(),
+            Some(Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition)
+        );
+        match produce_error(&error) {
+            ProduceError::Retriable(e) if !missing => {
                 warn!(
                     partition,
                     "cannot claim the partition in {changelog} yet, retrying: {e}"
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => return Err(format!("cannot claim the partition in {changelog}: {e}")),
+            _ => {
+                return Err(format!(
+                    "cannot claim the partition in {changelog}: {error}"
+                ))
+            }
         }
     }
-}
-
-/// Where a record handed to the producer was delivered.
-async fn delivered_at(sent: Result<DeliveryFuture, ProduceError>) -> Result<i64, ProduceError> {
-    acknowledged(sent?.await)
 }
 
 /// The outcome of the oldest changelog write: its offset, or why it failed.
@@ -898,7 +915,7 @@ async fn delivery(
 
 /// Whether a record handed to the producer was delivered.
 async fn delivered(sent: Result<DeliveryFuture, ProduceError>) -> Result<(), ProduceError> {
-    delivered_at(sent).await.map(drop)
+    acknowledged(sent?.await).map(drop)
 }
 
 /// A delivery's offset, or its error.
