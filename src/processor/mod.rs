@@ -16,6 +16,8 @@
 //!   outcomes back.
 //! * `commit_gate`: when a task's commit may go out (only once the
 //!   markers behind it are durable in the changelog). Pure.
+//! * `claim_watch`: whether a task's changelog partition gets another
+//!   writer's records after its claim. Pure.
 //! * `restore`: a store from its slice of the changelog, before the task
 //!   processes any event.
 //!
@@ -26,6 +28,7 @@
 //! `TaskCore::push_done` (markT2, the key's next push) → `Action::WriteChangelog`
 //! → `TaskCore::changelog_done` → `Action::Commit` → the poll thread's commit.
 
+pub(crate) mod claim_watch;
 pub(crate) mod commit_gate;
 pub mod member;
 pub(crate) mod restore;

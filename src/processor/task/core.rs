@@ -48,6 +48,8 @@ use crate::internal_events::{
     PushAcknowledged, PushFailed, PushSkipped, RecordReceived, StaleEventDropped,
 };
 use crate::metrics::PartitionMetrics;
+pub use crate::processor::claim_watch::OtherRecord;
+use crate::processor::claim_watch::{ClaimWatch, Others};
 use crate::processor::commit_gate::CommitGate;
 use crate::state::{Marker, MarkerStore, StateError};
 
@@ -244,28 +246,6 @@ pub enum Action {
     Fail(String),
 }
 
-/// The task's claim of its partition in the changelog.
-#[derive(Debug)]
-struct Claimed {
-    /// The claim's offset: the task's owner id.
-    offset: i64,
-    /// Where the task's next acknowledged write lands if nobody else writes.
-    expected: i64,
-    /// Reads of another writer's records asked for and not answered.
-    unread: u32,
-}
-
-/// A changelog record another writer put between the task's own.
-#[derive(Debug, Clone)]
-pub struct OtherRecord {
-    pub offset: i64,
-    pub key: Bytes,
-    /// A claim record.
-    pub claim: bool,
-    /// The owner a marker record names.
-    pub owner: Option<i64>,
-}
-
 /// A changelog write awaiting its acknowledgement.
 struct ChangelogWrite {
     seq: u64,
@@ -348,7 +328,7 @@ pub struct TaskCore<S> {
     changelog_next: i64,
     /// The task's claim of the partition in the changelog (see
     /// [`TaskCore::claimed`]).
-    claim: Option<Claimed>,
+    claim: Option<ClaimWatch>,
     commit_gate: CommitGate,
     committed: Option<i64>,
     /// When the store was last checkpointed (ns).
@@ -838,18 +818,12 @@ impl<S: MarkerStore> TaskCore<S> {
     }
 
     /// The task claimed the partition at changelog offset `claim`, and
-    /// restored through it, so its store is complete up to `claim + 1`
-    /// (see [`crate::state::claim`]). From here on the partition's
-    /// changelog should get the task's writes only: the producer
-    /// acknowledges them in order, so an acknowledged offset past the next
-    /// one expected shows records of another writer in between, which the
-    /// task asks to read ([`Action::ReadChangelog`]).
+    /// restored through it (see [`crate::state::claim`]). From here on the
+    /// partition's changelog should get the task's writes only; records of
+    /// another writer between them are read ([`Action::ReadChangelog`],
+    /// `processor::claim_watch`).
     pub fn claimed(&mut self, claim: i64) {
-        self.claim = Some(Claimed {
-            offset: claim,
-            expected: self.changelog_next.max(claim + 1),
-            unread: 0,
-        });
+        self.claim = Some(ClaimWatch::new(claim, self.changelog_next));
     }
 
     /// Another writer's changelog records, read after
@@ -863,36 +837,24 @@ impl<S: MarkerStore> TaskCore<S> {
     ///   so that once the changelog compacts, the late write is not its last
     ///   record.
     pub fn changelog_read(&mut self, records: Vec<OtherRecord>) {
-        let Some(claim) = &mut self.claim else {
+        let Some(watch) = &mut self.claim else {
             return;
         };
-        claim.unread = claim.unread.saturating_sub(1);
+        let others = watch.read(&records);
         if self.phase == Phase::Closed {
             return;
         }
-        let mine = claim.offset;
-        let newer = records
-            .iter()
-            .find(|r| r.claim || r.owner.is_some_and(|owner| owner > mine));
-        if let Some(newer) = newer {
-            let reason = format!(
-                "partition {}: another instance claimed it (changelog offset {}) after this one did (offset {mine}): it was lost without notice; dropped without pushes, markers, commit or checkpoint",
-                self.config.partition, newer.offset
-            );
-            self.lose();
-            self.actions.push_back(Action::Fail(reason));
-            return;
-        }
-        for record in records {
-            if record.owner.is_some_and(|owner| owner < mine) {
-                match self.marker(&record.key) {
-                    Ok(marker) => self.write_marker(&record.key, marker.as_ref()),
-                    Err(e) => warn!(
-                        partition = self.config.partition,
-                        "cannot read a marker back to write it over a late write: {e}"
-                    ),
-                }
+        match others {
+            Others::Superseded(offset) => {
+                let reason = format!(
+                    "partition {}: another instance claimed it (changelog offset {offset}) after this one did (offset {}): it was lost without notice; dropped without pushes, markers, commit or checkpoint",
+                    self.config.partition,
+                    watch.claim()
+                );
+                self.lose();
+                self.actions.push_back(Action::Fail(reason));
             }
+            Others::Late(keys) => self.write_markers_again(keys),
         }
     }
 
@@ -900,7 +862,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// another writer behind it are not read yet (they may be another
     /// owner's, whose writes this store lacks).
     fn checkpoint(&mut self) {
-        if self.claim.as_ref().is_some_and(|c| c.unread > 0) {
+        if self.claim.as_ref().is_some_and(ClaimWatch::unread) {
             warn!(
                 partition = self.config.partition,
                 "another writer's changelog records are not read yet: no checkpoint now"
@@ -917,12 +879,18 @@ impl<S: MarkerStore> TaskCore<S> {
     /// key's last when the changelog compacts. A key without a marker gets
     /// a tombstone.
     pub fn rewrite_shadowed(&mut self, keys: Vec<Bytes>) {
+        self.write_markers_again(keys);
+    }
+
+    /// Writes each key's newest marker (a tombstone for none) to the
+    /// changelog again, over another writer's record of it.
+    fn write_markers_again(&mut self, keys: Vec<Bytes>) {
         for key in keys {
-            match self.store.get(&key) {
+            match self.marker(&key) {
                 Ok(marker) => self.write_marker(&key, marker.as_ref()),
                 Err(e) => warn!(
                     partition = self.config.partition,
-                    "cannot read a shadowed key's marker back to write it again: {e}"
+                    "cannot read a marker back to write it over another writer's: {e}"
                 ),
             }
         }
@@ -1030,15 +998,9 @@ impl<S: MarkerStore> TaskCore<S> {
                 self.metrics.emit(ChangelogWritten(1));
                 self.store_acknowledged(&key, marker.as_ref());
                 self.changelog_next = self.changelog_next.max(offset + 1);
-                if let Some(claim) = &mut self.claim {
-                    if offset > claim.expected && self.phase != Phase::Closed {
-                        claim.unread += 1;
-                        self.actions.push_back(Action::ReadChangelog {
-                            from: claim.expected,
-                            to: offset,
-                        });
-                    }
-                    claim.expected = claim.expected.max(offset + 1);
+                let others = self.claim.as_mut().and_then(|w| w.acknowledged(offset));
+                if let Some((from, to)) = others.filter(|_| self.phase != Phase::Closed) {
+                    self.actions.push_back(Action::ReadChangelog { from, to });
                 }
                 if self.phase == Phase::Running {
                     self.release_held_commit(now);
