@@ -823,7 +823,13 @@ fn an_idle_keys_marker_expires_after_the_ttl_and_busy_keys_stay() {
 /// that followed the acknowledgement.
 fn claimed_and_written(core: &mut TaskCore<ModelStore>, landed: i64) -> Vec<Action> {
     core.claimed(9);
-    let flight = pushed(core, vec![event(0, "k", 1)]);
+    written_at(core, event(0, "k", 1), landed)
+}
+
+/// Pushes `record`'s key, flushes its marker to the changelog and lands it
+/// at `landed`: the actions that followed the acknowledgement.
+fn written_at(core: &mut TaskCore<ModelStore>, record: InputRecord, landed: i64) -> Vec<Action> {
+    let flight = pushed(core, vec![record]);
     core.push_done(NOW, flight, Ok(()), Duration::ZERO);
     core.end_turn(NOW);
     core.tick(NOW, Timer::ChangelogFlush);
@@ -852,16 +858,7 @@ fn a_newer_claim_between_the_tasks_writes_drops_the_partition_and_fails_the_task
             .any(|a| matches!(a, Action::ReadChangelog { .. })),
         "its own write right after its claim: nothing to read ({after:?})"
     );
-    let flight = pushed(&mut core, vec![event(1, "k", 2)]);
-    core.push_done(NOW, flight, Ok(()), Duration::ZERO);
-    core.end_turn(NOW);
-    core.tick(NOW, Timer::ChangelogFlush);
-    assert!(matches!(
-        actions(&mut core).as_slice(),
-        [Action::WriteChangelog { .. }]
-    ));
-    core.changelog_done(NOW, Ok(13));
-    let read = actions(&mut core);
+    let read = written_at(&mut core, event(1, "k", 2), 13);
     assert!(
         matches!(
             read.as_slice(),
