@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::Url;
 use tokio::sync::Semaphore;
 
 use crate::codec::InputFormat;
@@ -55,8 +56,7 @@ pub fn encode_key(key: &[u8]) -> String {
 /// The configured endpoint and the client that calls it.
 pub struct HttpSink {
     client: reqwest::Client,
-    /// The URL split at each `{key}`.
-    url: Vec<String>,
+    target: Target,
     method: reqwest::Method,
     /// Configured headers, resolved at start.
     headers: HeaderMap,
@@ -67,6 +67,77 @@ pub struct HttpSink {
     slots: Semaphore,
     metrics: Arc<Metrics>,
 }
+
+/// Where a push's request goes: `sink.http.url` with the key in place of
+/// each `{key}`. What does not depend on the key is parsed once.
+enum Target {
+    /// No `{key}`: one URL for every push.
+    Fixed(Url),
+    /// `{key}` only in the path or the query: each push's path and query
+    /// are resolved against the origin parsed at start, so the host is not
+    /// parsed again per request.
+    Relative {
+        origin: Url,
+        /// The path and query, split at each `{key}`.
+        rest: Vec<String>,
+    },
+    /// `{key}` in the host (or anywhere before the path): the whole URL is
+    /// parsed per request.
+    Whole(Vec<String>),
+}
+
+impl Target {
+    fn new(template: &str) -> Result<Target, String> {
+        let parse = |url: &str| {
+            Url::parse(url).map_err(|e| format!("sink.http.url: `{template}` is not a URL ({e})"))
+        };
+        let Some(first_key) = template.find("{key}") else {
+            return parse(template).map(Target::Fixed);
+        };
+        let split = |text: &str| text.split("{key}").map(str::to_string).collect();
+        // The path starts at the first `/`, `?` or `#` after `scheme://`.
+        let path_start = template.find("://").and_then(|scheme_end| {
+            let authority = scheme_end + 3;
+            template[authority..]
+                .find(['/', '?', '#'])
+                .map(|at| authority + at)
+        });
+        // A path starting `//` would resolve as another host's.
+        let resolvable = |at: usize| {
+            let slash = |b: Option<&u8>| matches!(b, Some(b'/' | b'\\'));
+            let path = &template.as_bytes()[at..];
+            !(slash(path.first()) && slash(path.get(1)))
+        };
+        match path_start {
+            Some(path_start) if path_start < first_key && resolvable(path_start) => {
+                Ok(Target::Relative {
+                    origin: parse(&template[..path_start])?,
+                    rest: split(&template[path_start..]),
+                })
+            }
+            _ => Ok(Target::Whole(split(template))),
+        }
+    }
+
+    /// The URL of a push for `key` (percent-encoded).
+    fn url(&self, key: &str) -> Result<Url, String> {
+        let url = match self {
+            Target::Fixed(url) => return Ok(url.clone()),
+            Target::Relative { origin, rest } => origin.join(&rest.join(key)),
+            Target::Whole(parts) => Url::parse(&parts.join(key)),
+        };
+        url.map_err(|e| format!("the key makes the URL invalid ({e})"))
+    }
+}
+
+/// The metadata headers' names, built once (names are case-insensitive;
+/// HTTP/1 sends them as written here).
+static KEY_NAME: HeaderName = HeaderName::from_static("keyflight-key");
+static VERSION_NAME: HeaderName = HeaderName::from_static("keyflight-version");
+static TN_NAME: HeaderName = HeaderName::from_static("keyflight-tn");
+static MERGED_NAME: HeaderName = HeaderName::from_static("keyflight-merged");
+static COMPENSATION_NAME: HeaderName = HeaderName::from_static("keyflight-compensation");
+static IDEMPOTENCY_KEY_NAME: HeaderName = HeaderName::from_static("idempotency-key");
 
 impl HttpSink {
     /// Reads the headers' environment variables and the CA file; every
@@ -94,7 +165,9 @@ impl HttpSink {
             // A redirect would repeat a push to a place nobody configured.
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(http.max_in_flight)
-            .connect_timeout(http.timeout);
+            .connect_timeout(http.timeout)
+            // Every request's bound, set once rather than on each request.
+            .timeout(http.timeout);
         if let Some(file) = &http.ca_file {
             let pem = std::fs::read(file)
                 .map_err(|e| format!("sink.http.ca_file: cannot read `{}`: {e}", file.display()))?;
@@ -119,7 +192,7 @@ impl HttpSink {
             .map_err(|e| format!("sink.http: cannot build the HTTP client ({e})"))?;
         Ok(HttpSink {
             client,
-            url: http.url.split("{key}").map(str::to_string).collect(),
+            target: Target::new(&http.url)?,
             method: match http.method {
                 HttpMethod::Post => reqwest::Method::POST,
                 HttpMethod::Put => reqwest::Method::PUT,
@@ -148,45 +221,60 @@ impl HttpSink {
         outcome
     }
 
+    /// The request for a push, as [`HttpSink::call`] sends it.
+    fn build(&self, push: &Push, value: Option<Bytes>) -> Result<reqwest::Request, String> {
+        let key = encode_key(&push.key);
+        let url = self.target.url(&key)?;
+        let method = match value {
+            Some(_) => self.method.clone(),
+            None => reqwest::Method::DELETE,
+        };
+        let mut request = reqwest::Request::new(method, url);
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len() + 7);
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
+        // Digits and percent-encoded keys are always valid header values.
+        let text = |s: String| {
+            HeaderValue::from_maybe_shared(Bytes::from(s))
+                .map_err(|e| format!("not a header value: {e}"))
+        };
+        let number = |n: u64| text(itoa::Buffer::new().format(n).to_owned());
+        let version = itoa::Buffer::new().format(push.version).to_owned();
+        headers.insert(&IDEMPOTENCY_KEY_NAME, text(format!("{key}:{version}"))?);
+        headers.insert(&VERSION_NAME, text(version)?);
+        headers.insert(&TN_NAME, number(push.tn)?);
+        headers.insert(&MERGED_NAME, number(push.merged.into())?);
+        headers.insert(
+            &COMPENSATION_NAME,
+            HeaderValue::from_static(if push.compensation { "true" } else { "false" }),
+        );
+        headers.insert(&KEY_NAME, text(key)?);
+        if let Some(value) = value {
+            headers.insert(CONTENT_TYPE, self.content_type.clone());
+            *request.body_mut() = Some(value.into());
+        }
+        Ok(request)
+    }
+
     async fn request(
         &self,
         push: &Push,
         value: Option<Bytes>,
     ) -> (Result<(), ProduceError>, Option<u16>) {
-        let key = encode_key(&push.key);
-        let url = self.url.join(&key);
-        let method = match value {
-            Some(_) => self.method.clone(),
-            None => reqwest::Method::DELETE,
+        let request = match self.build(push, value) {
+            Ok(request) => request,
+            Err(e) => return (Err(ProduceError::Refused(e)), None),
         };
-        let (mut version, mut tn, mut merged) = (
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-        );
-        let version = version.format(push.version);
-        let mut request = self
-            .client
-            .request(method, &url)
-            .timeout(self.timeout)
-            .headers(self.headers.clone())
-            .header(KEY, &key)
-            .header(VERSION, version)
-            .header(TN, tn.format(push.tn))
-            .header(MERGED, merged.format(push.merged))
-            .header(
-                COMPENSATION,
-                if push.compensation { "true" } else { "false" },
-            )
-            .header(IDEMPOTENCY_KEY, format!("{key}:{version}"));
-        if let Some(value) = value {
-            request = request
-                .header(CONTENT_TYPE, self.content_type.clone())
-                .body(value);
-        }
-        let response = match request.send().await {
+        // Only a failure names the URL: it is built again then.
+        let url = || {
+            let key = encode_key(&push.key);
+            self.target.url(&key).map_or(key, String::from)
+        };
+        let response = match self.client.execute(request).await {
             Ok(response) => response,
-            Err(e) => return (Err(transport_error(&url, &e, self.timeout)), None),
+            Err(e) => return (Err(transport_error(&url(), &e, self.timeout)), None),
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -200,7 +288,7 @@ impl HttpSink {
             excerpt(response).await
         };
         let outcome = classify(status, retry_after.as_deref(), excerpt, SystemTime::now());
-        (outcome.map_err(|e| with_url(e, &url)), Some(status))
+        (outcome.map_err(|e| with_url(e, &url())), Some(status))
     }
 }
 
@@ -371,6 +459,82 @@ mod tests {
         // Missing or unreadable: the backoff alone.
         assert_eq!(throttled(None), Duration::ZERO);
         assert_eq!(throttled(Some("soon")), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_push_url_is_the_template_with_the_key_wherever_it_stands() {
+        let url = |template: &str, key: &str| {
+            Target::new(template)
+                .unwrap()
+                .url(&encode_key(key.as_bytes()))
+                .unwrap()
+                .to_string()
+        };
+        // In the path and the query: resolved against the parsed origin.
+        assert!(matches!(
+            Target::new("http://h:8/p/{key}").unwrap(),
+            Target::Relative { .. }
+        ));
+        assert_eq!(url("http://h:8/p/{key}", "a/b c"), "http://h:8/p/a%2Fb%20c");
+        assert_eq!(
+            url("http://h:8/p/{key}/x?k={key}", "a"),
+            "http://h:8/p/a/x?k=a"
+        );
+        assert_eq!(url("https://u:pw@h/?k={key}", "a"), "https://u:pw@h/?k=a");
+        assert_eq!(url("http://h:8/p/{key}", ".."), "http://h:8/");
+        assert_eq!(url("http://h:8//p/{key}", "a"), "http://h:8//p/a");
+        // In the host: parsed whole.
+        assert!(matches!(
+            Target::new("http://{key}.h/p").unwrap(),
+            Target::Whole(_)
+        ));
+        assert_eq!(url("http://{key}.h/p", "a"), "http://a.h/p");
+        // Without a key: one URL.
+        assert!(matches!(
+            Target::new("http://h/p").unwrap(),
+            Target::Fixed(_)
+        ));
+        assert_eq!(url("http://h/p", "a"), "http://h/p");
+        // A key the host cannot hold is a failed push, not a panic.
+        assert!(Target::new("http://{key}/p").unwrap().url("%FF").is_err());
+    }
+
+    #[test]
+    fn a_request_carries_the_push_metadata_and_the_configured_headers() {
+        let mut settings = Settings::default();
+        settings.sink.http.url = "http://127.0.0.1:9/push/{key}".into();
+        settings
+            .sink
+            .http
+            .headers
+            .insert("X-Team".into(), HeaderValueSetting::Text("ops".into()));
+        let sink = HttpSink::new(&settings, Arc::new(Metrics::new())).unwrap();
+        let push = Push {
+            key: Bytes::from_static(b"user 7"),
+            version: 12,
+            tn: 3,
+            merged: 4,
+            payload: crate::engine::Payload::Tombstone,
+            offset: None,
+            compensation: true,
+            acked_tn: 0,
+        };
+        let request = sink.build(&push, Some(Bytes::from_static(b"{}"))).unwrap();
+        assert_eq!(request.method(), reqwest::Method::POST);
+        assert_eq!(request.url().as_str(), "http://127.0.0.1:9/push/user%207");
+        let header = |name: &str| request.headers()[name].to_str().unwrap().to_string();
+        assert_eq!(header(KEY), "user%207");
+        assert_eq!(header(VERSION), "12");
+        assert_eq!(header(TN), "3");
+        assert_eq!(header(MERGED), "4");
+        assert_eq!(header(COMPENSATION), "true");
+        assert_eq!(header(IDEMPOTENCY_KEY), "user%207:12");
+        assert_eq!(header("x-team"), "ops");
+        assert_eq!(header("content-type"), "application/json");
+        assert_eq!(request.timeout(), None, "the client's timeout applies");
+        let delete = sink.build(&push, None).unwrap();
+        assert_eq!(delete.method(), reqwest::Method::DELETE);
+        assert!(delete.body().is_none() && !delete.headers().contains_key("content-type"));
     }
 
     #[test]
