@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -384,12 +385,24 @@ async fn run(
             biased;
             closing = &mut close => Some(closing.ok()),
             Some((flight, outcome, latency)) = shell.pushes.next(), if !shell.pushes.is_empty() => {
-                shell.core.push_done(now_ns(), flight, outcome, latency);
+                let now = now_ns();
+                shell.core.push_done(now, flight, outcome, latency);
+                // Answers that came meanwhile join this turn.
+                while let Some(Some((flight, outcome, latency))) = shell.pushes.next().now_or_never() {
+                    shell.core.push_done(now, flight, outcome, latency);
+                }
                 None
             }
             acked = front_acknowledged(&mut shell.changelog_writes), if !shell.changelog_writes.is_empty() => {
+                let now = now_ns();
                 shell.changelog_writes.pop_front();
-                shell.core.changelog_done(now_ns(), acked);
+                shell.core.changelog_done(now, acked);
+                // The producer acknowledges in batches: the rest of the
+                // batch joins this turn.
+                while let Some(acked) = front_acknowledged(&mut shell.changelog_writes).now_or_never() {
+                    shell.changelog_writes.pop_front();
+                    shell.core.changelog_done(now, acked);
+                }
                 None
             }
             Some((id, outcome)) = shell.dead_letters.next(), if !shell.dead_letters.is_empty() => {
