@@ -51,10 +51,18 @@ async fn a_frozen_owner_that_wakes_drops_its_lost_partition_without_commit_or_ch
     });
 
     a.thaw();
-    // Lost or revoked, the partition's task closes.
+    // Lost, the partition's task closes. A hears it from the group, or
+    // first from the changelog, where B's claim is newer than its own: then
+    // it fails by itself (exit 1), as an instance that lost a partition
+    // without notice does (claims.rs). Which comes first is a race.
     a.await_log("partition closed", 1, Duration::from_secs(60));
-    a.stop(Duration::from_secs(30));
+    let status = a.terminate(Duration::from_secs(30));
     let log = a.log();
+    let claimed = log.contains("another instance claimed it");
+    assert!(
+        status.success() || (claimed && status.code() == Some(1)),
+        "A stopped cleanly, or failed on B's claim ({status}):\n{log}"
+    );
     assert!(
         !log.contains("committed on close"),
         "A committed nothing:\n{log}"
@@ -66,7 +74,7 @@ async fn a_frozen_owner_that_wakes_drops_its_lost_partition_without_commit_or_ch
         "A wrote no checkpoint for the lost partition:\n{log}"
     );
     assert!(
-        log.contains("assignment lost"),
+        log.contains("assignment lost") || claimed,
         "A heard it lost the partition:\n{log}"
     );
 

@@ -284,10 +284,16 @@ impl Processor {
         unsafe { libc::kill(pid as i32, signal) };
     }
 
+    /// SIGTERM (harmless if it already exited), then waits for the exit
+    /// within `limit`; returns its status.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(limit)
+    }
+
     /// SIGTERM, then waits for a clean exit (status 0) within `limit`.
     pub fn stop(&mut self, limit: Duration) {
-        self.signal(libc::SIGTERM);
-        let status = self.wait_exit(limit);
+        let status = self.terminate(limit);
         assert!(
             status.success(),
             "keyflight exited with {status}:\n{}",
