@@ -109,8 +109,9 @@ pub fn restore(
             (Some(consumer), known)
         }
     };
-    let mut claims = Claims::from(store.checkpoint_claim());
-    let start = match opened {
+    // The fold of which records count goes on from the checkpoint's claim
+    // when the restore goes on from the checkpoint.
+    let (start, from_claim) = match opened {
         // A checkpoint outside the changelog's offsets belongs to another
         // log (the topic was recreated or truncated) or to records that
         // retention removed: the store cannot be trusted, so it starts over
@@ -125,15 +126,12 @@ pub fn restore(
                 "the store's checkpoint is outside the changelog's offsets: restoring in full"
             );
             store.clear()?;
-            claims = Claims::from(None);
-            low
+            (low, None)
         }
-        Opened::FromCheckpoint(next) => next,
-        Opened::Empty => {
-            claims = Claims::from(None);
-            low
-        }
+        Opened::FromCheckpoint(next) => (next, store.checkpoint_claim()),
+        Opened::Empty => (low, None),
     };
+    let mut claims = Claims::from(from_claim);
     if start >= high {
         return Ok(Restored {
             claim: claims.current(),

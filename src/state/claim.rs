@@ -25,7 +25,8 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 
-/// On a claim record: the claiming host and time, for people reading it.
+/// Marks a claim record (its value says which application and process
+/// claimed the partition, and when, for people reading it).
 pub const CLAIM_HEADER: &str = "keyflight-claim";
 /// On a marker record: the offset of its writer's claim.
 pub const OWNER_HEADER: &str = "keyflight-owner";

@@ -285,7 +285,7 @@ impl Store {
             codec: MarkerCodec::new(),
             no_wal,
             memory: Mutex::default(),
-            checkpoint_claim: checkpoint.and(checkpoint_claim),
+            checkpoint_claim,
         };
         // Drop the index's tombstones once, then read what is open.
         let open = store.cf(OPEN);
