@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keyflight::state::claim::{CLAIM_HEADER, OWNER_HEADER};
+use keyflight::state::claim::{owner_header, CLAIM_HEADER, OWNER_HEADER};
 use keyflight::state::MarkerCodec;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,7 +23,7 @@ fn claims(changelog: &[Pushed]) -> Vec<i64> {
 
 /// The changelog's marker records written by the owner of claim `owner`.
 fn written_by(changelog: &[Pushed], owner: i64) -> Vec<&Pushed> {
-    let owner = owner.to_string();
+    let owner = owner_header(owner);
     changelog
         .iter()
         .filter(|r| r.headers.get(OWNER_HEADER) == Some(&owner))
@@ -41,7 +41,7 @@ async fn write_late(
 ) {
     let producer: FutureProducer = broker.client_config().create().unwrap();
     let (header, value) = match owner {
-        Some(owner) => (OWNER_HEADER, owner.to_string()),
+        Some(owner) => (OWNER_HEADER, owner_header(owner)),
         None => (CLAIM_HEADER, "claim".to_string()),
     };
     for (key, payload) in records {

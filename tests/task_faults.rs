@@ -826,6 +826,16 @@ fn claimed_and_written(core: &mut TaskCore<ModelStore>, landed: i64) -> Vec<Acti
     written_at(core, event(0, "k", 1), landed)
 }
 
+/// A record of another writer at `offset`: a claim, or a marker of `owner`.
+fn other(offset: i64, key: &str, claim: bool, owner: Option<i64>) -> OtherRecord {
+    OtherRecord {
+        offset,
+        key: key.to_string().into(),
+        claim,
+        owner,
+    }
+}
+
 /// Pushes `record`'s key, flushes its marker to the changelog and lands it
 /// at `landed`: the actions that followed the acknowledgement.
 fn written_at(core: &mut TaskCore<ModelStore>, record: InputRecord, landed: i64) -> Vec<Action> {
@@ -868,18 +878,8 @@ fn a_newer_claim_between_the_tasks_writes_drops_the_partition_and_fails_the_task
     );
 
     core.changelog_read(vec![
-        OtherRecord {
-            offset: 11,
-            key: "j".into(),
-            claim: false,
-            owner: Some(3),
-        },
-        OtherRecord {
-            offset: 12,
-            key: "keyflight-claim/1-2".into(),
-            claim: true,
-            owner: None,
-        },
+        other(11, "j", false, Some(3)),
+        other(12, "keyflight-claim/1-2", true, None),
     ]);
     match actions(&mut core).as_slice() {
         [Action::Closed(None), Action::Fail(reason)] => assert!(
@@ -912,13 +912,10 @@ fn an_earlier_owners_late_writes_are_written_over_and_hold_checkpoints_until_rea
         ),
         "{read:?}"
     );
-    let late = |offset, key: &str| OtherRecord {
-        offset,
-        key: key.to_string().into(),
-        claim: false,
-        owner: Some(4),
-    };
-    core.changelog_read(vec![late(10, "k"), late(11, "j")]);
+    core.changelog_read(vec![
+        other(10, "k", false, Some(4)),
+        other(11, "j", false, Some(4)),
+    ]);
     core.tick(NOW, Timer::ChangelogFlush);
     let mut rewritten: Vec<(String, Option<u64>)> = actions(&mut core)
         .into_iter()

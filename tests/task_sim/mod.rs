@@ -351,36 +351,37 @@ impl Broker {
         version: u64,
         owner: i64,
     ) -> i64 {
-        let record = ChangelogRecord {
+        self.append(ChangelogRecord {
             offset: self.changelog_next,
             key,
             marker,
             version,
             owner,
             claim: false,
-        };
-        self.changelog_next += 1;
-        self.changelog.push(record.clone());
-        self.changelog_history.push(record);
-        self.changelog_next - 1
+        })
     }
 
     /// A new owner's claim (its own key, so compaction keeps it): its
     /// offset, the owner's id.
     fn append_claim(&mut self) -> i64 {
         let offset = self.changelog_next;
-        let record = ChangelogRecord {
+        self.append(ChangelogRecord {
             offset,
             key: Bytes::from(format!("claim/{offset}")),
             marker: None,
             version: 0,
             owner: offset,
             claim: true,
-        };
+        })
+    }
+
+    /// Appends a record at the next offset (its `offset`); returns it.
+    fn append(&mut self, record: ChangelogRecord) -> i64 {
+        debug_assert_eq!(record.offset, self.changelog_next);
         self.changelog_next += 1;
         self.changelog.push(record.clone());
         self.changelog_history.push(record);
-        offset
+        self.changelog_next - 1
     }
 
     /// A restore with keyflight's rule for which records count: from a
