@@ -63,6 +63,12 @@ pub(crate) struct HttpArgs {
     /// keyflight's sink.http.max_in_flight
     #[arg(long, default_value_t = 64)]
     pub(crate) in_flight: usize,
+    /// How long the throughput phase's receivers wait before answering each
+    /// call, ms, for both sides. At 0 both sides are bound by CPU per
+    /// request on this machine; an endpoint that takes a while to answer
+    /// bounds both by `in_flight` instead
+    #[arg(long, default_value_t = 0)]
+    pub(crate) answer_ms: u64,
     /// Rounds of the throughput and the latency phases, each measuring the
     /// bare loop and keyflight once (which goes first alternates)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -126,10 +132,11 @@ pub(crate) fn run(args: HttpArgs) -> Result<()> {
         partitions: args.partitions,
         in_flight: args.in_flight,
         pushes: args.pushes,
+        answer_ms: args.answer_ms,
         ..HttpReport::default()
     };
     let http = Sink::Http {
-        delay_ms: 0,
+        delay_ms: args.answer_ms,
         in_flight: args.in_flight,
     };
     let distinct = |n: u64| (0..n).map(post::event);
@@ -142,7 +149,7 @@ pub(crate) fn run(args: HttpArgs) -> Result<()> {
                 "throughput, round {round} of {}: the bare loop, {} requests, {} in flight",
                 args.rounds, args.pushes, args.in_flight
             ));
-            bare_drain(&env, round, args.pushes, args.in_flight)
+            bare_drain(&env, round, args.pushes, args.in_flight, args.answer_ms)
         };
         let keyflight = || {
             say(&format!(
@@ -672,9 +679,15 @@ fn post(
     Ok((result, probe))
 }
 
-fn bare_drain(env: &Env, round: u32, requests: u64, in_flight: usize) -> Result<SinkDrain> {
+fn bare_drain(
+    env: &Env,
+    round: u32,
+    requests: u64,
+    in_flight: usize,
+    answer_ms: u64,
+) -> Result<SinkDrain> {
     let name = format!("ht-bare-{round}");
-    let receiver = Receiver::start(env.work, &name, 0)?;
+    let receiver = Receiver::start(env.work, &name, answer_ms)?;
     let (result, probe) = post(env, &receiver, &name, requests, in_flight, None)?;
     let log = receiver.log.clone();
     let calls = Calls::of(&receiver.finish()?);

@@ -16,6 +16,8 @@ pub(crate) struct HttpReport {
     pub(crate) in_flight: usize,
     /// Pushes (requests) per throughput measurement, one per key.
     pub(crate) pushes: u64,
+    /// How long the throughput phase's receivers wait before answering, ms.
+    pub(crate) answer_ms: u64,
     pub(crate) throughput: Vec<HttpRound>,
     /// Median over the rounds of keyflight's calls/s over the bare loop's.
     pub(crate) ratio: Option<f64>,
@@ -213,8 +215,16 @@ pub(crate) fn print_http_report(r: &HttpReport) {
     let _ = writeln!(
         out,
         "\n== keyflight-bench http: {} ({}), {} partitions, {} in flight ==\n\
-         throughput: {} pushes over as many keys (one push each), receivers answering at once",
-        r.label, r.broker, r.partitions, r.in_flight, r.pushes
+         throughput: {} pushes over as many keys (one push each), receivers answering {}",
+        r.label,
+        r.broker,
+        r.partitions,
+        r.in_flight,
+        r.pushes,
+        match r.answer_ms {
+            0 => "at once".to_string(),
+            ms => format!("after {ms} ms"),
+        }
     );
     for (i, round) in r.throughput.iter().enumerate() {
         let order = if round.bare_first {
