@@ -328,55 +328,6 @@ fn a_push_beyond_the_slots_waits_unstarted_and_leaves_with_its_keys_newest_value
     }
 }
 
-/// The sink's queue (the HTTP sink's slots and as many waiting, shared by
-/// the partitions) bounds how many pushes a task starts: beyond it a push
-/// waits unstarted in its task, without its markT1, and takes in its key's
-/// newer events. A task with none of its pushes on its way still starts
-/// one, as only an answer would give it its next turn.
-#[test]
-fn a_full_sink_queue_keeps_further_pushes_unstarted_but_never_all_of_a_tasks() {
-    let metrics = Arc::new(Metrics::new());
-    let mut core = configured_core(ModelStore::new(Default::default()), &metrics, |c| {
-        c.max_pushes_in_flight = 8
-    });
-    core.set_sink_room(Some(0));
-    let a = pushed(&mut core, vec![event(0, "a", 1), event(1, "b", 1)]);
-    assert_eq!(
-        a.push.key, "a",
-        "the queue is full, but none of the task's is on its way"
-    );
-    assert_eq!(
-        core.marker(&"b".into()).unwrap(),
-        None,
-        "b waits without its markT1"
-    );
-    assert!(feed(&mut core, vec![event(2, "b", 2)], NOW).is_empty());
-
-    core.set_sink_room(Some(1));
-    let b = match feed(&mut core, vec![event(3, "c", 1)], NOW).as_slice() {
-        [Action::Push { flight, .. }] => flight.clone(),
-        other => panic!("room for one: the waiting push of b starts, c waits: {other:?}"),
-    };
-    assert_eq!(
-        (&b.push.key[..], b.push.version, b.push.merged),
-        (&b"b"[..], 2, 2),
-        "b leaves with what it took in while it waited"
-    );
-    core.push_done(NOW, a, Ok(()), Duration::ZERO);
-    core.end_turn(NOW);
-    let started = actions(&mut core);
-    assert!(
-        !started.iter().any(|a| matches!(a, Action::Push { .. })),
-        "the queue is still full and b is on its way: {started:?}"
-    );
-    core.push_done(NOW, b, Ok(()), Duration::ZERO);
-    core.end_turn(NOW);
-    match actions(&mut core).as_slice() {
-        [Action::Push { flight, .. }] => assert_eq!(flight.push.key, "c"),
-        other => panic!("with none of its pushes on its way, the task starts c: {other:?}"),
-    }
-}
-
 /// A dead letter the topic refuses as too large is written again at once
 /// with its value cut to what the topic takes, then without its value;
 /// past that it is given up and releases its offset: nothing is retried

@@ -11,7 +11,6 @@
 //! marker stays open; every other status refuses the push for good, and its
 //! dead letter carries the status and the start of the answer.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,13 +65,6 @@ pub struct HttpSink {
     timeout: Duration,
     /// Requests in flight across keys and partitions (`max_in_flight`).
     slots: Semaphore,
-    /// Pushes handed to the sink and not yet finished: on the wire,
-    /// waiting for a slot, or waiting out a retry's backoff.
-    queued: AtomicUsize,
-    /// How many pushes the sink holds before its queue counts as full:
-    /// the slots and as many waiting, so a slot that frees always finds a
-    /// push ready.
-    queue_limit: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -211,24 +203,8 @@ impl HttpSink {
             headers,
             timeout: http.timeout,
             slots: Semaphore::new(http.max_in_flight),
-            queued: AtomicUsize::new(0),
-            queue_limit: http.max_in_flight.saturating_mul(2),
             metrics,
         })
-    }
-
-    /// How many more pushes the sink takes before its queue is full (see
-    /// [`crate::processor::task::TaskCore::set_sink_room`]).
-    pub fn room(&self) -> usize {
-        self.queue_limit
-            .saturating_sub(self.queued.load(Ordering::Relaxed))
-    }
-
-    /// Counts a push as handed to the sink until the returned guard drops
-    /// (with the push's call, finished or abandoned).
-    pub fn queue(self: &Arc<Self>) -> Queued {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        Queued(self.clone())
     }
 
     /// Sends one push (`value`: `None` for a delete) and says how it went.
@@ -313,21 +289,6 @@ impl HttpSink {
         };
         let outcome = classify(status, retry_after.as_deref(), excerpt, SystemTime::now());
         (outcome.map_err(|e| with_url(e, &url())), Some(status))
-    }
-}
-
-/// A push handed to the sink ([`HttpSink::queue`]).
-pub struct Queued(Arc<HttpSink>);
-
-impl Queued {
-    pub fn sink(&self) -> &HttpSink {
-        &self.0
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -574,23 +535,6 @@ mod tests {
         let delete = sink.build(&push, None).unwrap();
         assert_eq!(delete.method(), reqwest::Method::DELETE);
         assert!(delete.body().is_none() && !delete.headers().contains_key("content-type"));
-    }
-
-    #[test]
-    fn the_queue_holds_the_slots_and_as_many_waiting_until_each_push_is_done() {
-        let mut settings = Settings::default();
-        settings.sink.http.url = "http://127.0.0.1:9/push/{key}".into();
-        settings.sink.http.max_in_flight = 2;
-        let sink = Arc::new(HttpSink::new(&settings, Arc::new(Metrics::new())).unwrap());
-        assert_eq!(sink.room(), 4);
-        let queued: Vec<Queued> = (0..5).map(|_| sink.queue()).collect();
-        assert_eq!(sink.room(), 0, "a retry past the limit is still counted");
-        drop(queued);
-        assert_eq!(
-            sink.room(),
-            4,
-            "a finished or abandoned push leaves the queue"
-        );
     }
 
     #[test]

@@ -1384,14 +1384,6 @@ impl<'a> Sim<'a> {
             owner.core.take_batch(batch);
         }
         let now = self.clock();
-        if self.schedule.push_slots != usize::MAX {
-            // The HTTP sink's queue, shared with other partitions: full
-            // or not as they happen to fill it.
-            let room = self.rng.random_range(0..4);
-            self.owners[i]
-                .core
-                .set_sink_room((room < 3).then_some(room));
-        }
         self.owners[i].core.end_turn(now);
         if self.carry_out(id) {
             // More records wait and the table has room: another turn.

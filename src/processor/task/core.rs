@@ -295,9 +295,6 @@ pub struct TaskCore<S> {
     /// first; their keys are in flight for the table (so their events stay
     /// uncommitted and merge), not yet for the sink.
     parked: VecDeque<Push>,
-    /// Pushes the sink takes before its queue is full (`None`: no bound),
-    /// as the shell last said ([`TaskCore::set_sink_room`]).
-    sink_room: Option<usize>,
     dead_letters: HashMap<u64, DeadLetter>,
     /// Dead letters whose last attempt failed: while there are any, the
     /// task takes no more records (the partition pauses), so a dead-letter
@@ -361,7 +358,6 @@ impl<S: MarkerStore> TaskCore<S> {
             starting: Vec::new(),
             pushes_in_flight: 0,
             parked: VecDeque::new(),
-            sink_room: None,
             dead_letters: HashMap::new(),
             dead_letters_failing: HashSet::new(),
             next_dead_letter: 0,
@@ -458,33 +454,15 @@ impl<S: MarkerStore> TaskCore<S> {
     /// Starts parked pushes while there is room, each with what its key
     /// merged while it waited.
     fn start_parked(&mut self, now: u64) {
-        while self.phase == Phase::Running && self.has_room() {
+        while self.phase == Phase::Running
+            && self.pushes_in_flight < self.config.max_pushes_in_flight
+        {
             let Some(push) = self.parked.pop_front() else {
                 break;
             };
             let push = self.table.catch_up(push);
             self.start_now(push, Duration::ZERO, now);
         }
-    }
-
-    /// Whether another push may start: below the task's limit, and the
-    /// sink's queue not full, unless none of the task's pushes is on its
-    /// way (its answer is what gives the task its next turn, so a task
-    /// with none would wait for a tick).
-    fn has_room(&self) -> bool {
-        self.pushes_in_flight < self.config.max_pushes_in_flight
-            && (self.pushes_in_flight == 0 || self.sink_room != Some(0))
-    }
-
-    /// How many more pushes the sink takes before its queue is full, shared
-    /// by the member's partitions (the HTTP sink's slots and as many
-    /// waiting): beyond it a push waits unstarted in its partition, where
-    /// its key's newer events still merge into it and its markT1 is not
-    /// yet written. A push that waited in the sink's queue instead would
-    /// leave with its value fixed, and its markT1 would more often go to
-    /// the changelog apart from its markT2.
-    pub fn set_sink_room(&mut self, room: Option<usize>) {
-        self.sink_room = room;
     }
 
     fn process(&mut self, record: InputRecord, now: u64) {
@@ -602,7 +580,7 @@ impl<S: MarkerStore> TaskCore<S> {
     /// for one already (first come, first served, so that a busy key
     /// cannot starve the others).
     fn start_push(&mut self, push: Push, delay: Duration, now: u64) {
-        if !self.has_room() || !self.parked.is_empty() {
+        if self.pushes_in_flight >= self.config.max_pushes_in_flight || !self.parked.is_empty() {
             return self.parked.push_back(push);
         }
         self.start_now(push, delay, now)
@@ -629,9 +607,6 @@ impl<S: MarkerStore> TaskCore<S> {
             let (_, marker) = self.marker_of(&push);
             self.metrics.emit(PushSkipped);
             return self.done_with(push, marker, now);
-        }
-        if let Some(room) = &mut self.sink_room {
-            *room = room.saturating_sub(1);
         }
         self.start_retry(push, delay, 0, 0);
     }

@@ -32,8 +32,7 @@ use crate::internal_events::{CompensationScanned, PartitionRestored, Transaction
 use crate::kafka::{headers, send_waiting, transactions};
 use crate::metrics::Metrics;
 use crate::processor::restore;
-use crate::sink::http::Queued;
-use crate::sink::Sink;
+use crate::sink::{HttpSink, Sink};
 use crate::state::{claim, Store};
 
 use super::core::{
@@ -471,9 +470,6 @@ async fn run(
                 shell.core.take_batch(batch);
             }
         }
-        if let Sink::Http { client, .. } = &shell.resources.sink {
-            shell.core.set_sink_room(Some(client.room()));
-        }
         let (records, bytes) = shell.core.end_turn(now_ns());
         if records > 0 {
             pipe.backlog.processed(records, bytes);
@@ -712,7 +708,7 @@ impl Shell {
     fn push(&mut self, flight: Flight, delay: Duration) {
         if let Sink::Http { client, audit } = &self.resources.sink {
             let call = http_push(
-                client.queue(),
+                client.clone(),
                 audit.clone(),
                 self.producer.clone(),
                 flight,
@@ -830,7 +826,7 @@ impl Shell {
 /// does not, the call is repeated: the endpoint sees the same
 /// Idempotency-Key again).
 async fn http_push(
-    client: Queued,
+    client: Arc<HttpSink>,
     audit: Option<String>,
     producer: FutureProducer,
     flight: Flight,
@@ -840,7 +836,7 @@ async fn http_push(
         tokio::time::sleep(delay).await;
     }
     let started = Instant::now();
-    let mut outcome = client.sink().call(&flight.push, flight.value.clone()).await;
+    let mut outcome = client.call(&flight.push, flight.value.clone()).await;
     if let (Ok(()), Some(topic)) = (&outcome, &audit) {
         let record = push_record(topic, &flight.push, flight.value.as_deref());
         outcome = delivered(produce_now(&producer, record))
